@@ -1,0 +1,28 @@
+"""``python -m benchmarks NAME [args]`` runs ``benchmarks/bench_NAME.py``'s ``main(argv)``."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+
+def available() -> list[str]:
+    return sorted(p.stem[len("bench_"):] for p in Path(__file__).parent.glob("bench_*.py"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "list"):
+        print("usage: python -m benchmarks NAME [options]\navailable: " + ", ".join(available()))
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in available():
+        print(f"unknown benchmark {name!r}; available: {', '.join(available())}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(f"benchmarks.bench_{name}")
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

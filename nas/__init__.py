@@ -1,0 +1,1 @@
+"""nas: block-wise weight-sharing neural architecture search (DNA, BossNAS, Pi-NAS, MLP search)."""

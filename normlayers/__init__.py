@@ -1,0 +1,1 @@
+"""normlayers: Batch Kalman Normalization for PyTorch (torch only; Triton kernels optional)."""

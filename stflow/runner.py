@@ -1,0 +1,180 @@
+"""The one Lightning runner shared by ``stflow.train``, the ``nas`` searches and the benchmarks.
+
+It knows nothing about crowd flow or NAS: it receives a ``LightningModule`` (the system), a
+``LightningDataModule`` and a :class:`RunConfig`, and returns a :class:`RunResult`. What it
+adds over a bare ``Trainer``: seeding, a checkpoint after every epoch (``last.ckpt`` plus the
+best on the monitored metric), ``resume`` from the last checkpoint, CSV and TensorBoard logs,
+optional early stopping, and ``accelerator="auto"`` so the same call runs on CPU, one GPU or
+DDP over many devices/nodes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
+
+__all__ = ["RunConfig", "RunResult", "build_trainer", "fit", "last_checkpoint"]
+
+
+@dataclass
+class RunConfig:
+    """Everything about *how* to run; the *what* lives in the system and the data module."""
+
+    out_dir: str = "runs/default"
+    max_epochs: int = 10
+    max_steps: int = -1
+    seed: int | None = 777
+    accelerator: str = "auto"
+    devices: int | str | list[int] = "auto"
+    strategy: str = "auto"
+    num_nodes: int = 1
+    precision: str = "32-true"
+    gradient_clip_val: float | None = None
+    monitor: str = "val_loss"
+    monitor_mode: str = "min"
+    early_stopping_patience: int | None = None
+    resume: bool | str = False  # True / "last": out_dir/checkpoints/last.ckpt; or a path
+    progress_bar: bool = True
+    loggers: Sequence[str] = ("csv", "tensorboard")
+    log_every_n_steps: int = 10
+    checkpoint: bool = True
+    deterministic: bool | str = False
+    limit_train_batches: float | int | None = None
+    limit_val_batches: float | int | None = None
+    num_sanity_val_steps: int = 0
+    test: bool = True
+    trainer_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class RunResult:
+    trainer: pl.Trainer
+    best_checkpoint: str | None
+    last_checkpoint: str | None
+    val_metrics: dict[str, float]
+    test_metrics: dict[str, float]
+
+
+def last_checkpoint(out_dir: str | os.PathLike) -> Path:
+    """Where the runner keeps the checkpoint written after the latest epoch."""
+    return Path(out_dir) / "checkpoints" / "last.ckpt"
+
+
+def _loggers(cfg: RunConfig) -> list[Logger] | bool:
+    known = {"csv": CSVLogger, "tensorboard": TensorBoardLogger}
+    unknown = set(cfg.loggers) - set(known)
+    if unknown:
+        raise ValueError(f"unknown logger(s) {sorted(unknown)}; choose from {sorted(known)}")
+    if not cfg.loggers:
+        return False
+    loggers: list[Logger] = []
+    for name in cfg.loggers:
+        if name == "tensorboard":
+            try:
+                import tensorboard  # noqa: F401
+            except ImportError:  # tensorboardX/tensorboard missing: keep the CSV log only
+                warnings.warn("tensorboard is not installed; skipping the TensorBoard logger")
+                continue
+        loggers.append(known[name](save_dir=cfg.out_dir, name="logs", version=""))
+    return loggers
+
+
+def build_trainer(cfg: RunConfig, callbacks: Sequence[Callback] = ()) -> pl.Trainer:
+    """A ``pl.Trainer`` configured from ``cfg`` (checkpoints, logs, early stopping)."""
+    all_callbacks: list[Callback] = list(callbacks)
+    if cfg.checkpoint:
+        all_callbacks.append(
+            ModelCheckpoint(
+                dirpath=str(Path(cfg.out_dir) / "checkpoints"),
+                filename="best-{epoch:03d}",
+                monitor=cfg.monitor,
+                mode=cfg.monitor_mode,
+                save_top_k=1,
+                save_last=True,
+                every_n_epochs=1,
+            )
+        )
+    if cfg.early_stopping_patience is not None:
+        all_callbacks.append(
+            EarlyStopping(monitor=cfg.monitor, mode=cfg.monitor_mode, patience=cfg.early_stopping_patience)
+        )
+    kwargs: dict[str, Any] = dict(
+        default_root_dir=cfg.out_dir,
+        max_epochs=cfg.max_epochs,
+        max_steps=cfg.max_steps,
+        accelerator=cfg.accelerator,
+        devices=cfg.devices,
+        strategy=cfg.strategy,
+        num_nodes=cfg.num_nodes,
+        precision=cfg.precision,
+        gradient_clip_val=cfg.gradient_clip_val,
+        enable_progress_bar=cfg.progress_bar,
+        enable_checkpointing=cfg.checkpoint,
+        logger=_loggers(cfg),
+        log_every_n_steps=cfg.log_every_n_steps,
+        callbacks=all_callbacks,
+        deterministic=cfg.deterministic,
+        num_sanity_val_steps=cfg.num_sanity_val_steps,
+        enable_model_summary=False,
+    )
+    if cfg.limit_train_batches is not None:
+        kwargs["limit_train_batches"] = cfg.limit_train_batches
+    if cfg.limit_val_batches is not None:
+        kwargs["limit_val_batches"] = cfg.limit_val_batches
+    kwargs.update(cfg.trainer_kwargs)
+    return pl.Trainer(**kwargs)
+
+
+def _resume_path(cfg: RunConfig) -> str | None:
+    if cfg.resume in (False, None, ""):
+        return None
+    path = last_checkpoint(cfg.out_dir) if cfg.resume in (True, "last") else Path(str(cfg.resume))
+    if not path.is_file():
+        raise FileNotFoundError(f"cannot resume: no checkpoint at {path}")
+    return str(path)
+
+
+def _floats(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def fit(
+    system: pl.LightningModule,
+    datamodule: pl.LightningDataModule,
+    cfg: RunConfig,
+    callbacks: Sequence[Callback] = (),
+) -> RunResult:
+    """Seed, fit (resuming if asked), then test with the best checkpoint when there is one."""
+    if cfg.seed is not None:
+        pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+    trainer = build_trainer(cfg, callbacks)
+    trainer.fit(system, datamodule=datamodule, ckpt_path=_resume_path(cfg))
+    val_metrics = _floats(trainer.callback_metrics)
+    best = last = None
+    if cfg.checkpoint and trainer.checkpoint_callback is not None:
+        best = trainer.checkpoint_callback.best_model_path or None
+        last_path = last_checkpoint(cfg.out_dir)
+        last = str(last_path) if last_path.is_file() else None
+    test_metrics: dict[str, float] = {}
+    if cfg.test and _has_test(system, datamodule):
+        results = trainer.test(system, datamodule=datamodule, ckpt_path=best, verbose=False)
+        test_metrics = _floats(results[0]) if results else {}
+    return RunResult(trainer, best, last, val_metrics, test_metrics)
+
+
+def _has_test(system: pl.LightningModule, datamodule: pl.LightningDataModule) -> bool:
+    overridden = type(system).test_step is not pl.LightningModule.test_step
+    has_loader = type(datamodule).test_dataloader is not pl.LightningDataModule.test_dataloader
+    return overridden and has_loader
