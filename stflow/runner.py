@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import pytorch_lightning as pl
+import torch
+from torch.utils.data import Sampler
 from pytorch_lightning.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
 
-__all__ = ["RunConfig", "RunResult", "build_trainer", "fit", "last_checkpoint"]
+__all__ = ["EpochShuffleSampler", "RunConfig", "RunResult", "build_trainer", "fit", "last_checkpoint"]
 
 
 @dataclass
@@ -90,19 +92,71 @@ def _loggers(cfg: RunConfig) -> list[Logger] | bool:
     return loggers
 
 
+class EpochShuffleSampler(Sampler[int]):
+    """Shuffles with an order that depends only on ``(seed, epoch)``.
+
+    Lightning calls ``set_epoch`` before every training epoch, so a resumed run sees exactly the
+    batches the uninterrupted run would have seen (a plain ``shuffle=True`` loader does not).
+    Use it as ``DataLoader(ds, batch_size=..., sampler=EpochShuffleSampler(len(ds), seed))``.
+    Under DDP Lightning replaces it with a ``DistributedSampler``, which is seeded the same way.
+    """
+
+    def __init__(self, num_samples: int, seed: int = 0) -> None:
+        if num_samples <= 0:
+            raise ValueError(f"EpochShuffleSampler needs at least one sample, got {num_samples}")
+        self.num_samples = num_samples
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        # A generator: the permutation is drawn at the first batch, after Lightning's set_epoch.
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        yield from torch.randperm(self.num_samples, generator=generator).tolist()
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class EpochSeeder(Callback):
+    """Reseed every RNG at each epoch start from ``(seed, epoch)``.
+
+    Shuffling and dropout of epoch k then depend only on the seed and k, so a run resumed from
+    the checkpoint of epoch k-1 continues exactly as the uninterrupted run would have.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pl.seed_everything(self.seed + 1000 * trainer.current_epoch + trainer.global_rank, workers=True, verbose=False)
+
+
 def build_trainer(cfg: RunConfig, callbacks: Sequence[Callback] = ()) -> pl.Trainer:
     """A ``pl.Trainer`` configured from ``cfg`` (checkpoints, logs, early stopping)."""
     all_callbacks: list[Callback] = list(callbacks)
+    if cfg.seed is not None:
+        all_callbacks.append(EpochSeeder(cfg.seed))
     if cfg.checkpoint:
+        ckpt_dir = str(Path(cfg.out_dir) / "checkpoints")
+        # The best epoch on the monitored metric...
         all_callbacks.append(
             ModelCheckpoint(
-                dirpath=str(Path(cfg.out_dir) / "checkpoints"),
-                filename="best-{epoch:03d}",
-                monitor=cfg.monitor,
-                mode=cfg.monitor_mode,
+                dirpath=ckpt_dir, filename="best-{epoch:03d}", monitor=cfg.monitor, mode=cfg.monitor_mode, save_top_k=1
+            )
+        )
+        # ...and last.ckpt rewritten after every epoch (and on an exception such as Ctrl-C), for resume.
+        all_callbacks.append(
+            ModelCheckpoint(
+                dirpath=ckpt_dir,
+                filename="last",
+                monitor=None,
                 save_top_k=1,
-                save_last=True,
                 every_n_epochs=1,
+                enable_version_counter=False,
+                save_on_exception=True,
             )
         )
     if cfg.early_stopping_patience is not None:
@@ -164,7 +218,7 @@ def fit(
     val_metrics = _floats(trainer.callback_metrics)
     best = last = None
     if cfg.checkpoint and trainer.checkpoint_callback is not None:
-        best = trainer.checkpoint_callback.best_model_path or None
+        best = trainer.checkpoint_callback.best_model_path or None  # the first ModelCheckpoint: the best one
         last_path = last_checkpoint(cfg.out_dir)
         last = str(last_path) if last_path.is_file() else None
     test_metrics: dict[str, float] = {}
