@@ -1,1 +1,49 @@
-"""normlayers: Batch Kalman Normalization for PyTorch (torch only; Triton kernels optional)."""
+"""normlayers: Batch Kalman Normalization (BKN) for PyTorch (torch only; Triton kernels optional).
+
+BKN (Wang et al., 2018) estimates each norm layer's statistics by combining its micro-batch moments
+with a prior propagated from the previous layer's estimate, like a Kalman filter along depth:
+``mu_hat = p*mu_P + (1-p)*mu_B``, ``var_hat = p*var_P + (1-p)*var_B + p*(1-p)*(mu_B-mu_P)**2``.
+Spec: /work/shared/docs/bkn.md; executable spec: :mod:`normlayers.reference`.
+
+Decisions where the spec leaves a choice (tested in tests/test_normlayers_*.py):
+
+* No prior, or ``prior_weight == 0``: BatchNorm exactly (train and eval, same buffers).
+* Guard: one scalar per ghost group (the whole layer when ungrouped),
+  ``mean_c(var_P / (var_B + eps)) >= guard_ratio`` -> that group uses plain BN for the step.
+* Running statistics: EMA (``momentum``; ``None`` = cumulative average) of the posterior averaged
+  over ALL ghost groups (the reference used the first group only); UNBIASED variance like torch's
+  BN (posterior variance times M/(M-1), M = elements per channel per group), so BN checkpoints and
+  BN behaviour carry over exactly. Inference is plain BN with these buffers.
+* Statistics in float32 (float64 for float64 inputs) whatever the input dtype; output in the input dtype.
+* Posteriors carry autograd graph (no stop-gradient), as in the reference; ``bkn.posterior`` is
+  ``(C,)`` ungrouped, ``(G, C)`` with ``group_size``; ``None`` after an eval forward.
+* Ghost groups are consecutive slices of ``group_size`` samples; gamma/beta are shared; a ``(C,)``
+  prior is shared by all groups, a ``(G, C)`` prior is per group.
+* Default ``prior_weight=0.9`` (the reference's value for micro-batches of 2).
+* Transition: ``monte_carlo`` (the reference: one random image per group) or ``analytic``
+  (rectified-Gaussian + linear moments, padding ignored); residual adds sum means and variances.
+* Prior validation (shape always; NaN/inf/negative variance outside ``torch.compile``) raises ValueError.
+"""
+
+from normlayers.convert import ConvertError, KalmanChain, convert
+from normlayers.functional import batch_kalman_norm
+from normlayers.modules import BatchKalmanNorm, BatchKalmanNorm1d, BatchKalmanNorm2d, BatchKalmanNorm3d
+from normlayers.reference import batch_kalman_norm_reference, update_running_stats_reference
+from normlayers.transition import analytic_prior, monte_carlo_prior, pad_channels, residual_merge
+
+__all__ = [
+    "BatchKalmanNorm",
+    "BatchKalmanNorm1d",
+    "BatchKalmanNorm2d",
+    "BatchKalmanNorm3d",
+    "ConvertError",
+    "KalmanChain",
+    "analytic_prior",
+    "batch_kalman_norm",
+    "batch_kalman_norm_reference",
+    "convert",
+    "monte_carlo_prior",
+    "pad_channels",
+    "residual_merge",
+    "update_running_stats_reference",
+]

@@ -1,0 +1,99 @@
+"""CPU training cost of Batch Kalman Normalization: forward + backward vs nn.BatchNorm2d (same run).
+
+``python -m benchmarks bkn_cpu [--threads 1 2] [--repeats 30]``. Rows: nn.BatchNorm2d (baseline),
+BKN fast path (``BatchKalmanNorm2d(backend="torch")`` with a prior, p=0.9, gradients to the prior
+too), the plain-torch reference (autograd through ``batch_kalman_norm_reference``) and
+nn.GroupNorm(32); fp32, NCHW and channels-last. ``ratio_bn`` = median / BatchNorm2d's median for
+the same shape, layout and thread count. Issue target: BKN fast <= 1.5x BatchNorm2d (NCHW, 2 threads).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Callable
+
+import torch
+from torch import nn
+
+from benchmarks.harness import report, time_fn
+from normlayers import BatchKalmanNorm2d, batch_kalman_norm_reference
+
+SHAPES = ((8, 64, 32, 32), (2, 256, 16, 16))
+
+
+def _step(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, extra: tuple[torch.Tensor, ...] = (),
+          forward: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Callable[[], None]:
+    inputs = [x, *module.parameters(), *extra]
+    run = forward or module
+
+    def fn() -> None:
+        y = run(x)
+        torch.autograd.grad(y, inputs, grad)
+
+    return fn
+
+
+def _cases(shape: tuple[int, ...], channels_last: bool) -> dict[str, Callable[[], None]]:
+    gen = torch.Generator().manual_seed(0)
+    c = shape[1]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = (torch.randn(shape, generator=gen) * 1.5 + 0.3).to(memory_format=fmt).requires_grad_()
+    grad = torch.randn(shape, generator=gen).to(memory_format=fmt)
+    prior = (torch.randn(c, generator=gen).requires_grad_(), (torch.rand(c, generator=gen) + 0.5).requires_grad_())
+
+    bn = nn.BatchNorm2d(c)
+    bkn = BatchKalmanNorm2d(c, prior_weight=0.9, backend="torch")
+    gn = nn.GroupNorm(32, c)
+    ref = BatchKalmanNorm2d(c, prior_weight=0.9)
+
+    def reference(inp: torch.Tensor) -> torch.Tensor:
+        return batch_kalman_norm_reference(inp, ref.weight, ref.bias, prior[0], prior[1], 0.9)[0]
+
+    return {
+        "BatchNorm2d": _step(bn, x, grad),
+        "BKN fast (prior, p=0.9)": _step(bkn, x, grad, prior, forward=lambda inp: bkn(inp, prior=prior)),
+        "BKN reference": _step(ref, x, grad, prior, forward=reference),
+        "GroupNorm(32)": _step(gn, x, grad),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--out-dir", default=None, help="where to write bkn_cpu.csv/json (default benchmarks/results)")
+    args = parser.parse_args(argv)
+
+    rows = []
+    previous_threads = torch.get_num_threads()
+    try:
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            for shape in SHAPES:
+                for layout in ("nchw", "channels_last"):
+                    cases = _cases(shape, layout == "channels_last")
+                    timings = {name: time_fn(fn, warmup=args.warmup, repeats=args.repeats) for name, fn in
+                               cases.items()}
+                    base = timings["BatchNorm2d"]["p50_ms"]
+                    for name, t in timings.items():
+                        rows.append({
+                            "shape": "x".join(map(str, shape)), "layout": layout, "threads": threads, "method": name,
+                            "p20_ms": t["p20_ms"], "p50_ms": t["p50_ms"], "p80_ms": t["p80_ms"],
+                            "ratio_bn": t["p50_ms"] / base,
+                        })
+    finally:
+        torch.set_num_threads(previous_threads)
+    report(
+        "bkn_cpu",
+        rows,
+        columns=["shape", "layout", "threads", "method", "p20_ms", "p50_ms", "p80_ms", "ratio_bn"],
+        notes=["fp32 training forward + backward (grads of input, affine params and, for BKN, the prior)",
+               "ratio_bn: median over BatchNorm2d's median, same shape/layout/threads; target BKN fast <= 1.5"],
+        out_dir=args.out_dir,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

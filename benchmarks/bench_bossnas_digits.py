@@ -1,0 +1,120 @@
+"""BossNAS on digits: does the self-supervised block rating rank architectures like stand-alone training?
+
+``python -m benchmarks bossnas_digits [--norm bn|bkn] [--seeds 0 1] [--epochs N] [--variant tuned|plain ...]``
+
+Same protocol and ground truth as ``benchmarks/bench_dna_digits.py``: the architectures of the
+core's digits MBConv space in ``benchmarks/results/nas_digits_ground_truth.json`` (built with
+``nas.groundtruth`` when absent), Kendall / Spearman / Pearson between the BossNAS architecture
+score (negated: the rating is a loss) and mean stand-alone accuracy, printed beside the
+seed-vs-seed ceiling, the "more parameters is better" baseline (same run) and DNA's tau (read
+from ``benchmarks/results/dna_digits.json`` when present).
+
+Variants: ``tuned`` = ``configs/nas/bossnas_digits.yaml`` (fair 4-path ensembles, strong views,
+batch 256, recalibration); ``plain`` = a straightforward setting (15 epochs per block, 2 random
+paths, batch 64, weak views) for comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.harness import RESULTS_DIR, report
+from nas.bossnas import DEFAULT_CONFIG, load_config, run_search
+from nas.dna import DNAConfig
+from nas.groundtruth import build_ground_truth, seed_ceiling
+from nas.ranking import correlations, evaluate
+from nas.ratings import load_ratings
+from nas.views import ViewConfig
+
+GT_PATH = RESULTS_DIR / "nas_digits_ground_truth.json"
+DNA_RESULTS = RESULTS_DIR / "dna_digits.json"
+
+PLAIN = dict(epochs_per_block=15, sampling="random", num_paths=2, batch_size=64,
+             views=ViewConfig(pad=1, rotate_deg=0.0, scale=0.0, noise_std=0.05, cutout=0, cutout_prob=0.0))
+
+
+def dna_tau() -> dict[str, Any] | None:
+    """DNA's mean Kendall tau per norm from the DNA benchmark's saved JSON, if present."""
+    if not DNA_RESULTS.is_file():
+        return None
+    rows = json.loads(DNA_RESULTS.read_text()).get("rows", [])
+    means = {r["norm"]: r["kendall"] for r in rows if r.get("rater") == "DNA mean"}
+    return means or None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks bossnas_digits", description=__doc__.split("\n")[0])
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="BossNAS YAML config (the tuned variant)")
+    p.add_argument("--norm", choices=("bn", "bkn"), default="bn")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="BossNAS search seeds")
+    p.add_argument("--epochs", type=int, default=None, help="override epochs per block (tuned variant)")
+    p.add_argument("--variant", nargs="+", choices=("tuned", "plain"), default=["tuned"])
+    p.add_argument("--archs", type=int, default=30, help="architectures in the ground truth")
+    p.add_argument("--gt-seeds", type=int, nargs="+", default=[0, 1, 2], help="stand-alone training seeds")
+    p.add_argument("--gt-epochs", type=int, default=10)
+    p.add_argument("--out", default="runs/bench-bossnas-digits", help="search run directories (resumable)")
+    p.add_argument("--fresh", action="store_true", help="delete previous runs in --out first")
+    args = p.parse_args(argv)
+    if args.archs < 3 or len(args.gt_seeds) < 2:
+        p.error("need >= 3 architectures and >= 2 ground-truth seeds")
+
+    t_start = time.perf_counter()
+    space = DNAConfig().space
+    gt = build_ground_truth(space, GT_PATH, args.archs, args.gt_seeds, args.gt_epochs)
+    t_gt = time.perf_counter() - t_start
+    encodings = [a["encoding"] for a in gt["architectures"]]
+    acc = [a["accuracy"] for a in gt["architectures"]]
+    by_params = correlations([a["params"] for a in gt["architectures"]], acc)
+    rows: list[dict[str, Any]] = [
+        {"rater": "seed-vs-seed ceiling", "variant": "-", "seed": "-", "kendall": seed_ceiling(gt)},
+        {"rater": "more params is better", "variant": "-", "seed": "-", **_corr(by_params)},
+    ]
+    dna = dna_tau()
+    if dna:
+        rows += [{"rater": f"DNA mean ({norm}, from dna_digits.json)", "variant": "-", "seed": "all", "kendall": tau}
+                 for norm, tau in dna.items()]
+
+    out = Path(args.out)
+    if args.fresh and out.exists():
+        shutil.rmtree(out)
+    base = load_config(args.config, norm=args.norm, progress_bar=False, space="mbconv")
+    for variant in args.variant:
+        cfg = dataclasses.replace(base, **PLAIN) if variant == "plain" else base
+        if args.epochs is not None and variant == "tuned":
+            cfg = dataclasses.replace(cfg, epochs_per_block=args.epochs)
+        taus = []
+        for seed in args.seeds:
+            run = dataclasses.replace(cfg, seed=seed, out_dir=str(out / f"{variant}-{args.norm}-seed{seed}"))
+            t0 = time.perf_counter()
+            summary = run_search(run, log=lambda s: None)
+            seconds = time.perf_counter() - t0
+            res = evaluate(load_ratings(Path(run.out_dir) / "ratings.json"), encodings, acc)
+            row = {"rater": "BossNAS", "variant": variant, "seed": seed, **_corr(res, sign=-1.0),
+                   "epochs": cfg.epochs_per_block, "seconds": seconds, "search_seconds": summary["seconds"]}
+            rows.append(row)
+            taus.append(row["kendall"])
+        rows.append({"rater": "BossNAS mean", "variant": variant, "seed": "all", "kendall": float(np.mean(taus))})
+    total = time.perf_counter() - t_start
+    notes = [
+        f"{len(acc)} architectures of {space.name}, ground truth = mean test accuracy over seeds {gt['seeds']} "
+        f"({gt['epochs']} epochs each; mean {np.mean(acc):.4f}, range {min(acc):.4f}-{max(acc):.4f})",
+        f"ground truth {'reused' if t_gt < 5 else 'trained'} ({t_gt:.0f} s); total {total:.0f} s; norm {args.norm}",
+        "BossNAS correlations use -score (the rating is a BYOL distance to the population center)",
+        "'seconds' = wall time of a search incl. resume checks; a finished run in --out is reused (0 s training)",
+    ]
+    report("bossnas_digits", rows, columns=["rater", "variant", "seed", "kendall", "spearman", "pearson", "epochs",
+                                             "seconds"], notes=notes,
+           extra={"ground_truth": str(GT_PATH), "total_seconds": total, "config": base.to_json()})
+    return 0
+
+
+def _corr(res: dict, sign: float = 1.0) -> dict:
+    return {k: sign * float(res[k]) for k in ("kendall", "spearman", "pearson")}

@@ -1,0 +1,101 @@
+"""DNA on digits: does the block-wise rating rank architectures like stand-alone training does?
+
+``python -m benchmarks dna_digits [--norm bn|bkn|both] [--seeds 0 1] [--archs 30] [--gt-seeds 0 1 2]``
+
+1. ground truth: ``--archs`` architectures of the digits space (fixed sample seed), each trained
+   from scratch with every ``--gt-seeds`` seed; mean test accuracy, written to (and reused from)
+   ``benchmarks/results/nas_digits_ground_truth.json``;
+2. DNA (teacher, block distillation, rating of every candidate) per norm and search seed;
+3. Kendall tau / Spearman / Pearson between DNA's architecture score (negated loss) and mean
+   accuracy, beside the seed-vs-seed ceiling (mean pairwise Kendall between single-seed
+   accuracies) and the "more parameters is better" baseline in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.harness import RESULTS_DIR, report
+from nas.dna import digits_config, run_dna
+from nas.groundtruth import build_ground_truth, seed_ceiling
+from nas.ranking import correlations, evaluate
+from nas.ratings import load_ratings
+
+GT_PATH = RESULTS_DIR / "nas_digits_ground_truth.json"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks dna_digits", description=__doc__.split("\n")[0])
+    p.add_argument("--norm", choices=("bn", "bkn", "both"), default="both")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="DNA search seeds")
+    p.add_argument("--archs", type=int, default=30, help="architectures in the ground truth")
+    p.add_argument("--gt-seeds", type=int, nargs="+", default=[0, 1, 2], help="stand-alone training seeds")
+    p.add_argument("--gt-epochs", type=int, default=10)
+    p.add_argument("--out", default="runs/bench-dna-digits", help="DNA run directories (resumable)")
+    p.add_argument("--fresh", action="store_true", help="delete previous DNA runs in --out first")
+    args = p.parse_args(argv)
+    if args.archs < 3 or len(args.gt_seeds) < 2:
+        p.error("need >= 3 architectures and >= 2 ground-truth seeds")
+
+    t_start = time.perf_counter()
+    cfg0 = digits_config(progress_bar=False)
+    gt = build_ground_truth(cfg0.space, GT_PATH, args.archs, args.gt_seeds, args.gt_epochs)
+    t_gt = time.perf_counter() - t_start
+    encodings = [a["encoding"] for a in gt["architectures"]]
+    acc = [a["accuracy"] for a in gt["architectures"]]
+    ceiling = seed_ceiling(gt)
+    by_params = correlations([a["params"] for a in gt["architectures"]], acc)
+
+    rows = [
+        {"rater": "seed-vs-seed ceiling", "norm": "-", "seed": "-", "kendall": ceiling},
+        {"rater": "more params is better", "norm": "-", "seed": "-", **_corr(by_params)},
+    ]
+    norms = ["bn", "bkn"] if args.norm == "both" else [args.norm]
+    out = Path(args.out)
+    if args.fresh and out.exists():
+        shutil.rmtree(out)
+    for seed in args.seeds:
+        teacher_src: Path | None = None
+        for norm in norms:
+            run_dir = out / f"{norm}-seed{seed}"
+            if teacher_src is not None and not (run_dir / "teacher").exists():  # same teacher for both norms
+                shutil.copytree(teacher_src, run_dir / "teacher", ignore=shutil.ignore_patterns("checkpoints", "logs"))
+            t0 = time.perf_counter()
+            run_dna(replace(cfg0, norm=norm, seed=seed), run_dir, do_retrain=False)
+            seconds = time.perf_counter() - t0
+            teacher_src = run_dir / "teacher"
+            table = load_ratings(run_dir / "ratings.json")
+            res = evaluate(table, encodings, acc)
+            # scores are losses (lower = better): negate so positive correlation = agreement
+            rows.append({"rater": "DNA", "norm": norm, "seed": seed, **_corr(res, sign=-1.0), "seconds": seconds})
+    dna_rows = [r for r in rows if r["rater"] == "DNA"]
+    for norm in norms:
+        taus = [r["kendall"] for r in dna_rows if r["norm"] == norm]
+        rows.append({"rater": "DNA mean", "norm": norm, "seed": "all", "kendall": float(np.mean(taus))})
+    total = time.perf_counter() - t_start
+    notes = [
+        f"{len(acc)} architectures, ground truth = mean test accuracy over seeds {gt['seeds']} "
+        f"({gt['epochs']} epochs each; mean {np.mean(acc):.4f}, range {min(acc):.4f}-{max(acc):.4f})",
+        f"ground truth time {t_gt:.0f} s ({'reused' if t_gt < 5 else 'trained'}); total {total:.0f} s",
+        "DNA correlations use -score (the rating is a loss); 'more params' uses the parameter count",
+        "bkn: normlayers.BatchKalmanNorm2d without a Kalman chain (normlayers.convert cannot wire SiLU "
+        "MBConvs), which is BatchNorm exactly: bn and bkn rows must agree",
+    ]
+    report(
+        "dna_digits",
+        rows,
+        columns=["rater", "norm", "seed", "kendall", "spearman", "pearson", "seconds"],
+        notes=notes,
+        extra={"ground_truth": str(GT_PATH), "total_seconds": total},
+    )
+    return 0
+
+
+def _corr(res: dict, sign: float = 1.0) -> dict:
+    return {k: sign * float(res[k]) for k in ("kendall", "spearman", "pearson")}

@@ -1,0 +1,207 @@
+"""What BossNAS needs from a search space, for the core's MBConv spaces and for HyTra.
+
+An adapter answers: build the (single-path, weight-sharing) supernet; list block ``k``'s legal
+candidates after the searched prefix; name a candidate in rating tables; the widths a block can
+output (projector inputs); a "fair" set of paths; a candidate's computed cost; and an exact
+constrained search over a rating table that respects the space's cross-block rules.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+from torch import nn
+
+from .constrained import exact_search
+from .costs import candidate_cost, count_flops, count_params
+from .export import block_strings
+from .hytra import HyTraSpace, HyTraSupernet, build_path
+from .ops import NormFactory
+from .ratings import RatingTable
+from .spaces import Candidate, SearchSpace, candidate_key, parse_candidate_key
+from .supernet import Supernet
+
+__all__ = ["SpaceAdapter", "MBConvAdapter", "HyTraAdapter", "fair_paths"]
+
+
+class SpaceAdapter(Protocol):
+    name: str
+    num_blocks: int
+
+    def build_supernet(self, norm_layer: NormFactory) -> nn.Module: ...  # has .stem and .blocks[k](x, cand)
+
+    def candidates(self, k: int, prefix: Sequence[Candidate]) -> list[Candidate]: ...
+
+    def key(self, k: int, candidate: Sequence[int]) -> str: ...
+
+    def out_channels(self, k: int) -> list[int]: ...  # every width block k's output can have
+
+    def fair_paths(self, k: int, prefix: Sequence[Candidate], rng: random.Random) -> list[Candidate]: ...
+
+    def cost(self, k: int, prefix: Sequence[Candidate], candidate: Sequence[int], norm_layer: NormFactory) -> dict[str, int]: ...
+
+    def search(self, table: RatingTable, budget: float | None, cost: str) -> dict[str, Any]: ...
+
+    def describe(self, encoding: Sequence[Candidate]) -> list[list[str]]: ...
+
+
+def fair_paths(choices_per_layer: Sequence[int], rng: random.Random) -> list[Candidate]:
+    """``max(choices)`` paths in which every op of every layer appears (exactly once where a layer
+    has the maximum number of choices; smaller layers repeat random ops to fill up)."""
+    n = max(choices_per_layer)
+    columns = []
+    for m in choices_per_layer:
+        perm = list(range(m))
+        rng.shuffle(perm)
+        perm += [rng.randrange(m) for _ in range(n - m)]
+        columns.append(perm)
+    return [tuple(col[i] for col in columns) for i in range(n)]
+
+
+def _best_per_block(table: RatingTable) -> list[str]:
+    pick = min if table.lower_is_better else max
+    return [pick(r, key=r.__getitem__) for r in table.block_ratings]
+
+
+class MBConvAdapter:
+    """The core's :class:`nas.spaces.SearchSpace` (blocks independent: every candidate always legal)."""
+
+    def __init__(self, space: SearchSpace) -> None:
+        self.space = space
+        self.name = space.name
+        self.num_blocks = len(space.blocks)
+
+    def build_supernet(self, norm_layer: NormFactory) -> nn.Module:
+        return Supernet(self.space, norm_layer)
+
+    def candidates(self, k: int, prefix: Sequence[Candidate]) -> list[Candidate]:
+        return list(self.space.enumerate_block(k))
+
+    def key(self, k: int, candidate: Sequence[int]) -> str:
+        return self.space.blocks[k].key(candidate)
+
+    def out_channels(self, k: int) -> list[int]:
+        return [self.space.blocks[k].out_channels]
+
+    def fair_paths(self, k: int, prefix: Sequence[Candidate], rng: random.Random) -> list[Candidate]:
+        block = self.space.blocks[k]
+        sizes = [math.prod(len(layer.ops) for layer in cell.layers) for cell in block.cells]
+        cell = rng.choices(range(len(sizes)), weights=sizes)[0]
+        paths = fair_paths([len(layer.ops) for layer in block.cells[cell].layers], rng)
+        return [((cell,) if block.multi_cell else ()) + p for p in paths]
+
+    def cost(self, k: int, prefix: Sequence[Candidate], candidate: Sequence[int], norm_layer: NormFactory) -> dict[str, int]:
+        return candidate_cost(self.space, k, candidate, norm_layer)
+
+    def search(self, table: RatingTable, budget: float | None, cost: str) -> dict[str, Any]:
+        keys = [list(r) for r in table.block_ratings]
+        if budget is None:
+            chosen = _best_per_block(table)
+        else:
+            costs = table.costs(cost)
+            sol = exact_search(
+                [[table.block_ratings[k][key] for key in ks] for k, ks in enumerate(keys)],
+                [[costs[k][key] for key in ks] for k, ks in enumerate(keys)],
+                budget,
+                table.lower_is_better,
+            )
+            if sol is None:
+                raise ValueError(f"no architecture has {cost} < budget {budget:g}")
+            chosen = [keys[k][j] for k, j in enumerate(sol[0])]
+        encoding = [self.space.blocks[k].parse_key(key) for k, key in enumerate(chosen)]
+        return {"keys": chosen, "encoding": [list(c) for c in encoding], "score": table.score(chosen)}
+
+    def describe(self, encoding: Sequence[Candidate]) -> list[list[str]]:
+        return block_strings(self.space, encoding)
+
+
+class HyTraAdapter:
+    """HyTra: a block's legal candidates depend on the level at which the prefix leaves off."""
+
+    def __init__(self, space: HyTraSpace) -> None:
+        self.space = space
+        self.name = space.name
+        self.num_blocks = len(space.blocks)
+
+    def build_supernet(self, norm_layer: NormFactory) -> nn.Module:
+        return HyTraSupernet(self.space, norm_layer)
+
+    def candidates(self, k: int, prefix: Sequence[Candidate]) -> list[Candidate]:
+        return self.space.legal_paths(k, self.space.entry_level(k, prefix))
+
+    def key(self, k: int, candidate: Sequence[int]) -> str:
+        return candidate_key(candidate)
+
+    def out_channels(self, k: int) -> list[int]:
+        return [self.space.widths[lv] for lv in self.space.blocks[k].levels]
+
+    def fair_paths(self, k: int, prefix: Sequence[Candidate], rng: random.Random) -> list[Candidate]:
+        raise ValueError(
+            "fair path sampling needs every op combination to be legal; HyTra restricts resolution "
+            "changes, so use sampling: random"
+        )
+
+    def cost(self, k: int, prefix: Sequence[Candidate], candidate: Sequence[int], norm_layer: NormFactory) -> dict[str, int]:
+        entry = self.space.entry_level(k, prefix)
+        module = build_path(self.space, k, candidate, entry, norm_layer)
+        side = self.space.resolution(entry)
+        return {
+            "params": count_params(module),
+            "flops": count_flops(module, (self.space.widths[entry], side, side)),
+        }
+
+    def search(self, table: RatingTable, budget: float | None, cost: str) -> dict[str, Any]:
+        """Exact search over legal combinations: for every sequence of block exit levels, keep the
+        candidates consistent with it and run the core's exact search; return the best."""
+        sp = self.space
+        cands = [{key: parse_candidate_key(key) for key in r} for r in table.block_ratings]
+        costs = table.costs(cost) if budget is not None else None
+        sign = 1.0 if table.lower_is_better else -1.0
+        best: tuple[float, list[str]] | None = None
+        for exits in itertools.product(range(sp.num_levels), repeat=self.num_blocks - 1):
+            entries = (0,) + exits
+            keys: list[list[str]] = []
+            for k in range(self.num_blocks):
+                ok = [
+                    key
+                    for key, c in cands[k].items()
+                    if _legal(sp, k, c, entries[k]) and (k == self.num_blocks - 1 or sp.ops[c[-1]].level == exits[k])
+                ]
+                if not ok:
+                    break
+                keys.append(ok)
+            else:
+                scores = [[table.block_ratings[k][key] for key in ks] for k, ks in enumerate(keys)]
+                if costs is None:
+                    choice = [int(np.argmin(sign * np.asarray(s))) for s in scores]
+                else:
+                    sol = exact_search(scores, [[costs[k][key] for key in ks] for k, ks in enumerate(keys)], budget,
+                                       table.lower_is_better)
+                    if sol is None:
+                        continue
+                    choice = sol[0]
+                chosen = [keys[k][j] for k, j in enumerate(choice)]
+                total = sign * table.score(chosen)
+                if best is None or total < best[0]:
+                    best = (total, chosen)
+        if best is None:
+            raise ValueError(f"no legal architecture has {cost} < budget {budget:g}" if budget is not None
+                             else "the rating table holds no legal architecture")
+        chosen = best[1]
+        return {"keys": chosen, "encoding": [list(cands[k][key]) for k, key in enumerate(chosen)],
+                "score": table.score(chosen)}
+
+    def describe(self, encoding: Sequence[Candidate]) -> list[list[str]]:
+        return [self.space.path_names(c) for c in encoding]
+
+
+def _legal(space: HyTraSpace, k: int, candidate: Sequence[int], entry: int) -> bool:
+    try:
+        space.check(k, candidate, entry)
+    except ValueError:
+        return False
+    return True

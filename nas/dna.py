@@ -1,0 +1,359 @@
+"""DNA: block-wise supervised NAS by distilling a teacher's blocks (Li et al., CVPR 2020).
+
+Pipeline (each stage resumable from ``out_dir``):
+
+1. teacher: a fixed network of the space's macro shape, trained on the task (``teacher/``);
+2. per block k, independently: a block supernet fed the teacher's block k-1 output learns the
+   teacher's block k output (MSE, one random path per step) through the shared runner
+   (``block_<k>/``, resumed from its ``last.ckpt``); then EVERY candidate is rated after
+   recalibrating its normalization statistics (``block_<k>/ratings.json`` marks the block done);
+3. rating table (``ratings.json``) with computed costs, exact constrained search;
+4. the winner retrained stand-alone (``retrain/``); ``architecture.json`` and ``report.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from stflow.runner import RunConfig, fit, last_checkpoint
+
+from .constrained import search_table
+from .costs import block_cost_table, count_flops, count_params
+from .data import DigitsDataModule
+from .export import Network, block_strings, build_network
+from .ops import make_norm
+from .ratings import RatingTable, save_ratings
+from .recalibration import recalibrate_norm_stats
+from .spaces import OpSpec, SearchSpace, mbconv, op_from_dict
+from .supernet import BlockSupernet
+from .systems import BlockDistillSystem, ClassifierSystem, teacher_features
+
+__all__ = [
+    "DNAConfig",
+    "digits_config",
+    "build_teacher",
+    "train_teacher",
+    "train_block",
+    "rate_block",
+    "run_block",
+    "run_dna",
+    "block_score",
+]
+
+RATING_METRICS = ("relative_l1", "mse")
+
+
+def _digits_space() -> SearchSpace:
+    ops = [{"kind": "skip"}, {"kernel": 3, "expansion": 1}, {"kernel": 3, "expansion": 4}, {"kernel": 5, "expansion": 4}]
+    blocks = [
+        {"out_channels": 16, "stride": 1, "layers": 2},
+        {"out_channels": 24, "stride": 2, "layers": 2},
+        {"out_channels": 32, "stride": 2, "layers": 2},
+    ]
+    return SearchSpace.from_dict(
+        {"name": "digits-mbconv", "input_channels": 1, "input_size": 8, "stem_channels": 8, "ops": ops, "blocks": blocks}
+    )
+
+
+@dataclass
+class DNAConfig:
+    """Everything a DNA search needs (defaults: the small digits search of configs/nas/dna_digits.yaml)."""
+
+    space: SearchSpace = field(default_factory=_digits_space)
+    norm: str = "bn"  # normalization inside the block supernets: "bn" | "bkn"
+    teacher: OpSpec = field(default_factory=lambda: mbconv(3, 6))
+    teacher_layers: int | None = 3
+    teacher_epochs: int = 15
+    teacher_lr: float = 3e-3
+    block_epochs: int = 15
+    block_lr: float = 2e-3
+    batch_size: int = 64
+    recal_batches: int = 4
+    rating_metric: str = "relative_l1"  # or "mse"
+    budget_cost: str = "params"
+    budget: float | None = None  # absolute strict budget; None: budget_fraction of the cost range
+    budget_fraction: float = 0.5
+    retrain_epochs: int = 15
+    retrain_lr: float = 3e-3
+    seed: int = 0
+    data_seed: int = 0
+    progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        if self.rating_metric not in RATING_METRICS:
+            raise ValueError(f"rating_metric must be one of {RATING_METRICS}, got {self.rating_metric!r}")
+        if self.norm not in ("bn", "bkn"):
+            raise ValueError(f"norm must be 'bn' or 'bkn', got {self.norm!r}")
+        if self.budget_cost not in ("params", "flops"):
+            raise ValueError(f"budget_cost must be 'params' or 'flops', got {self.budget_cost!r}")
+        if self.budget is None and not 0 < self.budget_fraction <= 1:
+            raise ValueError(f"budget_fraction must be in (0, 1], got {self.budget_fraction}")
+        for name in ("teacher_epochs", "block_epochs", "retrain_epochs", "batch_size", "recal_batches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @classmethod
+    def from_dict(cls, cfg: dict[str, Any]) -> "DNAConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(cfg) - known
+        if unknown:
+            raise ValueError(f"unknown DNA config key(s) {sorted(unknown)}; known: {sorted(known)}")
+        cfg = dict(cfg)
+        if "space" in cfg:
+            cfg["space"] = SearchSpace.from_dict(cfg["space"])
+        if "teacher" in cfg:
+            cfg["teacher"] = op_from_dict(cfg["teacher"])
+        return cls(**cfg)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "DNAConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"DNA config not found: {path}")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping at the top level")
+        try:
+            return cls.from_dict(data)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{path}: {exc}") from None
+
+
+def digits_config(**changes: Any) -> DNAConfig:
+    """The default digits search (mirrored by configs/nas/dna_digits.yaml) with ``changes``."""
+    return replace(DNAConfig(), **changes)
+
+
+def _datamodule(cfg: DNAConfig) -> DigitsDataModule:
+    return DigitsDataModule(batch_size=cfg.batch_size, seed=cfg.data_seed)
+
+
+def build_teacher(cfg: DNAConfig, num_classes: int = 10) -> Network:
+    """The teacher: the space's stem and block shapes, every layer ``cfg.teacher`` (BatchNorm)."""
+    tspace = cfg.space.with_single_op(cfg.teacher, cfg.teacher_layers)
+    encoding = [next(iter(b.enumerate())) for b in tspace.blocks]
+    return build_network(tspace, encoding, num_classes)
+
+
+def _run_cfg(cfg: DNAConfig, out_dir: Path, epochs: int, **changes: Any) -> RunConfig:
+    resume = last_checkpoint(out_dir).is_file()
+    return RunConfig(
+        out_dir=str(out_dir),
+        max_epochs=epochs,
+        seed=cfg.seed,
+        resume=resume,
+        progress_bar=cfg.progress_bar,
+        loggers=("csv",),
+        **changes,
+    )
+
+
+def train_teacher(cfg: DNAConfig, out_dir: str | Path, datamodule: DigitsDataModule | None = None) -> tuple[Network, dict]:
+    """Train the teacher (or load ``out_dir/teacher/teacher.pt``); returns it in eval mode and its metrics."""
+    tdir = Path(out_dir) / "teacher"
+    weights, info_path = tdir / "teacher.pt", tdir / "teacher.json"
+    teacher = build_teacher(cfg)
+    if weights.is_file() and info_path.is_file():
+        teacher.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        return teacher.eval(), json.loads(info_path.read_text())
+    dm = datamodule or _datamodule(cfg)
+    system = ClassifierSystem(teacher, lr=cfg.teacher_lr, max_epochs=cfg.teacher_epochs)
+    result = fit(system, dm, _run_cfg(cfg, tdir, cfg.teacher_epochs, monitor="val_loss"))
+    if result.best_checkpoint:  # keep the best epoch's weights
+        state = torch.load(result.best_checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+        system.load_state_dict(state)
+    info = {"test_acc": result.test_metrics.get("test_acc"), "params": count_params(teacher)}
+    torch.save(teacher.state_dict(), weights)
+    info_path.write_text(json.dumps(info, indent=1))
+    return teacher.eval(), info
+
+
+def train_block(
+    cfg: DNAConfig, teacher: Network, k: int, out_dir: str | Path, datamodule: DigitsDataModule | None = None
+) -> BlockSupernet:
+    """Distill block ``k`` into its supernet (resumes from ``block_<k>/checkpoints/last.ckpt``)."""
+    student = BlockSupernet(cfg.space.blocks[k], make_norm(cfg.norm))
+    system = BlockDistillSystem(teacher, student, k, lr=cfg.block_lr, seed=cfg.seed + k, max_epochs=cfg.block_epochs)
+    bdir = Path(out_dir) / f"block_{k}"
+    fit(system, datamodule or _datamodule(cfg), _run_cfg(cfg, bdir, cfg.block_epochs, test=False))
+    return student
+
+
+def block_score(pred: torch.Tensor, target: torch.Tensor, metric: str) -> tuple[float, float]:
+    """Per-batch sums ``(error sum, element count)`` for accumulating a rating metric."""
+    diff = pred - target
+    err = diff.abs().sum() if metric == "relative_l1" else diff.pow(2).sum()
+    return float(err), float(diff.numel())
+
+
+@torch.no_grad()
+def rate_block(
+    teacher: Network,
+    student: BlockSupernet,
+    k: int,
+    recal_inputs: Sequence[torch.Tensor],
+    val_inputs: Sequence[torch.Tensor],
+    metric: str = "relative_l1",
+    candidates: Sequence[Sequence[int]] | None = None,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Score candidates of block ``k`` (default: every one): recalibrate norm statistics on
+    ``recal_inputs`` (teacher-fed), then accumulate over ALL ``val_inputs``
+    ``mean|y_hat - y| / std(y)`` (relative_l1) or ``mean (y_hat - y)^2 / var(y)`` (mse)."""
+    if metric not in RATING_METRICS:
+        raise ValueError(f"metric must be one of {RATING_METRICS}, got {metric!r}")
+    teacher.eval()
+    recal = [teacher_features(teacher, x, k)[0] for x in recal_inputs]
+    val = [teacher_features(teacher, x, k) for x in val_inputs]
+    targets = torch.cat([y.flatten() for _, y in val])
+    scale = float(targets.std()) if metric == "relative_l1" else float(targets.var())
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"block {k}: teacher targets have no spread (std {scale}); cannot rate")
+    cands = list(candidates) if candidates is not None else student.candidates()
+    ratings: dict[str, float] = {}
+    for cand in tqdm(cands, desc=f"rate block {k}", disable=not progress, leave=False):
+        recalibrate_norm_stats(student, recal, num_batches=len(recal), forward=lambda x, c=cand: student(x, c))
+        err = count = 0.0
+        for x_in, y in val:
+            e, n = block_score(student(x_in, cand), y, metric)
+            err += e
+            count += n
+        ratings[student.block.key(cand)] = err / count / scale
+    return ratings
+
+
+def _rating_inputs(cfg: DNAConfig, dm: DigitsDataModule) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Fixed (unshuffled) training batches for recalibration and all validation batches."""
+    dm.setup()
+    assert dm.splits is not None
+    xtr, xval = dm.splits["train"][0], dm.splits["val"][0]
+    recal = [xtr[i * cfg.batch_size : (i + 1) * cfg.batch_size] for i in range(cfg.recal_batches)]
+    recal = [r for r in recal if len(r)]
+    val = list(torch.split(xval, cfg.batch_size))
+    return recal, val
+
+
+def run_block(
+    cfg: DNAConfig, teacher: Network, k: int, out_dir: str | Path, datamodule: DigitsDataModule | None = None
+) -> dict[str, float]:
+    """Train then rate block ``k``; a block whose ``ratings.json`` exists is skipped (resume)."""
+    done = Path(out_dir) / f"block_{k}" / "ratings.json"
+    if done.is_file():
+        return json.loads(done.read_text())["ratings"]
+    dm = datamodule or _datamodule(cfg)
+    t0 = time.perf_counter()
+    student = train_block(cfg, teacher, k, out_dir, dm)
+    recal, val = _rating_inputs(cfg, dm)
+    ratings = rate_block(teacher, student, k, recal, val, cfg.rating_metric, progress=cfg.progress_bar)
+    payload = {"block": k, "metric": cfg.rating_metric, "seconds": time.perf_counter() - t0, "ratings": ratings}
+    tmp = done.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    tmp.replace(done)
+    return ratings
+
+
+def _budget(cfg: DNAConfig, costs: list[dict[str, dict[str, int]]]) -> float:
+    if cfg.budget is not None:
+        return float(cfg.budget)
+    lo = sum(min(c[cfg.budget_cost] for c in table.values()) for table in costs)
+    hi = sum(max(c[cfg.budget_cost] for c in table.values()) for table in costs)
+    return lo + cfg.budget_fraction * (hi - lo) + 1  # +1: the budget is strict
+
+
+def build_rating_table(cfg: DNAConfig, ratings: list[dict[str, float]]) -> RatingTable:
+    return RatingTable(
+        block_ratings=ratings,
+        block_costs=block_cost_table(cfg.space),
+        metric=cfg.rating_metric,
+        lower_is_better=True,
+        meta={"method": "dna", "space": cfg.space.name, "norm": cfg.norm},
+    )
+
+
+def retrain(cfg: DNAConfig, encoding: Sequence[Sequence[int]], out_dir: str | Path, datamodule: DigitsDataModule | None = None) -> dict:
+    """Train the searched architecture from scratch (BatchNorm); returns its test metrics."""
+    model = build_network(cfg.space, encoding, DigitsDataModule.num_classes)
+    system = ClassifierSystem(model, lr=cfg.retrain_lr, max_epochs=cfg.retrain_epochs)
+    result = fit(system, datamodule or _datamodule(cfg), _run_cfg(cfg, Path(out_dir) / "retrain", cfg.retrain_epochs))
+    return result.test_metrics
+
+
+def run_dna(
+    cfg: DNAConfig, out_dir: str | Path, blocks: Sequence[int] | None = None, do_retrain: bool = True
+) -> dict[str, Any]:
+    """The whole DNA search; with ``blocks`` only those blocks are trained and rated (parallel workers)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    dm = _datamodule(cfg)
+    teacher, teacher_info = train_teacher(cfg, out, dm)
+    todo = range(len(cfg.space.blocks)) if blocks is None else blocks
+    for k in todo:
+        if not 0 <= k < len(cfg.space.blocks):
+            raise ValueError(f"block {k} out of range: the space has {len(cfg.space.blocks)} blocks")
+    ratings = {k: run_block(cfg, teacher, k, out, dm) for k in todo}
+    if blocks is not None:
+        return {"blocks": sorted(ratings), "out_dir": str(out)}
+    table = build_rating_table(cfg, [ratings[k] for k in range(len(cfg.space.blocks))])
+    save_ratings(table, out / "ratings.json")
+    budget = _budget(cfg, table.block_costs or [])
+    found = search_table(table, budget, cfg.budget_cost, "exact")
+    net = build_network(cfg.space, found.encoding, DigitsDataModule.num_classes)
+    shape = (cfg.space.input_channels, cfg.space.input_size, cfg.space.input_size)
+    arch = {
+        "encoding": found.encoding,
+        "keys": found.keys,
+        "block_strings": block_strings(cfg.space, found.encoding),
+        "score": found.score,
+        "budget": budget,
+        "budget_cost": cfg.budget_cost,
+        "params": count_params(net),
+        "flops": count_flops(net, shape),
+        "searched_blocks_cost": found.cost,
+    }
+    if do_retrain:
+        arch["retrain"] = retrain(cfg, found.encoding, out, dm)
+    arch["seconds"] = time.perf_counter() - t0
+    (out / "architecture.json").write_text(json.dumps(arch, indent=1))
+    (out / "report.md").write_text(_report(cfg, teacher_info, table, arch))
+    return arch
+
+
+def _report(cfg: DNAConfig, teacher_info: dict, table: RatingTable, arch: dict) -> str:
+    lines = [
+        f"# DNA search on {cfg.space.name}",
+        "",
+        f"- space: {len(cfg.space.blocks)} blocks, {cfg.space.num_architectures()} architectures "
+        f"({', '.join(str(b.num_candidates()) for b in cfg.space.blocks)} candidates per block)",
+        f"- teacher: every layer {cfg.teacher.name} x{cfg.teacher_layers}, test accuracy "
+        f"{teacher_info.get('test_acc')}, {teacher_info.get('params')} params",
+        f"- block supernets: norm {cfg.norm}, {cfg.block_epochs} epochs each; rating metric {cfg.rating_metric} "
+        f"after recalibrating norm statistics on {cfg.recal_batches} batches",
+        f"- search: exact, {cfg.budget_cost} < {arch['budget']:g}",
+        "",
+        "| block | best candidate | its rating | worst rating |",
+        "|---|---|---|---|",
+    ]
+    for k, r in enumerate(table.block_ratings):
+        best = min(r, key=r.get)
+        lines.append(f"| {k} | {best} | {r[best]:.4f} | {max(r.values()):.4f} |")
+    lines += [
+        "",
+        f"Searched architecture: encoding {arch['encoding']}, score {arch['score']:.4f}, "
+        f"{arch['params']} params, {arch['flops']} FLOPs (MACs)",
+        "",
+        "Block strings: " + " | ".join(" ".join(b) or "(empty)" for b in arch["block_strings"]),
+    ]
+    if "retrain" in arch:
+        lines += ["", f"Retrained stand-alone: test accuracy {arch['retrain'].get('test_acc')}"]
+    lines += ["", f"Total time {arch['seconds']:.1f} s"]
+    return "\n".join(lines) + "\n"

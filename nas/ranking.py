@@ -1,0 +1,118 @@
+"""Rank correlation between rating-table architecture scores and ground-truth accuracy.
+
+Ground truth JSON: ``{"architectures": [{"encoding": [[ops of block 0], ...], "<metric>": value}, ...]}``.
+An architecture's score is the sum of its blocks' ratings (see :class:`nas.ratings.RatingTable`).
+
+CLI::
+
+    python -m nas.ranking --ratings R.json --ground-truth G.json [--metric top1] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from scipy import stats
+
+from .ratings import RatingTable, load_ratings
+from .spaces import candidate_key
+
+__all__ = ["correlations", "load_ground_truth", "architecture_keys", "evaluate", "main"]
+
+
+def correlations(scores: Sequence[float], truth: Sequence[float]) -> dict[str, float]:
+    """Kendall tau-b, Spearman rho and Pearson r (scipy.stats) between two equal-length sequences."""
+    x = np.asarray(scores, dtype=float)
+    y = np.asarray(truth, dtype=float)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"scores and truth must be 1-D of equal length, got {x.shape} and {y.shape}")
+    if len(x) < 3:
+        raise ValueError(f"need at least 3 architectures to correlate, got {len(x)}")
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):
+        raise ValueError("scores and truth must be finite")
+    return {
+        "kendall": float(stats.kendalltau(x, y).statistic),
+        "spearman": float(stats.spearmanr(x, y).statistic),
+        "pearson": float(stats.pearsonr(x, y).statistic),
+        "n": int(len(x)),
+    }
+
+
+def load_ground_truth(path: str | os.PathLike, metric: str | None = None) -> tuple[list[list[list[int]]], list[float], str]:
+    """``(encodings, values, metric)``; ``metric`` defaults to the only numeric field besides the encoding."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ground truth not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    archs = data.get("architectures") if isinstance(data, dict) else None
+    if not isinstance(archs, list) or not archs:
+        raise ValueError(f"{path}: expected {{'architectures': [{{'encoding': ..., '<metric>': value}}, ...]}}")
+    if metric is None:
+        fields = {k for a in archs for k, v in a.items() if k != "encoding" and isinstance(v, (int, float))}
+        if len(fields) != 1:
+            raise ValueError(f"{path}: pass --metric, the ground truth has metrics {sorted(fields)}")
+        metric = fields.pop()
+    encodings, values = [], []
+    for i, a in enumerate(archs):
+        if "encoding" not in a or metric not in a:
+            raise ValueError(f"{path}: architecture {i} lacks 'encoding' or {metric!r}")
+        v = a[metric]
+        if not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"{path}: architecture {i} has a non-finite {metric!r}: {v!r}")
+        encodings.append([[int(j) for j in block] for block in a["encoding"]])
+        values.append(float(v))
+    return encodings, values, metric
+
+
+def architecture_keys(table: RatingTable, encoding: Sequence[Sequence[int]]) -> list[str]:
+    """Rating-table keys of an architecture's blocks (multi-cell blocks detected by their ``c`` keys)."""
+    keys = []
+    for ratings, cand in zip(table.block_ratings, encoding):
+        multi = next(iter(ratings)).startswith("c")
+        keys.append(candidate_key(cand, multi))
+    return keys
+
+
+def evaluate(table: RatingTable, encodings: Sequence[Sequence[Sequence[int]]], values: Sequence[float]) -> dict[str, Any]:
+    """Correlations between the table's architecture scores and ``values``."""
+    scores = [table.score(architecture_keys(table, e)) for e in encodings]
+    out: dict[str, Any] = correlations(scores, values)
+    out["metric"] = table.metric
+    out["lower_is_better"] = table.lower_is_better
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m nas.ranking", description=__doc__.split("\n")[0])
+    p.add_argument("--ratings", required=True, help="rating table JSON")
+    p.add_argument("--ground-truth", required=True, help="ground truth JSON")
+    p.add_argument("--metric", default=None, help="ground-truth field (default: the only numeric one)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    args = p.parse_args(argv)
+    table = load_ratings(args.ratings)
+    encodings, values, metric = load_ground_truth(args.ground_truth, args.metric)
+    result = evaluate(table, encodings, values)
+    result["ground_truth_metric"] = metric
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(
+            f"{result['n']} architectures vs {metric}: Kendall {result['kendall']:+.4f}  "
+            f"Spearman {result['spearman']:+.4f}  Pearson {result['pearson']:+.4f}"
+            + ("  (scores are losses: negative = agreement)" if table.lower_is_better else "")
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""Functional Batch Kalman Normalization: validation, backend dispatch and running statistics.
+
+``batch_kalman_norm`` is to :class:`normlayers.BatchKalmanNorm` what ``F.batch_norm`` is to
+``nn.BatchNorm2d``. Backends: ``"torch"`` (the fast CPU path in :mod:`normlayers._cpu`, any device),
+``"triton"`` (``normlayers.ops.bkn_triton.batch_kalman_norm_triton``, imported lazily, same
+signature minus ``backend``), ``"auto"`` = triton when ``x.is_cuda`` and triton imports, else torch.
+Both backends follow :mod:`normlayers.reference` (the spec; its docstring lists the decisions).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from normlayers._cpu import bkn_train
+from normlayers.reference import elements_per_group, update_running_stats_reference
+
+__all__ = ["batch_kalman_norm", "validate_inputs", "BACKENDS"]
+
+BACKENDS = ("auto", "torch", "triton")
+Prior = tuple[Tensor, Tensor]
+
+
+def _is_compiling() -> bool:
+    return bool(torch.compiler.is_compiling())
+
+
+def validate_inputs(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    prior: Prior | None,
+    prior_weight: float,
+    training: bool,
+    group_size: int | None,
+) -> int:
+    """Check shapes and values; return ``G`` (number of ghost groups). Raises ``ValueError``/``TypeError``."""
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise TypeError(f"batch_kalman_norm expects a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
+    if x.dim() < 2:
+        raise ValueError(f"expected input of shape (N, C, *), got shape {tuple(x.shape)}")
+    n, c = x.shape[0], x.shape[1]
+    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
+        if t is not None and tuple(t.shape) != (c,):
+            raise ValueError(f"{name} has shape {tuple(t.shape)} but the input has {c} channels (expected ({c},))")
+    if not 0.0 <= float(prior_weight) <= 1.0:
+        raise ValueError(f"prior_weight must lie in [0, 1], got {prior_weight}")
+    batch_stats = training or running_mean is None or running_var is None
+    if not batch_stats:  # eval with running statistics: plain BN, groups and prior play no part
+        return 1
+    if group_size is not None and (int(group_size) <= 0 or n % int(group_size) != 0):
+        raise ValueError(f"group_size={group_size} must be a positive divisor of the batch size {n}")
+    groups = 1 if group_size is None else n // int(group_size)
+    if elements_per_group(x, group_size) <= 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel (per ghost group) when training, got input size {tuple(x.shape)}"
+            + ("" if group_size is None else f" with group_size={group_size}")
+        )
+    if prior is not None:
+        if not (isinstance(prior, (tuple, list)) and len(prior) == 2):
+            raise TypeError("prior must be a (mean, var) pair of tensors")
+        for name, t in zip(("mean", "var"), prior):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"prior {name} must be a tensor, got {type(t).__name__}")
+            if tuple(t.shape) not in ((c,), (groups, c)):
+                raise ValueError(
+                    f"prior {name} has shape {tuple(t.shape)}; expected ({c},) or (G, C) = ({groups}, {c})"
+                )
+        if not _is_compiling():  # value checks need a host sync; skipped inside torch.compile graphs
+            mean, var = prior[0].detach(), prior[1].detach()
+            # NaN/inf anywhere makes the sum non-finite, so `probe` is NaN; else it is min(var): one cheap sync
+            probe = float((mean.sum() + var.sum()) * 0.0 + var.min())
+            if not probe >= 0.0:
+                if not bool(torch.isfinite(mean).all()):
+                    raise ValueError("prior mean contains NaN or inf")
+                if not bool(torch.isfinite(var).all()):
+                    raise ValueError("prior var contains NaN or inf")
+                if bool((var < 0).any()):
+                    raise ValueError(f"prior var must be non-negative (min {float(var.min()):.4g})")
+    return groups
+
+
+def _triton_impl() -> Callable[..., tuple[Tensor, Tensor | None, Tensor | None]] | None:
+    try:
+        from normlayers.ops.bkn_triton import batch_kalman_norm_triton
+    except ImportError:
+        return None
+    return batch_kalman_norm_triton
+
+
+def batch_kalman_norm(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    *,
+    prior: Prior | None = None,
+    prior_weight: float = 0.0,
+    training: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    guard_ratio: float = 100.0,
+    group_size: int | None = None,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """BKN forward; returns ``(y, post_mean (G, C), post_var (G, C))``, posteriors ``None`` in eval.
+
+    Training (or no running buffers): batch moments per ghost group combined with ``prior`` (a
+    ``(mean, var)`` pair of shape ``(C,)`` or ``(G, C)``), running buffers updated in place (EMA with
+    ``momentum``, unbiased variance, averaged over groups). Eval: plain BN with the running buffers.
+    Posteriors are float32 (float64 for float64 input) and carry autograd graph to ``x``, gamma, beta
+    and the prior.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    validate_inputs(x, running_mean, running_var, weight, bias, prior, prior_weight, training, group_size)
+    impl = None
+    if backend == "triton" or (backend == "auto" and x.is_cuda):
+        impl = _triton_impl()
+        if impl is None and backend == "triton":
+            raise ImportError("backend='triton' needs the triton package and normlayers.ops.bkn_triton")
+    if impl is not None:
+        return impl(
+            x, running_mean, running_var, weight, bias, prior=prior, prior_weight=prior_weight, training=training,
+            momentum=momentum, eps=eps, guard_ratio=guard_ratio, group_size=group_size,
+        )
+    return _batch_kalman_norm_torch(
+        x, running_mean, running_var, weight, bias, prior=prior, prior_weight=prior_weight, training=training,
+        momentum=momentum, eps=eps, guard_ratio=guard_ratio, group_size=group_size,
+    )
+
+
+def _batch_kalman_norm_torch(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    *,
+    prior: Prior | None,
+    prior_weight: float,
+    training: bool,
+    momentum: float,
+    eps: float,
+    guard_ratio: float,
+    group_size: int | None,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    if not training and running_mean is not None and running_var is not None:
+        return _eval(x, running_mean, running_var, weight, bias, eps), None, None
+    y, post_mean, post_var = bkn_train(x, weight, bias, prior, float(prior_weight), eps, guard_ratio, group_size)
+    if training and running_mean is not None and running_var is not None:
+        update_running_stats_reference(
+            running_mean, running_var, post_mean, post_var, momentum, elements_per_group(x, group_size)
+        )
+    return y, post_mean, post_var
+
+
+def _eval(x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Tensor | None, bias: Tensor | None,
+          eps: float) -> Tensor:
+    """Plain BN with running statistics; low-precision inputs use an fp32 scale/shift (y = x*a + b)."""
+    if x.dtype in (torch.float32, torch.float64) and running_mean.dtype == x.dtype:
+        return F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
+    a = torch.rsqrt(running_var.float() + eps)
+    if weight is not None:
+        a = a * weight.float()
+    b = -running_mean.float() * a
+    if bias is not None:
+        b = b + bias.float()
+    shape = (-1,) + (1,) * (x.dim() - 2)  # (C,) -> (C, 1, ..., 1) to broadcast over (N, C, *)
+    return torch.addcmul(b.view(shape), x.float(), a.view(shape)).to(x.dtype)
+

@@ -1,0 +1,184 @@
+"""BatchKalmanNorm layers with torch's BatchNorm signature, parameter and buffer names.
+
+Checkpoints move both ways between ``nn.BatchNorm2d`` and ``BatchKalmanNorm2d`` (strict
+``load_state_dict``): ``weight``, ``bias``, ``running_mean``, ``running_var``, ``num_batches_tracked``.
+Without a prior the layer IS BatchNorm, in training and eval. See ``normlayers/__init__.py`` for the
+decisions this implementation makes where the spec leaves a choice.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from normlayers.functional import BACKENDS, batch_kalman_norm
+
+__all__ = ["BatchKalmanNorm", "BatchKalmanNorm1d", "BatchKalmanNorm2d", "BatchKalmanNorm3d", "TRANSITIONS"]
+
+TRANSITIONS = ("monte_carlo", "analytic")
+
+
+class BatchKalmanNorm(nn.Module):
+    """Batch Kalman Normalization over ``(N, C, *)`` inputs.
+
+    ``forward(x, prior=None)``: ``prior`` is ``(mean, var)`` of shape ``(C,)`` or ``(G, C)`` predicted
+    for this layer's input (see :mod:`normlayers.transition`). After a training forward,
+    ``self.posterior`` is ``(mean, var)`` (``(C,)``, or ``(G, C)`` with ``group_size``), float32, with
+    autograd graph, for the next layer; it is ``None`` after an eval forward. ``transition`` says how
+    :func:`normlayers.convert` predicts this layer's prior from the previous posterior.
+    """
+
+    _version = 2
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        prior_weight: float = 0.9,
+        guard_ratio: float = 100.0,
+        group_size: int | None = None,
+        transition: str = "monte_carlo",
+        backend: str = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= prior_weight <= 1.0:
+            raise ValueError(f"prior_weight must lie in [0, 1], got {prior_weight}")
+        if group_size is not None and group_size <= 0:
+            raise ValueError(f"group_size must be a positive integer or None, got {group_size}")
+        if transition not in TRANSITIONS:
+            raise ValueError(f"transition must be one of {TRANSITIONS}, got {transition!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        self.prior_weight = float(prior_weight)
+        self.guard_ratio = float(guard_ratio)
+        self.group_size = group_size
+        self.transition = transition
+        self.backend = backend
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_features, **factory))
+            self.bias = nn.Parameter(torch.empty(num_features, **factory))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+            self.register_buffer("running_var", torch.ones(num_features, **factory))
+            self.register_buffer(
+                "num_batches_tracked",
+                torch.tensor(0, dtype=torch.long, **{k: v for k, v in factory.items() if k != "dtype"}),
+            )
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+        self.posterior: tuple[Tensor, Tensor] | None = None
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def _check_input_dim(self, x: Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2D input (N, C, *) (got {x.dim()}D input)")
+
+    def forward(self, x: Tensor, prior: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        self._check_input_dim(x)
+        if x.shape[1] != self.num_features:
+            raise ValueError(
+                f"{type(self).__name__}({self.num_features}) got an input with {x.shape[1]} channels "
+                f"(shape {tuple(x.shape)})"
+            )
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average, like torch
+                momentum = 1.0 / float(self.num_batches_tracked)
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        track = not self.training or self.track_running_stats
+        y, post_mean, post_var = batch_kalman_norm(
+            x,
+            self.running_mean if track else None,
+            self.running_var if track else None,
+            self.weight,
+            self.bias,
+            prior=prior,
+            prior_weight=self.prior_weight,
+            training=use_batch_stats,
+            momentum=momentum,
+            eps=self.eps,
+            guard_ratio=self.guard_ratio,
+            group_size=self.group_size,
+            backend=self.backend,
+        )
+        if post_mean is None or post_var is None:
+            self.posterior = None
+        elif self.group_size is None:
+            self.posterior = (post_mean[0], post_var[0])  # (1, C) -> (C,)
+        else:
+            self.posterior = (post_mean, post_var)
+        return y
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+            f"track_running_stats={self.track_running_stats}, prior_weight={self.prior_weight}, "
+            f"guard_ratio={self.guard_ratio}, group_size={self.group_size}, transition={self.transition!r}"
+        )
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        version = local_metadata.get("version", None)
+        key = prefix + "num_batches_tracked"
+        if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
+            # checkpoints older than BatchNorm's version 2 lack the counter (torch does the same)
+            state_dict[key] = (
+                self.num_batches_tracked if self.num_batches_tracked is not None
+                and self.num_batches_tracked.device != torch.device("meta")
+                else torch.tensor(0, dtype=torch.long)
+            )
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+
+class BatchKalmanNorm1d(BatchKalmanNorm):
+    """BKN for ``(N, C)`` or ``(N, C, L)`` inputs (like ``nn.BatchNorm1d``)."""
+
+    def _check_input_dim(self, x: Tensor) -> None:
+        if x.dim() != 2 and x.dim() != 3:
+            raise ValueError(f"expected 2D or 3D input (got {x.dim()}D input)")
+
+
+class BatchKalmanNorm2d(BatchKalmanNorm):
+    """BKN for ``(N, C, H, W)`` inputs (like ``nn.BatchNorm2d``)."""
+
+    def _check_input_dim(self, x: Tensor) -> None:
+        if x.dim() != 4:
+            raise ValueError(f"expected 4D input (got {x.dim()}D input)")
+
+
+class BatchKalmanNorm3d(BatchKalmanNorm):
+    """BKN for ``(N, C, D, H, W)`` inputs (like ``nn.BatchNorm3d``)."""
+
+    def _check_input_dim(self, x: Tensor) -> None:
+        if x.dim() != 5:
+            raise ValueError(f"expected 5D input (got {x.dim()}D input)")

@@ -1,0 +1,50 @@
+"""Model registry: named factories with one calling convention, so every model is built the same way.
+
+Every factory is called as ``factory(*, grid_shape, ext_dim, len_closeness, len_period, len_trend, slots_per_day,
+**model_kwargs)``: the six data keywords come from the data module (a factory may ignore some), ``model_kwargs``
+are the model's own options. A factory raises ``ValueError`` when the model cannot work with its arguments.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from torch import nn
+
+__all__ = ["register_model", "build_model", "list_models", "DATA_KEYWORDS"]
+
+DATA_KEYWORDS = ("grid_shape", "ext_dim", "len_closeness", "len_period", "len_trend", "slots_per_day")
+_FACTORIES: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator registering ``factory`` under ``name`` (names are unique)."""
+
+    def decorator(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _FACTORIES and _FACTORIES[name] is not factory:
+            raise ValueError(f"model name {name!r} is already registered by {_FACTORIES[name].__module__}")
+        _FACTORIES[name] = factory
+        return factory
+
+    return decorator
+
+
+def _ensure_builtin_models() -> None:
+    import stflow.models  # noqa: F401  (importing the package registers the built-in models)
+
+
+def list_models() -> list[str]:
+    """Sorted names of every registered model."""
+    _ensure_builtin_models()
+    return sorted(_FACTORIES)
+
+
+def build_model(name: str, **kwargs: Any) -> nn.Module:
+    """Build the registered model ``name`` (see the module docstring for the keywords)."""
+    _ensure_builtin_models()
+    if name not in _FACTORIES:
+        raise KeyError(f"unknown model {name!r}; registered models: {', '.join(sorted(_FACTORIES))}")
+    missing = [k for k in DATA_KEYWORDS if k not in kwargs]
+    if missing:
+        raise TypeError(f"build_model({name!r}) needs the data keywords {missing} (from the data module)")
+    return _FACTORIES[name](**kwargs)

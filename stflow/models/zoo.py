@@ -1,0 +1,140 @@
+"""The named models: one-line registered factories that differ only in their arguments.
+
+Every factory takes the data keywords of :mod:`stflow.models.registry` plus its model's own options:
+
+- ``acfm_*``: any :class:`ACFMConfig` field except the data-given ones (e.g. ``res_units``, ``lstm_dropout``,
+  ``cell``) and ``norm_layer``; ``acfm_reference_*`` also fix ``variant="reference"`` and need the authors'
+  external vector (33 dims BikeNYC, 77 TaxiBJ);
+- ``stresnet*``: any :class:`STResNetConfig` field except the data-given ones, and ``norm_layer`` (default none);
+- ``persistence``: ``mode`` ("last" or "week"); ``historical_average``: no option (fit with ``fit_history``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from torch import nn
+
+from stflow.models.acfm import ACFM, ACFM_PRESETS, ACFMConfig, NormLayer
+from stflow.models.baselines import HistoricalAverage, Persistence
+from stflow.models.registry import register_model
+from stflow.models.stresnet import STResNet, STResNetConfig
+
+_DATA_FIELDS = {"grid_shape", "ext_dim", "len_closeness", "len_period", "len_trend"}
+
+
+def _check_options(model: str, options: dict[str, Any], allowed: set[str]) -> None:
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise ValueError(f"{model}: unknown option(s) {unknown}; allowed: {sorted(allowed)}")
+
+
+def _acfm(
+    preset: str,
+    variant: str,
+    *,
+    grid_shape: tuple[int, int],
+    ext_dim: int,
+    len_closeness: int,
+    len_period: int,
+    len_trend: int,
+    slots_per_day: int,
+    norm_layer: NormLayer = nn.BatchNorm2d,
+    **options: Any,
+) -> ACFM:
+    name = f"acfm_{'reference_' if variant == 'reference' else ''}{preset}"
+    own = {f.name for f in dataclasses.fields(ACFMConfig)} - _DATA_FIELDS - {"variant"}
+    _check_options(name, options, own)
+    if variant == "reference" and ext_dim != ACFM_PRESETS[preset]["ext_dim"]:
+        raise ValueError(
+            f"{name} needs the authors' {ACFM_PRESETS[preset]['ext_dim']}-dim external vector (features='acfm'), "
+            f"got ext_dim={ext_dim}"
+        )
+    try:
+        config = ACFMConfig.preset(
+            preset, grid_shape=tuple(grid_shape), ext_dim=ext_dim, len_closeness=len_closeness,
+            len_period=len_period, len_trend=len_trend, variant=variant, **options,
+        )
+    except ValueError as err:
+        raise ValueError(f"{name}: {err}") from err
+    return ACFM(config, norm_layer=norm_layer)
+
+
+def _stresnet(
+    preset: str,
+    *,
+    grid_shape: tuple[int, int],
+    ext_dim: int,
+    len_closeness: int,
+    len_period: int,
+    len_trend: int,
+    slots_per_day: int,
+    norm_layer: NormLayer | None = None,
+    **options: Any,
+) -> STResNet:
+    own = {f.name for f in dataclasses.fields(STResNetConfig)} - _DATA_FIELDS
+    _check_options(f"stresnet ({preset})", options, own)
+    try:
+        config = STResNetConfig.preset(
+            preset, grid_shape=tuple(grid_shape), ext_dim=ext_dim, len_closeness=len_closeness,
+            len_period=len_period, len_trend=len_trend, **options,
+        )
+    except ValueError as err:
+        raise ValueError(f"stresnet ({preset}): {err}") from err
+    return STResNet(config, norm_layer=norm_layer)
+
+
+@register_model("acfm_bikenyc")
+def acfm_bikenyc(**kwargs: Any) -> ACFM:
+    return _acfm("bikenyc", "clean", **kwargs)
+
+
+@register_model("acfm_taxibj")
+def acfm_taxibj(**kwargs: Any) -> ACFM:
+    return _acfm("taxibj", "clean", **kwargs)
+
+
+@register_model("acfm_reference_bikenyc")
+def acfm_reference_bikenyc(**kwargs: Any) -> ACFM:
+    return _acfm("bikenyc", "reference", **kwargs)
+
+
+@register_model("acfm_reference_taxibj")
+def acfm_reference_taxibj(**kwargs: Any) -> ACFM:
+    return _acfm("taxibj", "reference", **kwargs)
+
+
+@register_model("stresnet")
+def stresnet(**kwargs: Any) -> STResNet:
+    """ST-ResNet with the BikeNYC depth (4 residual units)."""
+    return _stresnet("bikenyc", **kwargs)
+
+
+@register_model("stresnet_taxibj")
+def stresnet_taxibj(**kwargs: Any) -> STResNet:
+    """ST-ResNet with the TaxiBJ depth (12 residual units)."""
+    return _stresnet("taxibj", **kwargs)
+
+
+@register_model("persistence")
+def persistence(
+    *, grid_shape: tuple[int, int], ext_dim: int, len_closeness: int, len_period: int, len_trend: int,
+    slots_per_day: int, **options: Any,
+) -> Persistence:
+    _check_options("persistence", options, {"mode"})
+    mode = options.get("mode", "last")
+    if mode == "last" and len_closeness < 1:
+        raise ValueError("persistence(mode='last') repeats closeness[:, 0]: it needs len_closeness >= 1")
+    if mode == "week" and len_trend < 1:
+        raise ValueError("persistence(mode='week') repeats trend[:, 0] (t - 7 days): it needs len_trend >= 1")
+    return Persistence(mode)  # type: ignore[arg-type]
+
+
+@register_model("historical_average")
+def historical_average(
+    *, grid_shape: tuple[int, int], ext_dim: int, len_closeness: int, len_period: int, len_trend: int,
+    slots_per_day: int, **options: Any,
+) -> HistoricalAverage:
+    _check_options("historical_average", options, set())
+    return HistoricalAverage(slots_per_day, (2, *grid_shape))

@@ -1,0 +1,267 @@
+"""ONE Lightning system for every forecasting model of the registry (tsl's "predictor" pattern).
+
+The model is a plain ``nn.Module`` taking the data module's batch dict and returning a (B, 2, H, W) prediction
+scaled to [-1, 1]. The system owns the loss (on scaled values), the optimiser and lr steps of the reference
+recipe, and three :class:`~stflow.metrics.FlowMetrics` instances (train / val / test) computed in ORIGINAL units.
+Models with ``trainable = False`` (historical average, persistence) are run with manual optimisation and no
+optimiser: an epoch of "training" only fits their history (``fit_history``) and measures them.
+
+Logged: ``train_loss`` (per step and epoch), ``train_rmse``; ``val_loss`` (the scaled loss over the whole
+validation split), ``val_rmse``, ``val_mae``...; ``test_loss``, ``test_rmse``, ``test_rmse_inflow``,
+``test_rmse_outflow``, ``test_mae``, ``test_samples``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor, nn
+
+from stflow.metrics import FlowMetrics
+from stflow.models.registry import DATA_KEYWORDS, build_model
+
+__all__ = ["ForecastingSystem", "StepSchedule", "REFERENCE_LR_MILESTONES", "data_keywords"]
+
+# The reference recipe: epoch -> learning rate (Adam, 3e-4 before epoch 50).
+REFERENCE_LR_MILESTONES: dict[int, float] = {50: 2e-4, 150: 1e-4, 250: 5e-5, 350: 2e-5, 450: 1e-5}
+LOSSES = ("mse", "l1")
+
+
+@dataclass
+class StepSchedule:
+    """Multiplicative factor of ``LambdaLR`` giving ``milestones[e]`` from epoch e on (``base_lr`` before).
+
+    A dataclass rather than a lambda so ``LambdaLR.state_dict`` (hence checkpoints and resume) keeps it.
+    """
+
+    base_lr: float
+    milestones: dict[int, float]
+
+    def __call__(self, epoch: int) -> float:
+        lr = self.base_lr
+        for start in sorted(self.milestones):
+            if epoch >= start:
+                lr = self.milestones[start]
+        return lr / self.base_lr
+
+
+def data_keywords(datamodule: Any) -> dict[str, Any]:
+    """The six data keywords every registered factory takes, read from a set-up data module."""
+    values: dict[str, Any] = {}
+    hparams = getattr(datamodule, "hparams", {})
+    for key in DATA_KEYWORDS:
+        value = getattr(datamodule, key, None)
+        if value is None and key in hparams:
+            value = hparams[key]
+        if value is None:
+            raise AttributeError(f"the data module has no {key!r}; call datamodule.setup() first")
+        values[key] = tuple(int(v) for v in value) if key == "grid_shape" else int(value)
+    return values
+
+
+def _check_milestones(milestones: Mapping[Any, Any]) -> dict[int, float]:
+    checked: dict[int, float] = {}
+    for epoch, lr in milestones.items():
+        try:
+            e, value = int(epoch), float(lr)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"lr_milestones must map epoch (int) -> lr (float), got {epoch!r}: {lr!r}") from err
+        if e < 0 or not (math.isfinite(value) and value > 0):
+            raise ValueError(f"lr_milestones entry {epoch!r}: {lr!r} needs epoch >= 0 and a positive lr")
+        checked[e] = value
+    return checked
+
+
+class ForecastingSystem(pl.LightningModule):
+    """Train / validate / test any registered crowd-flow model.
+
+    Args:
+        model: a registered model NAME (rebuilt by ``load_from_checkpoint``) or an ``nn.Module`` (then
+            ``load_from_checkpoint(path, model=...)`` must be given the same architecture).
+        scaler_min, scaler_max: the data module's min-max scaler (converts scaled errors to original units).
+        metric_factor: sqrt(H*W / n_active_cells), from the data module (sqrt(128/81) for BikeNYC).
+        model_kwargs: for a model name: the six data keywords (:func:`data_keywords`) plus the model's options.
+        lr, lr_milestones, weight_decay: Adam and its epoch -> lr steps (the reference recipe by default).
+        loss: "mse" (reference) or "l1", on scaled values.
+        num_slots: number of slots of the data (``len(datamodule.timestamps)``); read from the trainer's data
+            module in ``setup`` when there is one.
+    """
+
+    def __init__(
+        self,
+        model: str | nn.Module,
+        scaler_min: float,
+        scaler_max: float,
+        metric_factor: float = 1.0,
+        model_kwargs: dict[str, Any] | None = None,
+        lr: float = 3e-4,
+        lr_milestones: Mapping[int, float] | None = None,
+        weight_decay: float = 0.0,
+        loss: str = "mse",
+        num_slots: int | None = None,
+    ) -> None:
+        super().__init__()
+        if not (math.isfinite(scaler_min) and math.isfinite(scaler_max) and scaler_max > scaler_min):
+            raise ValueError(f"scaler needs finite min < max, got min={scaler_min}, max={scaler_max}")
+        if not (math.isfinite(lr) and lr > 0):
+            raise ValueError(f"lr must be positive, got {lr}")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        if loss not in LOSSES:
+            raise ValueError(f"unknown loss {loss!r}; choose from {LOSSES}")
+        if lr_milestones is None:
+            lr_milestones = REFERENCE_LR_MILESTONES
+        self.lr_steps = _check_milestones(lr_milestones)
+        if isinstance(model, str):
+            self.save_hyperparameters()
+            self.model = build_model(model, **(model_kwargs or {}))
+        elif isinstance(model, nn.Module):
+            self.save_hyperparameters(ignore=["model"])
+            self.model = model
+        else:
+            raise TypeError(f"model must be a registered model name or an nn.Module, got {type(model).__name__}")
+        self.scale = (float(scaler_max) - float(scaler_min)) / 2.0
+        self.metric_factor = float(metric_factor)
+        self.trainable = bool(getattr(self.model, "trainable", True))
+        # Parameter-free baselines: no optimiser, no backward; an epoch only measures them.
+        self.automatic_optimization = self.trainable
+        self.train_metrics: FlowMetrics | None = None
+        self.val_metrics: FlowMetrics | None = None
+        self.test_metrics: FlowMetrics | None = None
+        if num_slots is not None:
+            self._build_metrics(int(num_slots))
+
+    # ------------------------------------------------------------------ construction helpers
+    @classmethod
+    def from_datamodule(
+        cls, model: str, datamodule: Any, model_kwargs: Mapping[str, Any] | None = None, **options: Any
+    ) -> "ForecastingSystem":
+        """A system for ``model`` (registered name) on a set-up ``datamodule`` (scaler, factor, data keywords)."""
+        kwargs = {**data_keywords(datamodule), **dict(model_kwargs or {})}
+        return cls(
+            model,
+            scaler_min=float(datamodule.scaler.min),
+            scaler_max=float(datamodule.scaler.max),
+            metric_factor=float(datamodule.metric_factor),
+            model_kwargs=kwargs,
+            num_slots=len(datamodule.timestamps),
+            **options,
+        )
+
+    def _build_metrics(self, num_slots: int, active_mask: Tensor | None = None) -> None:
+        """(Re)create the train/val/test metrics for ``num_slots`` target slots and the MAE cell mask."""
+        make = lambda: FlowMetrics(num_slots, self.scale, self.metric_factor, active_mask)  # noqa: E731
+        self.train_metrics, self.val_metrics, self.test_metrics = make(), make(), make()
+
+    def _active_mask(self, datamodule: Any) -> Tensor | None:
+        """Cells that are ever non-zero in the data module's flows, when the protocol factor says some never
+        are (metric_factor != 1); MAE is averaged over them (see stflow.metrics)."""
+        flows = getattr(datamodule, "flows", None)
+        if self.metric_factor == 1.0 or flows is None:
+            return None
+        return torch.from_numpy((flows != 0).any(axis=(0, 1)))  # (H, W) bool
+
+    def setup(self, stage: str) -> None:
+        """Size the metrics for the data module's slots, check its scaler, fit history-based baselines."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None and getattr(datamodule, "timestamps", None) is not None:
+            self._check_scaler(datamodule)
+            self._build_metrics(len(datamodule.timestamps), self._active_mask(datamodule))
+        elif self.val_metrics is None:
+            raise RuntimeError("ForecastingSystem needs num_slots (or a trainer data module with .timestamps)")
+        fit_history = getattr(self.model, "fit_history", None)
+        if stage == "fit" and callable(fit_history):
+            if datamodule is None:
+                raise RuntimeError(f"{type(self.model).__name__} must be fitted on the data module's history")
+            mask = getattr(datamodule, "train_slot_mask", None)
+            if mask is None:
+                raise AttributeError("the data module has no train_slot_mask (needed by fit_history)")
+            fit_history(datamodule.flows, datamodule.timestamps, mask, datamodule.scaler)
+
+    def _check_scaler(self, datamodule: Any) -> None:
+        scaler = getattr(datamodule, "scaler", None)
+        if scaler is None:
+            return
+        mine = (float(self.hparams.scaler_min), float(self.hparams.scaler_max))
+        theirs = (float(scaler.min), float(scaler.max))
+        if not all(math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9) for a, b in zip(mine, theirs)):
+            raise ValueError(
+                f"the data module scales with min/max {theirs} but the system was built for {mine}: the model "
+                "would see differently scaled inputs; pass scale_min/scale_max to the data module"
+            )
+
+    # ------------------------------------------------------------------ steps
+    def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """batch: the data module's dict (closeness (B, lc, 2, H, W), ..., target (B, 2, H, W), index (B,))
+        -> prediction (B, 2, H, W) scaled to [-1, 1]."""
+        return self.model(batch)
+
+    def _loss(self, pred: Tensor, target: Tensor) -> Tensor:
+        if self.hparams.loss == "mse":
+            return nn.functional.mse_loss(pred, target)
+        return nn.functional.l1_loss(pred, target)
+
+    def _step(self, batch: Mapping[str, Tensor], metrics: FlowMetrics | None) -> tuple[Tensor, Tensor]:
+        if metrics is None:
+            raise RuntimeError("metrics are not built: the system was not set up with a data module or num_slots")
+        pred = self.model(batch)
+        target = batch["target"]
+        if pred.shape != target.shape:
+            raise ValueError(f"{type(self.model).__name__} returned {tuple(pred.shape)}, target is {tuple(target.shape)}")
+        metrics.update(pred, target, batch["index"])
+        return pred, self._loss(pred, target)
+
+    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor | None:
+        _, loss = self._step(batch, self.train_metrics)
+        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch["target"]))
+        return loss if self.trainable else None
+
+    def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
+        self._step(batch, self.val_metrics)
+
+    def test_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
+        self._step(batch, self.test_metrics)
+
+    def predict_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        """{"pred", "target"} (B, 2, H, W) scaled and "index" (B,): what the evaluation plots need."""
+        return {"pred": self.model(batch), "target": batch["target"], "index": batch["index"]}
+
+    # ------------------------------------------------------------------ epoch ends: log the global metrics
+    def _log_metrics(self, stage: str, metrics: FlowMetrics | None) -> None:
+        if metrics is None or not metrics.update_called:
+            return
+        values = metrics.compute()  # already reduced over processes (sum states)
+        metrics.reset()
+        loss = values["mse_scaled"] if self.hparams.loss == "mse" else values["mae_scaled"]
+        logged = {
+            f"{stage}_rmse": values["rmse"],
+            f"{stage}_rmse_inflow": values["rmse_inflow"],
+            f"{stage}_rmse_outflow": values["rmse_outflow"],
+            f"{stage}_mae": values["mae"],
+            f"{stage}_samples": values["n_samples"],
+        }
+        if stage != "train":
+            logged[f"{stage}_loss"] = loss
+        # Identical on every rank (the states were reduced), so sync_dist's mean changes nothing.
+        self.log_dict(logged, sync_dist=True, prog_bar=stage == "val")
+
+    def on_train_epoch_end(self) -> None:
+        self._log_metrics("train", self.train_metrics)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val", self.val_metrics)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test", self.test_metrics)
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> Any:
+        if not self.trainable:
+            return None
+        optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, StepSchedule(float(self.hparams.lr), self.lr_steps))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}

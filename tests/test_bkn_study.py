@@ -1,0 +1,202 @@
+"""The BKN study's building blocks: the ResNet with every norm, the BKN wiring, the accuracy metric, the quick study."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from benchmarks import bench_bkn_digits
+from benchmarks.bkn_study import (
+    NORMS,
+    Cell,
+    ClassificationSystem,
+    DigitsStudyData,
+    EpochRecorder,
+    PreActResNet,
+    build_resnet,
+    prior_weight_for,
+    quiet_lightning,
+)
+from stflow.runner import RunConfig, fit
+
+
+def test_prior_weight_rule_hits_the_reference_points_and_is_monotone():
+    assert prior_weight_for(2) == pytest.approx(0.9)
+    assert prior_weight_for(128) == pytest.approx(0.05)
+    assert prior_weight_for(1077) == pytest.approx(0.05)  # clamped
+    ps = [prior_weight_for(b) for b in (2, 4, 8, 16, 32, 64, 128)]
+    assert np.all(np.diff(ps) < 0)
+    assert np.allclose(np.diff(ps), np.diff(ps)[0])  # linear in log2(batch)
+    with pytest.raises(ValueError, match="stat_batch must be >= 1"):
+        prior_weight_for(0)
+
+
+@pytest.mark.parametrize("norm", sorted(NORMS))
+@pytest.mark.parametrize("group_size", [None, 2])
+def test_resnet_builds_and_trains_with_every_norm(norm, group_size):
+    if group_size and NORMS[norm].kind == "gn":
+        with pytest.raises(ValueError, match="ghost groups make no sense"):
+            build_resnet(norm, 2, group_size=group_size)
+        return
+    torch.manual_seed(0)
+    model, p = build_resnet(norm, stat_batch=group_size or 4, group_size=group_size)
+    assert (p is not None) == (NORMS[norm].kind == "bkn")
+    x, y = torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,))
+    logits = model(x)
+    assert logits.shape == (4, 10)
+    nn.functional.cross_entropy(logits, y).backward()
+    grads = [q.grad for q in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads) > 0
+    model.eval()
+    assert torch.isfinite(model(x[:2])).all()  # inference: running statistics
+
+
+def test_unknown_norm_is_rejected():
+    with pytest.raises(ValueError, match="unknown norm 'ln'"):
+        build_resnet("ln", 2)
+
+
+@pytest.mark.parametrize("transition", ["bkn_mc", "bkn_an"])
+def test_bkn_conversion_wires_a_prior_into_every_norm_but_the_first(transition):
+    from normlayers import BatchKalmanNorm
+
+    torch.manual_seed(0)
+    model, p = build_resnet(transition, stat_batch=2, depth=2)
+    norms = [m for m in model.modules() if isinstance(m, (nn.BatchNorm2d, BatchKalmanNorm))]
+    assert len(norms) == 2 * 6 + 1 and all(isinstance(m, BatchKalmanNorm) for m in norms)
+    assert all(m.prior_weight == pytest.approx(0.9) for m in norms) and p == pytest.approx(0.9)
+    seen: dict[int, bool] = {}
+    hooks = [m.register_forward_hook(lambda mod, args, kwargs, out: seen.__setitem__(id(mod), _got_prior(mod, kwargs)),
+                                     with_kwargs=True) for m in norms]
+    model.train()
+    model(torch.randn(2, 1, 8, 8))
+    for h in hooks:
+        h.remove()
+    got = [seen[id(m)] for m in norms]
+    assert got == [False] + [True] * (len(norms) - 1)
+
+
+def _got_prior(module: nn.Module, kwargs: dict) -> bool:
+    return kwargs.get("prior") is not None  # the chain hands the prior to forward(x, prior=...)
+
+
+def _fit_digits(tmp_path: Path, eval_batch: int, epochs: int = 2):
+    torch.manual_seed(0)
+    model, _ = build_resnet("gn", 8)
+    system = ClassificationSystem(model, lr=0.05, max_epochs=epochs)
+    data = DigitsStudyData(batch_size=32, seed=0, eval_batch_size=eval_batch)
+    recorder = EpochRecorder(["val_acc", "epoch_test_acc"])
+    cfg = RunConfig(out_dir=str(tmp_path), max_epochs=epochs, seed=0, accelerator="cpu", devices=1,
+                    progress_bar=False, loggers=(), checkpoint=False, limit_train_batches=3)
+    return fit(system, data, cfg, callbacks=[recorder]), system, data, recorder
+
+
+def test_accuracy_metric_equals_numpy_accuracy_of_the_same_predictions(tmp_path):
+    quiet_lightning()
+    res, system, data, recorder = _fit_digits(tmp_path, eval_batch=64)  # uneven last batch: per-batch means differ
+    x, y = data.splits["test"]
+    system.eval()
+    with torch.no_grad():
+        pred = system(x).argmax(1).numpy()
+    numpy_acc = float(np.mean(pred == y.numpy()))
+    per_batch = float(np.mean([np.mean(pred[i:i + 64] == y.numpy()[i:i + 64]) for i in range(0, len(y), 64)]))
+    assert 0.3 < numpy_acc < 1.0 and per_batch != pytest.approx(numpy_acc, abs=1e-9)
+    assert res.test_metrics["test_acc"] == pytest.approx(numpy_acc, abs=1e-6)
+    assert recorder.history[-1]["epoch_test_acc"] == pytest.approx(numpy_acc, abs=1e-6)  # same weights, val loop
+    assert [h["epoch"] for h in recorder.history] == [0.0, 1.0]
+
+
+def test_digits_data_adapter_batches_and_rejects_bad_sizes():
+    data = DigitsStudyData(batch_size=128, seed=3)
+    batches = list(data.train_dataloader())
+    n_train = len(data.splits["train"][1])
+    assert len(batches) == n_train // 128 and all(len(b[1]) == 128 for b in batches)  # drop_last
+    assert len(data.val_dataloader()) == 2  # validation, then the per-epoch test curve
+    with pytest.raises(ValueError, match="batch_size must be >= 2"):
+        DigitsStudyData(batch_size=1)
+    with pytest.raises(ValueError, match="exceeds the"):
+        DigitsStudyData(batch_size=5000).setup()
+
+
+def test_quick_digits_study_writes_one_row_per_norm_and_batch(tmp_path):
+    out = tmp_path / "results"
+    argv = ["--quick", "--norms", "bn", "gn", "bkn_an", "--batch-sizes", "2", "16", "--ghost-groups", "4",
+            "--large", "16", "--out", str(out), "--runs-dir", str(tmp_path / "runs")]
+    assert bench_bkn_digits.main(argv) == 0
+    with open(out / "bkn_digits.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    got = sorted((r["norm"], r["mode"], r["batch"], r["group"]) for r in rows)
+    expected = sorted(
+        [(n, "real", b, "") for n in ("bn", "gn", "bkn_an") for b in ("2", "16")]
+        + [(n, "ghost", "16", "4") for n in ("bn", "bkn_an")]
+    )
+    assert got == expected
+    payload = json.loads((out / "bkn_digits.json").read_text())
+    for row in rows:  # the table's mean is the mean of the per-run accuracies
+        runs = [r for r in payload["runs"]
+                if r["cell"] == Cell(row["norm"], int(row["batch"]), int(row["group"]) if row["group"] else None).name]
+        assert len(runs) == 1 and float(row["test_acc"]) == pytest.approx(100 * runs[0]["final_test_acc"], rel=1e-6)
+        assert row["p"] == ("" if row["norm"] in ("bn", "gn") else f"{round(prior_weight_for(int(row['group'] or row['batch'])), 3)}")
+    for name in ("bkn_digits_curves.png", "bkn_digits_ghost_curves.png", "bkn_digits_by_batch.png"):
+        png = out / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size < 200_000
+    # finished runs are reused (resume): a second call trains nothing and gives the same table
+    before = (out / "bkn_digits.csv").read_text()
+    assert bench_bkn_digits.main(argv) == 0
+    assert (out / "bkn_digits.csv").read_text() == before
+
+
+def test_selu_gaussian_moments_match_sampling():
+    from benchmarks.bench_bkn_acfm import selu_gaussian_moments
+
+    mean = torch.tensor([-4.0, -1.0, 0.0, 0.7, 3.0, 40.0], dtype=torch.float64)
+    var = torch.tensor([0.05, 1.0, 2.0, 0.3, 4.0, 9.0], dtype=torch.float64)
+    m, v = selu_gaussian_moments(mean, var)
+    rng = np.random.default_rng(0)
+    z = mean.numpy() + np.sqrt(var.numpy()) * rng.standard_normal((250_000, 6))
+    s = 1.0507009873554805 * np.where(z > 0, z, 1.6732632423543772 * np.expm1(z))  # SELU, written out
+    se_mean = s.std(0) / 500.0  # standard error of the sample mean
+    assert np.all(np.abs(m.numpy() - s.mean(0)) < 5 * se_mean + 1e-12)
+    assert np.allclose(v.numpy(), s.var(0), rtol=2e-2)
+    assert torch.isfinite(m).all() and torch.isfinite(v).all()  # no overflow of exp(mean) at mean = 40
+
+
+def _tiny_acfm():
+    from stflow.models.registry import build_model
+
+    return build_model("acfm_bikenyc", grid_shape=(4, 3), ext_dim=5, len_closeness=4, len_period=2, len_trend=0,
+                       slots_per_day=24)
+
+
+@pytest.mark.parametrize("transition", ["monte_carlo", "analytic"])
+def test_kalman_frame_encoder_wiring_and_batchnorm_equivalence(transition):
+    import copy
+
+    from benchmarks.bench_bkn_acfm import KalmanFrameEncoder
+
+    torch.manual_seed(0)
+    encoder = _tiny_acfm().encoder
+    x = torch.randn(6, 2, 4, 3)
+    bn_out = copy.deepcopy(encoder)(x)
+    drop_in = KalmanFrameEncoder(copy.deepcopy(encoder), prior_weight=0.0, transition=transition)
+    assert torch.allclose(drop_in(x), bn_out, atol=1e-5)  # p = 0: BatchNorm exactly
+    assert set(drop_in.state_dict()) == set(encoder.state_dict())  # same keys: checkpoints move across
+    kalman = KalmanFrameEncoder(copy.deepcopy(encoder), prior_weight=0.8, transition=transition)
+    out = kalman(x)
+    assert kalman.wired == [False, True, True, True]  # every norm but the first gets a prior
+    assert not torch.allclose(out, bn_out, atol=1e-3)
+    out.square().mean().backward()
+    conv1 = kalman.units[0].conv1.weight.grad  # reaches the priors' transitions too
+    assert conv1 is not None and torch.isfinite(conv1).all()
+    kalman.eval()
+    kalman(x)
+    assert kalman.wired == [False] * 4  # inference: plain BN with running statistics
+    with pytest.raises(ValueError, match="unknown transition 'kalman'"):
+        KalmanFrameEncoder(copy.deepcopy(encoder), prior_weight=0.5, transition="kalman")

@@ -1,0 +1,157 @@
+"""``python -m stflow.train``: no-argument run, exact resume, DDP bookkeeping, configs and bad-config errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from stflow import train
+from stflow.data import CrowdFlowDataModule, generate_synthetic_city
+from stflow.evaluate import evaluate
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny_city(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("tiny_city")
+    generate_synthetic_city(out, seed=1, days=16, grid=(4, 4))
+    return out
+
+
+def _args(city: Path, out: Path, *extra: str) -> list[str]:
+    return ["--data-dir", str(city), "--test-days", "2", "--batch-size", "32", "--no-progress-bar",
+            "--out-dir", str(out), "--json", *extra]
+
+
+def test_no_argument_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``main([])``: clean ACFM on the default synthetic city, shortened to one epoch on a fresh cache."""
+    monkeypatch.setenv("STFLOW_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(train.DEFAULT_EPOCHS, "synthetic", 1)
+    result = train.main([])
+    assert result["model"] == "acfm_bikenyc" and result["dataset"] == "synthetic" and result["epochs"] == 1
+    test = result["test"]
+    assert {"test_rmse", "test_rmse_inflow", "test_rmse_outflow", "test_mae"} <= set(test)
+    assert test["test_samples"] == 7 * 24  # the synthetic spec's 7 test days
+    assert min(test["test_rmse_inflow"], test["test_rmse_outflow"]) <= test["test_rmse"] <= max(
+        test["test_rmse_inflow"], test["test_rmse_outflow"]
+    )
+    saved = json.loads((tmp_path / "runs" / "acfm_bikenyc_synthetic" / "metrics.json").read_text())
+    assert saved["test"] == test
+    out = capsys.readouterr().out
+    assert "RMSE inflow" in out and json.loads(out.strip().splitlines()[-1])["test_rmse"] == test["test_rmse"]
+
+
+def test_resume_equals_uninterrupted_run(tiny_city: Path, tmp_path: Path) -> None:
+    common = ["--lr", "1e-3", "--lr-milestones", '{"2": 5e-4}']  # the lr step falls after the interruption
+    straight = train.main(_args(tiny_city, tmp_path / "straight", "--epochs", "3", *common))
+    train.main(_args(tiny_city, tmp_path / "split", "--epochs", "1", *common))
+    resumed = train.main(_args(tiny_city, tmp_path / "split", "--epochs", "3", "--resume", *common))
+    a = torch.load(straight["last_checkpoint"], weights_only=False)
+    b = torch.load(resumed["last_checkpoint"], weights_only=False)
+    assert a["epoch"] == b["epoch"] == 2
+    for key, value in a["state_dict"].items():
+        assert torch.allclose(value.double(), b["state_dict"][key].double(), atol=1e-6, rtol=0), key
+    assert b["lr_schedulers"][0]["_last_lr"] == pytest.approx([5e-4])
+    for key, value in straight["test"].items():
+        assert resumed["test"][key] == pytest.approx(value, rel=1e-6), key
+    # and the weights did move: the run is not trivially equal
+    first = torch.load(Path(tmp_path / "split" / "checkpoints").glob("best-epoch=000.ckpt").__next__(), weights_only=False)
+    assert any(not torch.equal(v, first["state_dict"][k]) for k, v in b["state_dict"].items() if v.is_floating_point())
+
+
+def test_ddp_two_processes_match_single_process_evaluation(tiny_city: Path, tmp_path: Path) -> None:
+    """A 2-process CPU DDP fit (gloo); its logged val/test metrics equal a single-process evaluation of the
+    saved checkpoint. The validation split has an odd size, so DistributedSampler pads it with a duplicate."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "stflow.train", *_args(tiny_city, out, "--epochs", "1"),
+           "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ddp = json.loads((out / "metrics.json").read_text())
+    assert ddp["val"]["val_samples"] % 2 == 1  # padding happened
+    last = ddp["last_checkpoint"]
+    single = evaluate(last, accelerator="cpu")
+    for key in ("test_rmse", "test_rmse_inflow", "test_rmse_outflow", "test_mae", "test_samples"):
+        assert single[key] == pytest.approx(ddp["test"][key], rel=1e-5, abs=1e-5), key
+
+    import pytorch_lightning as pl
+
+    from stflow.system import ForecastingSystem
+
+    saved = torch.load(last, weights_only=False)
+    system = ForecastingSystem.load_from_checkpoint(last, weights_only=False)
+    datamodule = CrowdFlowDataModule(**saved[train.CHECKPOINT_DATA_KEY])
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_checkpointing=False)
+    val = trainer.validate(system, datamodule=datamodule, verbose=False)[0]
+    for key in ("val_rmse", "val_mae", "val_loss", "val_samples"):
+        assert val[key] == pytest.approx(ddp["val"][key], rel=1e-5, abs=1e-7), key
+
+
+def test_historical_average_runs_without_optimizer(tiny_city: Path, tmp_path: Path) -> None:
+    """The non-trainable baseline is fitted on the training slots in setup and measured; numpy recomputation."""
+    result = train.main(_args(tiny_city, tmp_path / "ha", "--model", "historical_average", "--epochs", "5"))
+    assert result["epochs"] == 1  # one measuring epoch, whatever --epochs says
+    dm = CrowdFlowDataModule(data_dir=str(tiny_city), test_days=2, batch_size=32, seed=777)
+    dm.setup("fit")
+    flows, ts, mask = dm.flows, dm.timestamps, dm.train_slot_mask
+    key = ts.dayofweek.to_numpy() * 24 + ts.hour.to_numpy()
+    test_index = dm.test_dataset.windows.target
+    sq = []
+    for i in test_index:
+        hist = flows[mask & (key == key[i])]
+        sq.append((hist.mean(axis=0) - flows[i]) ** 2)
+    want = float(np.sqrt(np.mean(sq)) * dm.metric_factor)
+    assert result["test"]["test_rmse"] == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_are_valid(config: Path) -> None:
+    cfg, _ = train.parse_config(["--config", str(config)])
+    assert cfg.model in config.name or cfg.model.split("_")[0] in config.name
+    assert cfg.max_epochs >= 1
+
+
+def test_flags_override_config(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("model: stresnet\nepochs: 7\nbatch_size: 16\ndata: {len_closeness: 3}\n")
+    cfg, _ = train.parse_config(["--config", str(path), "--epochs", "2", "--len-period", "1", "--devices", "2"])
+    assert (cfg.model, cfg.epochs, cfg.batch_size, cfg.devices) == ("stresnet", 2, 16, 2)
+    assert cfg.data == {"len_closeness": 3, "len_period": 1}
+
+
+@pytest.mark.parametrize(
+    ("text", "flags", "error", "match"),
+    [
+        (None, ["--model", "acfm_nope"], ValueError, "unknown model 'acfm_nope'; registered models: .*acfm_bikenyc"),
+        ("epoch: 3\n", [], ValueError, r"unknown config key\(s\) \['epoch'\]"),
+        (None, ["--epochs", "-2"], ValueError, "epochs must be >= 1, got -2"),
+        (None, ["--val-fraction", "1.5"], ValueError, r"val_fraction must be in \[0, 1\)"),
+        (None, ["--lr", "0"], ValueError, "lr must be a positive number"),
+        ("data: {len_closness: 3}\n", [], ValueError, r"unknown data module argument\(s\) \['len_closness'\]"),
+        (None, ["--model-kwargs", "[1]"], ValueError, "--model-kwargs must be a JSON object"),
+        ("- a\n- b\n", [], ValueError, "a config must be a mapping"),
+    ],
+)
+def test_bad_config_is_rejected(tmp_path: Path, text: str | None, flags: list[str], error: type, match: str) -> None:
+    args = list(flags)
+    if text is not None:
+        path = tmp_path / "bad.yaml"
+        path.write_text(text)
+        args += ["--config", str(path)]
+    with pytest.raises(error, match=match):
+        train.parse_config(args)
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="config file not found"):
+        train.parse_config(["--config", str(tmp_path / "absent.yaml")])
