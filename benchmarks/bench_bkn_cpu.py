@@ -4,12 +4,14 @@
 BKN fast path (``BatchKalmanNorm2d(backend="torch")`` with a prior, p=0.9, gradients to the prior
 too), the plain-torch reference (autograd through ``batch_kalman_norm_reference``) and
 nn.GroupNorm(32); fp32, NCHW and channels-last. ``ratio_bn`` = median / BatchNorm2d's median for
-the same shape, layout and thread count. Issue target: BKN fast <= 1.5x BatchNorm2d (NCHW, 2 threads).
+the same shape, layout and thread count; methods are timed round-robin so a shared machine's load
+hits all of them alike. Issue target: BKN fast <= 1.5x BatchNorm2d (NCHW, 2 threads).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 from typing import Callable
 
 import torch
@@ -57,6 +59,21 @@ def _cases(shape: tuple[int, ...], channels_last: bool) -> dict[str, Callable[[]
     }
 
 
+def _interleaved(cases: dict[str, Callable[[], None]], *, warmup: int, repeats: int) -> dict[str, dict[str, float]]:
+    """Round-robin timing: every method sees the same machine load (the cores may be shared)."""
+    samples: dict[str, list[float]] = {name: [] for name in cases}
+    for name, fn in cases.items():
+        time_fn(fn, warmup=warmup, repeats=1)
+    for _ in range(repeats):
+        for name, fn in cases.items():
+            samples[name].append(time_fn(fn, warmup=0, repeats=1)["p50_ms"])
+    out = {}
+    for name, values in samples.items():
+        q = statistics.quantiles(values, n=10)
+        out[name] = {"p20_ms": q[1], "p50_ms": statistics.median(values), "p80_ms": q[7]}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
@@ -73,8 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             for shape in SHAPES:
                 for layout in ("nchw", "channels_last"):
                     cases = _cases(shape, layout == "channels_last")
-                    timings = {name: time_fn(fn, warmup=args.warmup, repeats=args.repeats) for name, fn in
-                               cases.items()}
+                    timings = _interleaved(cases, warmup=args.warmup, repeats=args.repeats)
                     base = timings["BatchNorm2d"]["p50_ms"]
                     for name, t in timings.items():
                         rows.append({

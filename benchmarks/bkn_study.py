@@ -406,7 +406,7 @@ def run_config(out_dir: Path, epochs: int, seed: int, monitor: str, mode: str, r
         out_dir=str(out_dir),
         max_epochs=epochs,
         seed=seed,
-        accelerator="cpu",
+        accelerator="auto",
         devices=1,
         monitor=monitor,
         monitor_mode=mode,

@@ -594,7 +594,8 @@ def _report(cfg: BossNASConfig, adapter: SpaceAdapter, table: RatingTable, arch:
         r = table.block_ratings[k]
         lines.append(f"| {k} | {key} ({', '.join(arch['ops'][k]) or 'all skip'}) | {r[key]:.4f} | "
                      f"{min(r.values()):.4f} | {max(r.values()):.4f} |")
-    lines += ["", f"Searched architecture: params {arch['params']}, FLOPs {arch['flops']}, score {arch['score']:.4f}."]
+    lines += ["", f"Searched architecture: blocks hold {arch['params']} params and {arch['flops']} FLOPs (stem and "
+              f"classifier excluded); score {arch['score']:.4f}."]
     return "\n".join(lines) + "\n"
 
 

@@ -30,7 +30,7 @@ from .constrained import search_table
 from .costs import block_cost_table, count_flops, count_params
 from .data import DigitsDataModule
 from .export import Network, block_strings, build_network
-from .ops import make_norm
+from .ops import make_norm, seeded_init
 from .ratings import RatingTable, save_ratings
 from .recalibration import recalibrate_norm_stats
 from .spaces import OpSpec, SearchSpace, mbconv, op_from_dict
@@ -161,7 +161,8 @@ def train_teacher(cfg: DNAConfig, out_dir: str | Path, datamodule: DigitsDataMod
     """Train the teacher (or load ``out_dir/teacher/teacher.pt``); returns it in eval mode and its metrics."""
     tdir = Path(out_dir) / "teacher"
     weights, info_path = tdir / "teacher.pt", tdir / "teacher.json"
-    teacher = build_teacher(cfg)
+    with seeded_init(cfg.seed):
+        teacher = build_teacher(cfg)
     if weights.is_file() and info_path.is_file():
         teacher.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         return teacher.eval(), json.loads(info_path.read_text())
@@ -181,7 +182,8 @@ def train_block(
     cfg: DNAConfig, teacher: Network, k: int, out_dir: str | Path, datamodule: DigitsDataModule | None = None
 ) -> BlockSupernet:
     """Distill block ``k`` into its supernet (resumes from ``block_<k>/checkpoints/last.ckpt``)."""
-    student = BlockSupernet(cfg.space.blocks[k], make_norm(cfg.norm))
+    with seeded_init(cfg.seed * 1000 + k + 1):  # same init whether blocks run in one process or many
+        student = BlockSupernet(cfg.space.blocks[k], make_norm(cfg.norm))
     system = BlockDistillSystem(teacher, student, k, lr=cfg.block_lr, seed=cfg.seed + k, max_epochs=cfg.block_epochs)
     bdir = Path(out_dir) / f"block_{k}"
     fit(system, datamodule or _datamodule(cfg), _run_cfg(cfg, bdir, cfg.block_epochs, test=False))
@@ -214,7 +216,7 @@ def rate_block(
     teacher.eval()
     recal = [teacher_features(teacher, x, k)[0] for x in recal_inputs]
     val = [teacher_features(teacher, x, k) for x in val_inputs]
-    targets = torch.cat([y.flatten() for _, y in val])
+    targets = torch.cat([y.flatten() for _, y in val])  # (B, C, H, W) per batch -> (sum B*C*H*W,)
     scale = float(targets.std()) if metric == "relative_l1" else float(targets.var())
     if not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"block {k}: teacher targets have no spread (std {scale}); cannot rate")
@@ -281,7 +283,8 @@ def build_rating_table(cfg: DNAConfig, ratings: list[dict[str, float]]) -> Ratin
 
 def retrain(cfg: DNAConfig, encoding: Sequence[Sequence[int]], out_dir: str | Path, datamodule: DigitsDataModule | None = None) -> dict:
     """Train the searched architecture from scratch (BatchNorm); returns its test metrics."""
-    model = build_network(cfg.space, encoding, DigitsDataModule.num_classes)
+    with seeded_init(cfg.seed):
+        model = build_network(cfg.space, encoding, DigitsDataModule.num_classes)
     system = ClassifierSystem(model, lr=cfg.retrain_lr, max_epochs=cfg.retrain_epochs)
     result = fit(system, datamodule or _datamodule(cfg), _run_cfg(cfg, Path(out_dir) / "retrain", cfg.retrain_epochs))
     return result.test_metrics

@@ -25,7 +25,7 @@ from stflow.runner import RunConfig, fit
 from .costs import count_params
 from .data import DigitsDataModule
 from .export import build_network
-from .ops import NormFactory
+from .ops import NormFactory, seeded_init
 from .spaces import Candidate, SearchSpace
 from .systems import ClassifierSystem
 
@@ -62,7 +62,8 @@ def train_standalone(
 ) -> float:
     """Test accuracy of the architecture trained from scratch with ``seed`` (last epoch, no checkpoints)."""
     dm = datamodule or DigitsDataModule(batch_size=batch_size, seed=data_seed)
-    model = build_network(space, encoding, DigitsDataModule.num_classes, norm_layer)
+    with seeded_init(seed):  # the initialization depends on the seed only, not on earlier runs
+        model = build_network(space, encoding, DigitsDataModule.num_classes, norm_layer)
     system = ClassifierSystem(model, lr=lr, max_epochs=epochs)
     with tempfile.TemporaryDirectory(prefix="nas-gt-") as tmp:
         cfg = RunConfig(

@@ -6,14 +6,15 @@ Every builder takes ``norm_layer: Callable[[int], nn.Module]`` (channel count fi
 
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
 from .spaces import OpSpec
 
-__all__ = ["NormFactory", "make_norm", "SqueezeExcite", "MBConv", "build_op", "ConvNormAct"]
+__all__ = ["NormFactory", "make_norm", "SqueezeExcite", "MBConv", "build_op", "ConvNormAct", "seeded_init"]
 
 NormFactory = Callable[[int], nn.Module]
 
@@ -30,6 +31,15 @@ def make_norm(name: str) -> NormFactory:
             raise ImportError(f"norm 'bkn' needs normlayers.BatchKalmanNorm2d: {exc}") from exc
         return BatchKalmanNorm2d
     raise ValueError(f"unknown norm {name!r}; choose 'bn' or 'bkn'")
+
+
+@contextlib.contextmanager
+def seeded_init(seed: int) -> Iterator[None]:
+    """Build modules inside this block to get weights that depend on ``seed`` only (not on what ran
+    before); the global CPU RNG state is restored afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 class ConvNormAct(nn.Sequential):

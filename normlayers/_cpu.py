@@ -47,10 +47,10 @@ _GROUP_NORM_MIN_NUMEL = 1 << 15  # below this, per-op overhead dominates and BN'
 def _batch_moments(xs: Tensor, groups: int) -> tuple[Tensor, Tensor]:
     """Biased per-group, per-channel moments ``(mu_B, var_B)``, each (G, C).
 
-    NCHW-contiguous (and not tiny): per-(sample, channel) moments from ``native_group_norm`` with one group per
-    channel (a vectorized Welford row reduction; eps=0 so ``var = rstd**-2`` exactly inverts it),
-    combined over each ghost group with the law of total variance. Otherwise (channels-last, ...):
-    ``torch.batch_norm_update_stats``, BN's own two-pass kernel, once per ghost group.
+    NCHW-contiguous (and not tiny): per-(sample, channel) moments from ``native_group_norm`` with
+    one group per channel (a vectorized Welford row reduction; eps=0 so ``var = rstd**-2`` inverts
+    it), combined over each ghost group with the law of total variance. Otherwise (channels-last,
+    tiny, ...): ``torch.batch_norm_update_stats``, BN's own two-pass kernel, once per ghost group.
     Both are several times faster than ``torch.var_mean`` on CPU.
     """
     n, c = xs.shape[0], xs.shape[1]
@@ -61,7 +61,7 @@ def _batch_moments(xs: Tensor, groups: int) -> tuple[Tensor, Tensor]:
         v = rstd.pow(-2).view(groups, n // groups, c)  # (N, C) -> (G, g, C)
         mu = m.mean(dim=1)
         dev = m - mu[:, None]
-        return mu, v.mean(dim=1) + (dev * dev).mean(dim=1)
+        return mu, torch.addcmul(v, dev, dev).mean(dim=1)  # E[var_n] + Var[mu_n]
     if groups == 1:
         mu, var = torch.batch_norm_update_stats(xs, None, None, 0.0)
         return mu[None], var[None]  # (C,) -> (1, C)
@@ -98,9 +98,10 @@ class _BatchKalmanNormFn(torch.autograd.Function):
             ratio = (prior_var / (var_b + eps)).mean(dim=1, keepdim=True)  # (G, 1): one guard per group
             keep = ratio.lt(guard_ratio).to(sdt)  # (G, 1): 1, or 0 where the guard fires
             pe = keep * p  # effective prior weight
-            pqd = (mu_b - prior_mean).mul_(keep * (p * (1.0 - p)))  # p*q*(mu_B - mu_P), (G, C)
+            d = mu_b - prior_mean
+            pqd = d * (keep * (p * (1.0 - p)))  # p*q*(mu_B - mu_P), (G, C)
             post_mean = torch.lerp(mu_b, prior_mean, pe)  # p*mu_P + q*mu_B
-            post_var = torch.lerp(var_b, prior_var, pe).addcmul_(pqd, mu_b - prior_mean)
+            post_var = torch.lerp(var_b, prior_var, pe).addcmul_(pqd, d)
         else:
             post_mean, post_var = mu_b, var_b
         rstd = (post_var + eps).rsqrt_()  # (G, C)
@@ -116,7 +117,7 @@ class _BatchKalmanNormFn(torch.autograd.Function):
 
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, weight, post_mean, rstd, pe, pqd)
-        ctx.eps, ctx.groups, ctx.p = eps, groups, p
+        ctx.eps, ctx.groups = eps, groups
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.prior_shared = prior_mean is not None and prior_mean.dim() == 1
         return y, post_mean, post_var
@@ -144,21 +145,23 @@ class _BatchKalmanNormFn(torch.autograd.Function):
             s1 = gyg.sum(dim=(1, 3))
             s2 = ((_grouped(xs, groups) - _bcast(post_mean)) * gyg).sum(dim=(1, 3)).mul_(rstd)
 
-        # Gm = dL/dmu_hat, Gv = dL/dvar_hat through y and the posterior outputs, each (G, C)
-        g_mean = torch.zeros_like(rstd) if s1 is None else (s1 if w is None else s1 * w) * -rstd
-        g_var = torch.zeros_like(rstd) if s2 is None else (s2 if w is None else s2 * w) * rstd.square() * -0.5
-        if gm is not None:
+        # Gm = dL/dmu_hat = gm - a*S1 and Gv = dL/dvar_hat = gv - a*r*S2/2 (a = r*gamma), each (G, C)
+        a = rstd if w is None else rstd * w
+        if s1 is None:
+            g_mean, g_var = torch.zeros_like(rstd), torch.zeros_like(rstd)
+        else:
+            g_mean = torch.mul(a, s1).neg_() if gm is None else torch.addcmul(gm, a, s1, value=-1.0)
+            g_var = torch.mul(a * rstd, s2).mul_(-0.5) if gv is None else torch.addcmul(gv, a * rstd, s2, value=-0.5)
+        if s1 is None and gm is not None:
             g_mean = g_mean + gm
-        if gv is not None:
+        if s1 is None and gv is not None:
             g_var = g_var + gv
 
-        if need_dx:
+        if need_dx:  # dx = a*g + k2*x + shift with k2 = 2q*Gv/M, shift = q*(Gm - 2*Gv*mu_hat)/M
             m = (x.shape[0] // groups) * math.prod(x.shape[2:])
             q_m = 1.0 / m if pe is None else (1.0 - pe) / m  # (1 - p) / M
-            k1 = g_mean * q_m  # (G, C)
-            k2 = g_var * (2.0 * q_m)
-            shift = torch.addcmul(k1, k2, post_mean, value=-1.0)
-            a = rstd if w is None else rstd * w
+            k2 = g_var * (2.0 * q_m)  # (G, C)
+            shift = torch.addcmul(g_mean, g_var, post_mean, value=-2.0).mul_(q_m)
             if groups == 1 and gys is not None:
                 shape = (-1,) + (1,) * (x.dim() - 2)  # (1, C) -> (C, 1, ..., 1) to broadcast over (N, C, *)
                 if gys.is_contiguous():  # NCHW: torch's fused per-channel affine (eval BN, eps=0) is vectorized
@@ -172,14 +175,16 @@ class _BatchKalmanNormFn(torch.autograd.Function):
                 if gys is not None:
                     dx.addcmul_(_grouped(gys, groups), _bcast(a))
                 dx = dx.reshape(x.shape)
-        if dx is not None:
+        if dx is not None and dx.dtype != x.dtype:
             dx = dx.to(x.dtype)
 
         dweight = dbias = None
         if weight is not None and s2 is not None and ctx.needs_input_grad[1]:
-            dweight = (s2 if s2.dim() == 1 else s2.sum(dim=0)).to(weight.dtype)  # (G, C) -> (C,)
+            dweight = s2 if s2.dim() == 1 else s2.sum(dim=0)  # (G, C) -> (C,)
+            dweight = dweight if dweight.dtype == weight.dtype else dweight.to(weight.dtype)
         if ctx.bias_dtype is not None and s1 is not None and ctx.needs_input_grad[2]:
-            dbias = (s1 if s1.dim() == 1 else s1.sum(dim=0)).to(ctx.bias_dtype)  # (G, C) -> (C,)
+            dbias = s1 if s1.dim() == 1 else s1.sum(dim=0)  # (G, C) -> (C,)
+            dbias = dbias if dbias.dtype == ctx.bias_dtype else dbias.to(ctx.bias_dtype)
 
         dpm = dpv = None
         if pe is not None and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4]):

@@ -85,12 +85,16 @@ def validate_inputs(
     return groups
 
 
-def _triton_impl() -> Callable[..., tuple[Tensor, Tensor | None, Tensor | None]] | None:
+def _triton_impl(must_run: bool) -> Callable[..., tuple[Tensor, Tensor | None, Tensor | None]] | None:
+    """The Triton launcher (None if it does not import, or, with ``must_run``, cannot run here)."""
     try:
-        from normlayers.ops.bkn_triton import batch_kalman_norm_triton
+        from normlayers.ops import bkn_triton
     except ImportError:
         return None
-    return batch_kalman_norm_triton
+    is_available = getattr(bkn_triton, "is_available", None)
+    if must_run and is_available is not None and not is_available():
+        return None
+    return bkn_triton.batch_kalman_norm_triton
 
 
 def batch_kalman_norm(
@@ -122,9 +126,9 @@ def batch_kalman_norm(
     validate_inputs(x, running_mean, running_var, weight, bias, prior, prior_weight, training, group_size)
     impl = None
     if backend == "triton" or (backend == "auto" and x.is_cuda):
-        impl = _triton_impl()
+        impl = _triton_impl(must_run=backend == "auto")
         if impl is None and backend == "triton":
-            raise ImportError("backend='triton' needs the triton package and normlayers.ops.bkn_triton")
+            raise ImportError("backend='triton' needs normlayers.ops.bkn_triton (and the triton package)")
     if impl is not None:
         return impl(
             x, running_mean, running_var, weight, bias, prior=prior, prior_weight=prior_weight, training=training,

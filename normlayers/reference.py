@@ -13,7 +13,7 @@ Decisions (each one is also stated in ``normlayers/__init__.py``):
   is returned in ``x``'s dtype; posteriors are returned in the statistics dtype, shape ``(G, C)``.
 * Prior: ``prior_mean`` / ``prior_var`` of shape ``(C,)`` (shared by all groups) or ``(G, C)``.
   ``None`` (no prior) or ``prior_weight == 0`` gives BatchNorm exactly: the batch moments are used
-  as they are (no ``0 * prior`` arithmetic), so the result is bitwise BN-like and gradients to the
+  as they are (no ``0 * prior`` arithmetic), so the result is BatchNorm's and gradients to the
   prior are zero.
 * Guard: ONE scalar per ghost group (the whole layer when ungrouped):
   ``ratio_k = mean_c(var_P[k, c] / (var_B[k, c] + eps))``; if ``ratio_k >= guard_ratio`` group ``k``

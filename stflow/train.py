@@ -279,6 +279,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
     start = time.perf_counter()
     datamodule = build_datamodule(config)
     datamodule.setup("fit")
+    pl.seed_everything(config.seed, workers=True, verbose=False)  # the initial weights depend on the seed only
     system = ForecastingSystem.from_datamodule(
         config.model,
         datamodule,

@@ -12,11 +12,11 @@ from torch import nn
 
 from nas.costs import block_cost_table, candidate_cost, count_flops, count_params
 from nas.export import block_strings, build_block, build_network, build_network_from_strings, parse_layer_string
-from nas.ops import MBConv, make_norm
+from nas.ops import MBConv, make_norm, seeded_init
 from nas.ratings import RatingTable, RatingTableError, load_ratings, save_ratings
 from nas.recalibration import norm_layers, recalibrate_norm_stats
 from nas.spaces import SKIP, BlockSpec, CellSpec, LayerSpec, SearchSpace, mbconv, parse_candidate_key
-from nas.supernet import Supernet
+from nas.supernet import BlockSupernet, Supernet
 
 OPS = [{"kind": "skip"}, {"kernel": 3, "expansion": 1}, {"kernel": 3, "expansion": 4, "se": 0.25}, {"kernel": 5, "expansion": 2}]
 
@@ -112,6 +112,15 @@ def test_supernet_single_path_shares_weights():
     assert sup.path((2, 1))[0] is sup.path((2, 3))[0]
     with pytest.raises(ValueError, match="has 1 op indices"):
         sup(torch.randn(1, 4, 8, 8), (1,))
+    # seeded_init: weights depend on the seed only, and the global RNG is left untouched
+    with seeded_init(7):
+        a = BlockSupernet(space.blocks[1])
+    torch.rand(5)
+    state = torch.random.get_rng_state()
+    with seeded_init(7):
+        b = BlockSupernet(space.blocks[1])
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert torch.equal(torch.random.get_rng_state(), state)
 
 
 def test_export_round_trip():

@@ -116,6 +116,12 @@ def test_low_precision_keeps_fp32_statistics(dtype):
     # against the fp32 input: only the input rounding differs
     y32, _, _ = batch_kalman_norm_reference(x32, w, b, pm, pv, 0.5)
     torch.testing.assert_close(y.float(), y32, atol=tol * 8, rtol=tol * 2)
+    # eval: fp32 running buffers, output in the input dtype
+    y_eval, none_mean, none_var = batch_kalman_norm(x.detach(), running_mean, running_var, w, b, training=False,
+                                                    backend="torch")
+    assert y_eval.dtype == dtype and none_mean is None and none_var is None
+    expect = torch.nn.functional.batch_norm(x.detach().float(), running_mean, running_var, w, b, training=False)
+    torch.testing.assert_close(y_eval.float(), expect, atol=tol * 4, rtol=tol)
 
 
 def test_torch_compile_aot_eager_matches_eager():
