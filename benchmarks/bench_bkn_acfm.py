@@ -33,6 +33,7 @@ from benchmarks.bkn_study import (
     load_result,
     norm_spec,
     plot_by_batch,
+    plot_curves,
     prior_weight_for,
     quiet_lightning,
     run_config,
@@ -307,14 +308,21 @@ def main(argv: list[str] | None = None) -> int:
     series: dict[str, list[tuple[float, float, float]]] = {}
     for r in rows:
         series.setdefault(NORMS[r["norm"]].label, []).append((r["batch"], r["rmse"], r["rmse_std"]))
-    plot = plot_by_batch(series, args.out / f"{NAME}.png", "test RMSE (bikes, protocol)", "ACFM on BikeNYC: RMSE vs batch")
+    plot = plot_by_batch(series, args.out / f"{NAME}.png", "test RMSE (bikes, protocol)",
+                         f"ACFM on BikeNYC, {epochs} epochs: RMSE vs batch", xlabel="batch size (samples)")
+    panels: dict[str, dict[str, list[list[float]]]] = {}
+    for r in results:
+        lines = panels.setdefault(f"batch {r['batch_size']}", {})
+        lines.setdefault(NORMS[r["norm"]].label, []).append([h["val_rmse"] for h in r["history"]])
+    curves = plot_curves(panels, args.out / f"{NAME}_curves.png", "validation RMSE",
+                         "ACFM on BikeNYC: validation RMSE per epoch (mean, min-max band)", sharey=False)
     notes = [
         f"{len(results)} runs ({len(cells)} cells x {len(seeds)} seeds), {epochs} epochs each; "
         + timing_note(results, wall, args.workers, args.threads, load0),
         "rmse: test RMSE (original units, x sqrt(128/81)) of the epoch with the lowest val_loss; mean/std over seeds; "
         "d_rmse_vs_bn: minus BatchNorm's at the same batch (negative = BKN better)",
         "BKN: ACFM's frame encoder as a Kalman chain (KalmanFrameEncoder, SELU transitions); p = prior_weight_for(batch in samples)",
-        f"epoch_s: median training seconds per epoch; plot: {plot.name}",
+        f"epoch_s: median training seconds per epoch; plots: {plot.name}, {curves.name}",
     ]
     columns = ["norm", "batch", "p", "seeds", "rmse", "rmse_std", "rmse_in", "rmse_out", "mae", "d_rmse_vs_bn",
                "epoch_s", "time_vs_bn"]

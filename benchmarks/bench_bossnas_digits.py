@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import shutil
 import time
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy import stats
 
 from benchmarks.harness import RESULTS_DIR, report
 from nas.bossnas import DEFAULT_CONFIG, load_config, run_search
@@ -90,29 +92,52 @@ def main(argv: list[str] | None = None) -> int:
         cfg = dataclasses.replace(base, **PLAIN) if variant == "plain" else base
         if args.epochs is not None and variant == "tuned":
             cfg = dataclasses.replace(cfg, epochs_per_block=args.epochs)
-        taus = []
+        taus, tables = [], []
         for seed in args.seeds:
             run = dataclasses.replace(cfg, seed=seed, out_dir=str(out / f"{variant}-{args.norm}-seed{seed}"))
             summary = run_search(run, log=lambda s: None)
-            res = evaluate(load_ratings(Path(run.out_dir) / "ratings.json"), encodings, acc)
+            table = load_ratings(Path(run.out_dir) / "ratings.json")
+            tables.append(table)
+            res = evaluate(table, encodings, acc)
+            vs_params = evaluate(table, encodings, [a["params"] for a in gt["architectures"]])
             row = {"rater": "BossNAS", "variant": variant, "seed": seed, **_corr(res, sign=-1.0),
-                   "epochs": cfg.epochs_per_block, "seconds": float(sum(summary["block_seconds"]))}
+                   "tau_vs_params": -vs_params["kendall"], "epochs": cfg.epochs_per_block,
+                   "seconds": float(sum(summary["block_seconds"]))}
             rows.append(row)
             taus.append(row["kendall"])
         rows.append({"rater": "BossNAS mean", "variant": variant, "seed": "all", "kendall": float(np.mean(taus))})
+        if len(tables) > 1:
+            rows.append({"rater": "BossNAS seed-vs-seed (all archs)", "variant": variant, "seed": "pairs",
+                         "kendall": rating_stability(space, tables)})
     total = time.perf_counter() - t_start
     notes = [
         f"{len(acc)} architectures of {space.name}, ground truth = mean test accuracy over seeds {gt['seeds']} "
         f"({gt['epochs']} epochs each; mean {np.mean(acc):.4f}, range {min(acc):.4f}-{max(acc):.4f})",
         f"ground truth {'reused' if t_gt < 5 else 'trained'} ({t_gt:.0f} s); total {total:.0f} s; norm {args.norm}",
-        "BossNAS correlations use -score (the rating is a BYOL distance to the population center)",
+        "BossNAS correlations use -score (the rating is a BYOL distance to the population center); "
+        "tau_vs_params: Kendall between -score and parameter count (does the rating track capacity?)",
+        "BossNAS seed-vs-seed: Kendall between two search seeds' scores of all architectures (rating stability)",
         "'seconds' = training + rating wall time of the search's blocks (recorded when they ran; a finished "
         "run in --out is reused)",
     ]
-    report("bossnas_digits", rows, columns=["rater", "variant", "seed", "kendall", "spearman", "pearson", "epochs",
-                                             "seconds"], notes=notes,
+    report("bossnas_digits", rows, columns=["rater", "variant", "seed", "kendall", "spearman", "pearson",
+                                             "tau_vs_params", "epochs", "seconds"], notes=notes,
            extra={"ground_truth": str(GT_PATH), "total_seconds": total, "config": base.to_json()})
     return 0
+
+
+def rating_stability(space: Any, tables: list[Any]) -> float:
+    """Mean pairwise Kendall tau between search seeds' scores of EVERY architecture of the space."""
+    per_block = [[b.key(c) for c in b.enumerate()] for b in space.blocks]
+    scores = []
+    for t in tables:
+        block_scores = [np.array([t.block_ratings[k][key] for key in keys]) for k, keys in enumerate(per_block)]
+        total = block_scores[0]
+        for bs in block_scores[1:]:
+            total = (total[:, None] + bs[None, :]).ravel()  # every combination, block order
+        scores.append(total)
+    taus = [stats.kendalltau(scores[i], scores[j]).statistic for i, j in itertools.combinations(range(len(scores)), 2)]
+    return float(np.mean(taus))
 
 
 def _corr(res: dict, sign: float = 1.0) -> dict:

@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         f"ground truth time {t_gt:.0f} s ({'reused' if t_gt < 5 else 'trained'}); total {total:.0f} s",
         "DNA correlations use -score (the rating is a loss); 'more params' uses the parameter count",
         "bkn: normlayers.BatchKalmanNorm2d without a Kalman chain (normlayers.convert cannot wire SiLU "
-        "MBConvs), which is BatchNorm exactly: bn and bkn rows must agree",
+        "MBConvs), mathematically BatchNorm: bn and bkn differ only by float drift through training",
     ]
     report(
         "dna_digits",

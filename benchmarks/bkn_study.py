@@ -550,12 +550,17 @@ def save_figure(fig: Any, path: Path, dpi: int = 80) -> Path:
 
 
 def plot_curves(
-    panels: dict[str, dict[str, list[list[float]]]], path: Path, ylabel: str, title: str, ylim: tuple[float, float] | None = None
+    panels: dict[str, dict[str, list[list[float]]]],
+    path: Path,
+    ylabel: str,
+    title: str,
+    ylim: tuple[float, float] | None = None,
+    sharey: bool = True,
 ) -> Path:
     """``panels[panel][line]`` = one curve per seed (values per epoch); plots mean with a min..max band."""
     plt = _plt()
     n = len(panels)
-    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 2.8), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 2.8), sharey=sharey, squeeze=False)
     for ax, (panel, lines) in zip(axes[0], panels.items()):
         for label, curves in lines.items():
             length = min(len(c) for c in curves)
@@ -570,12 +575,17 @@ def plot_curves(
             ax.set_ylim(*ylim)
     axes[0][0].set_ylabel(ylabel)
     axes[0][-1].legend(fontsize=7, loc="lower right")
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title, fontsize=10, y=1.04)
     return save_figure(fig, path)
 
 
 def plot_by_batch(
-    series: dict[str, list[tuple[float, float, float]]], path: Path, ylabel: str, title: str, logx: bool = True
+    series: dict[str, list[tuple[float, float, float]]],
+    path: Path,
+    ylabel: str,
+    title: str,
+    xlabel: str = "samples per batch statistic",
+    logx: bool = True,
 ) -> Path:
     """``series[label]`` = [(batch, mean, std), ...]: mean with std error bars against the batch size."""
     plt = _plt()
@@ -586,7 +596,7 @@ def plot_by_batch(
         ax.errorbar(x, [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", ms=3, capsize=2, label=label, lw=1.2)
     if logx:
         ax.set_xscale("log", base=2)
-    ax.set_xlabel("samples per batch statistic")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)

@@ -445,6 +445,9 @@ def rate_block(
 ) -> dict[str, float]:
     """``{candidate key: score}`` for every (or the given) candidate of block ``k`` (lower is better)."""
     model.eval()
+    device = next(model.parameters()).device
+    recal_images = [x.to(device) for x in recal_images]
+    eval_pairs = [(v1.to(device), v2.to(device)) for v1, v2 in eval_pairs]
     candidates = list(candidates) if candidates is not None else adapter.candidates(k, prefix)
     recal = [(model.prefix("online", x, prefix), model.prefix("target", x, prefix)) for x in recal_images]
     views = [
@@ -456,7 +459,7 @@ def rate_block(
         preds.append(p)
         projs.append(t)
     scores = score_candidates(torch.stack(preds), torch.stack(projs), normalized_center)
-    return {adapter.key(k, c): float(s) for c, s in zip(candidates, scores)}
+    return {adapter.key(k, c): float(s) for c, s in zip(candidates, scores.tolist())}
 
 
 def rating_data(
@@ -499,6 +502,8 @@ def _prepare_prefix(model: SiameseSupernet, prefix: Sequence[Candidate], images:
     """Re-estimate the norm statistics of the stem and the searched earlier blocks (both nets)."""
     if not prefix:
         return
+    device = next(model.parameters()).device
+    images = [x.to(device) for x in images]
     for which, net in (("online", model.online), ("target", model.target)):
         modules = nn.ModuleList([net.stem, *[net.blocks[j] for j in range(len(prefix))]])
         recalibrate_norm_stats(modules, images, len(images), forward=lambda x, w=which: model.prefix(w, x, prefix))
@@ -536,8 +541,8 @@ def run_search(cfg: BossNASConfig, adapter: SpaceAdapter | None = None, log: Cal
             resume = (bdir / "checkpoints" / "last.ckpt").is_file()
             run_cfg = RunConfig(
                 out_dir=str(bdir), max_epochs=cfg.epochs_per_block, seed=cfg.seed + k, progress_bar=cfg.progress_bar,
-                loggers=("csv",), resume=resume, test=False, limit_train_batches=cfg.limit_train_batches, limit_val_batches=cfg.limit_val_batches,
-                log_every_n_steps=1, accelerator="cpu" if not torch.cuda.is_available() else "auto", devices=1,
+                loggers=("csv",), resume=resume, test=False, limit_train_batches=cfg.limit_train_batches,
+                limit_val_batches=cfg.limit_val_batches, log_every_n_steps=1, accelerator="auto", devices=1,
             )
             fit(system, dm, run_cfg)
             scores = rate_block(model, adapter, k, prefix, recal_images, eval_pairs,

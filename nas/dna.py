@@ -295,14 +295,14 @@ def run_dna(
 ) -> dict[str, Any]:
     """The whole DNA search; with ``blocks`` only those blocks are trained and rated (parallel workers)."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    dm = _datamodule(cfg)
-    teacher, teacher_info = train_teacher(cfg, out, dm)
     todo = range(len(cfg.space.blocks)) if blocks is None else blocks
     for k in todo:
         if not 0 <= k < len(cfg.space.blocks):
             raise ValueError(f"block {k} out of range: the space has {len(cfg.space.blocks)} blocks")
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    dm = _datamodule(cfg)
+    teacher, teacher_info = train_teacher(cfg, out, dm)
     ratings = {k: run_block(cfg, teacher, k, out, dm) for k in todo}
     if blocks is not None:
         return {"blocks": sorted(ratings), "out_dir": str(out)}

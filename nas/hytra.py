@@ -192,10 +192,6 @@ class HyTraSpace:
         extend((), entry_level)
         return out
 
-    def exit_levels(self, k: int, entry_level: int) -> list[int]:
-        """Levels a legal path of block ``k`` can end at."""
-        return sorted({self.ops[p[-1]].level for p in self.legal_paths(k, entry_level)})
-
     def num_architectures(self) -> int:
         """Number of legal whole-network paths (dynamic program over the block exit level)."""
         counts = {0: 1}
@@ -372,15 +368,6 @@ class HyTraBlockSupernet(nn.Module):
             x = layer[str(idx)](x, level)
             level = self.space.ops[idx].level
         return x
-
-    def path(self, candidate: Sequence[int], entry_level: int) -> list[tuple[HyTraLayerOp, int]]:
-        """(op module, input level) along a legal path."""
-        self.space.check(self.k, candidate, entry_level)
-        out, level = [], entry_level
-        for layer, idx in zip(self.layers, candidate):
-            out.append((layer[str(idx)], level))
-            level = self.space.ops[idx].level
-        return out
 
 
 class HyTraSupernet(nn.Module):

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from normlayers._cpu import bkn_train
-from normlayers.reference import elements_per_group, update_running_stats_reference
+from normlayers._cpu import bkn_train, check_prior_values as check_prior_values_exact
+from normlayers.reference import elements_per_group
 
 __all__ = ["batch_kalman_norm", "validate_inputs", "BACKENDS"]
 
@@ -38,8 +38,14 @@ def validate_inputs(
     prior_weight: float,
     training: bool,
     group_size: int | None,
+    *,
+    check_prior_values: bool = True,
 ) -> int:
-    """Check shapes and values; return ``G`` (number of ghost groups). Raises ``ValueError``/``TypeError``."""
+    """Check shapes and values; return ``G`` (number of ghost groups). Raises ``ValueError``/``TypeError``.
+
+    ``check_prior_values=False`` leaves the NaN/inf/negative-variance checks of the prior to the
+    caller (the torch path does them in the guard's host sync, see :func:`normlayers._cpu.bkn_train`).
+    """
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise TypeError(f"batch_kalman_norm expects a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
     if x.dim() < 2:
@@ -71,17 +77,12 @@ def validate_inputs(
                 raise ValueError(
                     f"prior {name} has shape {tuple(t.shape)}; expected ({c},) or (G, C) = ({groups}, {c})"
                 )
-        if not _is_compiling():  # value checks need a host sync; skipped inside torch.compile graphs
+        if check_prior_values and not _is_compiling():  # a host sync; skipped inside torch.compile graphs
             mean, var = prior[0].detach(), prior[1].detach()
             # NaN/inf anywhere makes the sum non-finite, so `probe` is NaN; else it is min(var): one cheap sync
             probe = float((mean.sum() + var.sum()) * 0.0 + var.min())
             if not probe >= 0.0:
-                if not bool(torch.isfinite(mean).all()):
-                    raise ValueError("prior mean contains NaN or inf")
-                if not bool(torch.isfinite(var).all()):
-                    raise ValueError("prior var contains NaN or inf")
-                if bool((var < 0).any()):
-                    raise ValueError(f"prior var must be non-negative (min {float(var.min()):.4g})")
+                check_prior_values_exact(mean, var)
     return groups
 
 
@@ -123,12 +124,17 @@ def batch_kalman_norm(
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    validate_inputs(x, running_mean, running_var, weight, bias, prior, prior_weight, training, group_size)
     impl = None
     if backend == "triton" or (backend == "auto" and x.is_cuda):
         impl = _triton_impl(must_run=backend == "auto")
         if impl is None and backend == "triton":
             raise ImportError("backend='triton' needs normlayers.ops.bkn_triton (and the triton package)")
+    # the torch training path checks the prior's values in the same host sync as its guard
+    fused_checks = impl is None and prior_weight > 0.0 and (
+        training or running_mean is None or running_var is None
+    )
+    validate_inputs(x, running_mean, running_var, weight, bias, prior, prior_weight, training, group_size,
+                    check_prior_values=not fused_checks)
     if impl is not None:
         return impl(
             x, running_mean, running_var, weight, bias, prior=prior, prior_weight=prior_weight, training=training,
@@ -157,12 +163,10 @@ def _batch_kalman_norm_torch(
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     if not training and running_mean is not None and running_var is not None:
         return _eval(x, running_mean, running_var, weight, bias, eps), None, None
-    y, post_mean, post_var = bkn_train(x, weight, bias, prior, float(prior_weight), eps, guard_ratio, group_size)
+    running = None
     if training and running_mean is not None and running_var is not None:
-        update_running_stats_reference(
-            running_mean, running_var, post_mean, post_var, momentum, elements_per_group(x, group_size)
-        )
-    return y, post_mean, post_var
+        running = (running_mean, running_var, float(momentum), elements_per_group(x, group_size))
+    return bkn_train(x, weight, bias, prior, float(prior_weight), eps, guard_ratio, group_size, running=running)
 
 
 def _eval(x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Tensor | None, bias: Tensor | None,
