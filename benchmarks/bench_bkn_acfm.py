@@ -210,7 +210,7 @@ def train_acfm_cell(
         metric_factor=float(dm.metric_factor),
         num_slots=len(dm.timestamps),
     )
-    recorder = EpochRecorder(["train_loss_epoch", "val_loss", "val_rmse"])
+    recorder = EpochRecorder(["val_loss", "val_rmse"], ["train_loss_epoch"])
     cfg = run_config(
         out, epochs, seed, "val_loss", "min", resume, gradient_clip_val=GRAD_CLIP, limit_train_batches=limit_train_batches
     )

@@ -315,16 +315,25 @@ class DigitsStudyData(pl.LightningDataModule):
 
 
 class EpochRecorder(pl.Callback):
-    """Records, per epoch, the logged metrics named in ``keys`` and the training wall time (without validation).
+    """Records, per epoch, the validation-loop metrics ``val_keys``, the epoch-level ``train_keys`` and the training
+    wall time (without validation).
 
-    The history is part of the checkpoint (``state_dict``), so a resumed run keeps its earlier epochs.
+    The row of an epoch is written at ``on_validation_end``, before the checkpoint callbacks (Lightning runs them
+    last), so every checkpoint holds the history up to its own epoch and a resumed run keeps its earlier epochs.
+    Epoch-level training metrics only exist after validation; they complete the row at ``on_train_epoch_end``.
+    The history is restored from a checkpoint only into an empty recorder: ``trainer.test(ckpt_path=best)`` after
+    ``fit`` must not roll it back to the best epoch.
     """
 
-    def __init__(self, keys: Sequence[str]) -> None:
-        self.keys = tuple(keys)
+    def __init__(self, val_keys: Sequence[str], train_keys: Sequence[str] = ()) -> None:
+        self.val_keys, self.train_keys = tuple(val_keys), tuple(train_keys)
         self.history: list[dict[str, float]] = []
         self._t0: float | None = None
         self._train_s: float = float("nan")
+
+    def _metric(self, trainer: pl.Trainer, key: str) -> float:
+        v = trainer.callback_metrics.get(key)
+        return float(v) if v is not None else float("nan")
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._t0 = time.perf_counter()
@@ -334,21 +343,26 @@ class EpochRecorder(pl.Callback):
             self._train_s = time.perf_counter() - self._t0
             self._t0 = None
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._t0 is not None:  # no validation this epoch
-            self._train_s = time.perf_counter() - self._t0
-            self._t0 = None
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
         row = {"epoch": float(trainer.current_epoch), "train_s": self._train_s}
-        for k in self.keys:
-            v = trainer.callback_metrics.get(k)
-            row[k] = float(v) if v is not None else float("nan")
+        row.update({k: self._metric(trainer, k) for k in self.val_keys})
         self.history.append(row)
 
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.history or self.history[-1]["epoch"] != trainer.current_epoch:  # no validation this epoch
+            train_s = time.perf_counter() - self._t0 if self._t0 is not None else float("nan")
+            self.history.append({"epoch": float(trainer.current_epoch), "train_s": train_s})
+        self._t0 = None
+        self.history[-1].update({k: self._metric(trainer, k) for k in self.train_keys})
+
     def state_dict(self) -> dict[str, Any]:
-        return {"history": list(self.history)}
+        return {"history": [dict(h) for h in self.history]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.history = list(state_dict.get("history", []))
+        if not self.history:
+            self.history = [dict(h) for h in state_dict.get("history", [])]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -400,9 +414,9 @@ def save_result(path: Path, result: dict[str, Any], keep_checkpoints: bool = Fal
 
 
 def run_config(out_dir: Path, epochs: int, seed: int, monitor: str, mode: str, resume: bool, **kw: Any) -> RunConfig:
-    """The RunConfig of one study run: quiet (no progress bar), CSV log only, checkpoints for resume."""
+    """The RunConfig of one study run: quiet (no progress bar), CSV log, checkpoints for resume; ``kw`` overrides."""
     ckpt = Path(out_dir) / "checkpoints" / "last.ckpt"
-    return RunConfig(
+    options: dict[str, Any] = dict(
         out_dir=str(out_dir),
         max_epochs=epochs,
         seed=seed,
@@ -413,8 +427,8 @@ def run_config(out_dir: Path, epochs: int, seed: int, monitor: str, mode: str, r
         resume=bool(resume and ckpt.is_file()),
         progress_bar=False,
         loggers=("csv",),
-        **kw,
     )
+    return RunConfig(**{**options, **kw})
 
 
 def train_digits_cell(
@@ -438,7 +452,7 @@ def train_digits_cell(
     model, p = build_resnet(cell.norm, cell.stat_batch, group_size=cell.group_size, depth=depth)
     system = ClassificationSystem(model, lr=lr, max_epochs=epochs)
     data = DigitsStudyData(cell.batch_size, seed=seed)
-    recorder = EpochRecorder(["train_loss", "train_acc", "val_loss", "val_acc", "epoch_test_acc"])
+    recorder = EpochRecorder(["val_loss", "val_acc", "epoch_test_acc"], ["train_loss", "train_acc"])
     t0 = time.perf_counter()
     cfg = run_config(out, epochs, seed, "val_loss", "min", resume, limit_train_batches=limit_train_batches)
     res = fit(system, data, cfg, callbacks=[recorder])

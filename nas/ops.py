@@ -7,6 +7,7 @@ Every builder takes ``norm_layer: Callable[[int], nn.Module]`` (channel count fi
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Callable, Iterator
 
 import torch
@@ -20,8 +21,13 @@ NormFactory = Callable[[int], nn.Module]
 
 
 def make_norm(name: str) -> NormFactory:
-    """Norm factory by name: ``"bn"`` (``nn.BatchNorm2d``) or ``"bkn"`` (``normlayers.BatchKalmanNorm2d``
-    with its documented defaults; without a prior it behaves as BatchNorm)."""
+    """Norm factory by name: ``"bn"`` (``nn.BatchNorm2d``) or ``"bkn"`` (``normlayers.BatchKalmanNorm2d``,
+    default ``prior_weight`` 0.9, ANALYTIC transition).
+
+    Supernets built with ``"bkn"`` wire a Kalman chain along every path (:mod:`nas.supernet`). The
+    analytic transition (closed-form/quadrature moments through SiLU and the conv) is deterministic,
+    so a candidate's recalibrated statistics and rating do not depend on the global RNG state, i.e. on
+    which candidates were rated before (the Monte-Carlo transition would draw a random image)."""
     if name == "bn":
         return nn.BatchNorm2d
     if name == "bkn":
@@ -29,7 +35,7 @@ def make_norm(name: str) -> NormFactory:
             from normlayers import BatchKalmanNorm2d
         except ImportError as exc:  # the sibling package is missing or broken
             raise ImportError(f"norm 'bkn' needs normlayers.BatchKalmanNorm2d: {exc}") from exc
-        return BatchKalmanNorm2d
+        return functools.partial(BatchKalmanNorm2d, transition="analytic")
     raise ValueError(f"unknown norm {name!r}; choose 'bn' or 'bkn'")
 
 

@@ -2,11 +2,20 @@
 
 A block supernet holds one module per (cell, layer, op) choice; a candidate selects a single
 path (the cell's layers, one op each). Weights of an op are shared by every candidate using it.
+
+Batch Kalman Normalization: when the norm factory builds ``normlayers.BatchKalmanNorm`` layers,
+every op is wired with ``normlayers.convert`` (a Kalman chain inside the op: expand -> depthwise ->
+project through SiLU and the depthwise conv). In training, the block forward hands the first op of
+the path the MEASURED per-channel moments of the block input (detached: an observation, like the
+teacher's features it usually is) and every later op the predicted output statistics of the op
+before it (residual sums included), so every BKN on a path gets a prior. Not chained (plain BN for
+that step): a norm after a squeeze-excite gate (multiplicative, data-dependent).
 """
 
 from __future__ import annotations
 
 import random
+import warnings
 from typing import Sequence
 
 import torch
@@ -42,6 +51,7 @@ class BlockSupernet(nn.Module):
                     )
                 )
             self.cells.append(layers)
+        self.kalman_chained = _chain_kalman_ops(self)
 
     def path(self, candidate: Sequence[int]) -> list[nn.Module]:
         """The modules on the candidate's path, in order."""
@@ -50,8 +60,18 @@ class BlockSupernet(nn.Module):
 
     def forward(self, x: torch.Tensor, candidate: Sequence[int]) -> torch.Tensor:
         # x: (B, C_in, H, W) -> (B, C_out, H / stride, W / stride)
+        stats = None  # statistics of x for the Kalman chain across the ops of the path (BKN only)
+        if self.training and self.kalman_chained:
+            var, mean = torch.var_mean(x.detach(), dim=(0, 2, 3), correction=0)  # (B, C, H, W) -> (C,)
+            stats = (mean, var, tuple(x.shape[2:]))
         for module in self.path(candidate):
+            chain = getattr(module, "kalman_chain", None)
+            if chain is None:  # skip (identity): statistics unchanged; BatchNorm ops: nothing to carry
+                x = module(x)
+                continue
+            chain.set_input_statistics(stats if self.training else None)
             x = module(x)
+            stats = chain.output_statistics() if self.training else None
         return x
 
     def candidates(self) -> list[Candidate]:
@@ -63,6 +83,24 @@ class BlockSupernet(nn.Module):
         cell = rng.choices(range(len(sizes)), weights=sizes)[0]
         ops = tuple(rng.randrange(len(layer.ops)) for layer in self.block.cells[cell].layers)
         return ((cell,) if self.block.multi_cell else ()) + ops
+
+
+def _chain_kalman_ops(supernet: nn.Module) -> int:
+    """Wire a Kalman chain inside every op that holds BKN layers; returns the number of chained ops."""
+    try:
+        from normlayers import BatchKalmanNorm, convert
+    except ImportError:  # BKN layers cannot exist without normlayers
+        return 0
+    count = 0
+    for cell in supernet.cells:
+        for layer in cell:
+            for op in layer:
+                if any(isinstance(m, BatchKalmanNorm) for m in op.modules()):
+                    with warnings.catch_warnings():  # SE-gated norms stay un-chained (documented above)
+                        warnings.filterwarnings("ignore", message="normlayers.convert:")
+                        convert(op, strict=False)
+                    count += 1
+    return count
 
 
 def _paths(block: BlockSpec, cell: int) -> int:

@@ -1,12 +1,11 @@
 """Fast torch path of BKN training: an autograd.Function with the closed-form backward.
 
-Forward: batch moments (see ``_batch_moments``), the prior checks and the guard (one host sync,
-see ``_guarded_weight``), an O(G*C) finalize (mixture), one fused normalize pass. Backward: BN's two
-per-channel reductions S1 = sum(g), S2 = sum(g*xh) (``aten.native_batch_norm_backward`` with only
-the weight/bias grads requested), O(G*C) work, then ``dx = A*g + B*x + D`` per channel in two
-elementwise passes. The posterior (mean, var) is a differentiable output; its gradients add to dx
-and to the prior (see /work/shared/docs/bkn.md, "Backward", extended with d mu_B/dx = 1/M and
-d var_B/dx = 2 (x - mu_B)/M).
+Forward: batch moments (see ``_batch_moments``), the prior checks and the guard in one host sync
+(``_guarded_weight``), an O(G*C) finalize (mixture), one fused normalize pass. Backward: BN's two
+per-channel reductions S1 = sum(g), S2 = sum(g*xh) (``aten.native_batch_norm_backward``), O(G*C)
+work, then ``dx = A*g + B*x + D`` per channel. The posterior (mean, var) is a differentiable
+output; its gradients add to dx and to the prior (see /work/shared/docs/bkn.md, "Backward",
+extended with d mu_B/dx = 1/M and d var_B/dx = 2 (x - mu_B)/M).
 
 With ``dL/dmu_hat = gm - r*S1h`` =: Gm and ``dL/dvar_hat = gv - r**2*S2h/2`` =: Gv
 (``S1h = gamma*S1``, ``S2h = gamma*S2``, ``r = rsqrt(var_hat + eps)``, ``q = 1 - p``):
@@ -15,12 +14,15 @@ With ``dL/dmu_hat = gm - r*S1h`` =: Gm and ``dL/dvar_hat = gv - r**2*S2h/2`` =: 
     dmu_P  = p*Gm - 2*p*q*(mu_B - mu_P)*Gv
     dvar_P = p*Gv
 
-A group whose guard fires uses p = 0 (plain BN; zero gradient to its prior).
+A group whose guard fires uses p = 0 (plain BN; zero gradient to its prior). Without posterior
+gradients (gm = gv = 0) dx is ``q * BN_dx(g) + p*r*gamma*g`` with BN_dx BN's training backward at
+(mu_hat, r): one fused BN backward call plus one pass.
 
-Per-call cost matters as much as bandwidth at CIFAR sizes (a small torch op costs ~1-2 us, about
-what BatchNorm2d's whole step takes per 1000 channels), so the effective prior weight is a Python
-float whenever every ghost group agrees on the guard (always when ungrouped): the finalize then
-needs a handful of ops with scalar arguments instead of tensor arithmetic on weights.
+Per-call cost matters as much as bandwidth at CIFAR sizes (a small torch op costs 1-3 us; BatchNorm2d's
+whole training step on (2, 256, 16, 16) costs ~0.3 ms on one core), so: the effective prior weight is
+a Python float whenever every ghost group agrees on the guard (always when ungrouped), ungrouped
+statistics stay (C,) inside (views to (1, C) only at the outputs), and scalar arguments ride on
+``alpha``/``value``/``lerp`` weights rather than separate multiplications.
 """
 
 from __future__ import annotations
@@ -35,7 +37,11 @@ from normlayers.reference import stats_dtype
 
 __all__ = ["bkn_train", "check_prior_values"]
 
-PriorWeight = float | Tensor  # a float for the whole layer, or (G, 1) per ghost group
+PriorWeight = float | Tensor  # a float for the whole layer, or a tensor ((G, 1), or (1,) ungrouped)
+Running = tuple[Tensor, Tensor, float, int]  # (running_mean, running_var, momentum, M)
+
+_native_batch_norm_backward = torch.ops.aten.native_batch_norm_backward.default
+_GROUP_NORM_MIN_NUMEL = 1 << 15  # below this, per-op overhead dominates and BN's kernel is cheaper
 
 
 def _grouped(t: Tensor, groups: int) -> Tensor:
@@ -49,11 +55,8 @@ def _bcast(v: Tensor) -> Tensor:
     return v[:, None, :, None]
 
 
-_GROUP_NORM_MIN_NUMEL = 1 << 15  # below this, per-op overhead dominates and BN's kernel is cheaper
-
-
 def _batch_moments(xs: Tensor, groups: int) -> tuple[Tensor, Tensor]:
-    """Biased per-group, per-channel moments ``(mu_B, var_B)``, each (G, C).
+    """Biased per-channel moments ``(mu_B, var_B)``: (C,) each when ``groups == 1``, else (G, C).
 
     NCHW-contiguous (and not tiny): per-(sample, channel) moments from ``native_group_norm`` with
     one group per channel (a vectorized Welford row reduction; eps=0 so ``var = rstd**-2`` inverts
@@ -68,14 +71,13 @@ def _batch_moments(xs: Tensor, groups: int) -> tuple[Tensor, Tensor]:
         var_n = rstd.pow(-2)
         if groups == 1:  # mean and biased variance of the N sample means: BN's statistics kernel on (N, C)
             mu, var_m = torch.batch_norm_update_stats(m, None, None, 0.0)
-            return mu[None], torch.add(var_m, var_n.sum(dim=0), alpha=1.0 / n)[None]  # (C,) -> (1, C)
+            return mu, torch.add(var_m, var_n.sum(dim=0), alpha=1.0 / n)  # Var[mu_n] + E[var_n]
         m = m.view(groups, n // groups, c)  # (N, C) -> (G, g, C)
         mu = m.mean(dim=1)
         dev = m - mu[:, None]
         return mu, torch.addcmul(var_n.view(groups, n // groups, c), dev, dev).mean(dim=1)  # E[var_n] + Var[mu_n]
     if groups == 1:
-        mu, var = torch.batch_norm_update_stats(xs, None, None, 0.0)
-        return mu[None], var[None]  # (C,) -> (1, C)
+        return torch.batch_norm_update_stats(xs, None, None, 0.0)
     moments = [torch.batch_norm_update_stats(part, None, None, 0.0) for part in xs.chunk(groups, dim=0)]
     return torch.stack([mv[0] for mv in moments]), torch.stack([mv[1] for mv in moments])  # G x (C,) -> (G, C)
 
@@ -96,22 +98,22 @@ def _guarded_weight(prior_mean: Tensor, prior_var: Tensor, var_b: Tensor, p: flo
     """The prior weight after the guard (0 where ``mean_c(var_P / (var_B + eps)) >= guard_ratio``).
 
     A float when every ghost group agrees, else a (G, 1) tensor. With ``check``, the prior's values
-    are validated in the same host sync (skipped, like the float, inside ``torch.compile`` graphs).
+    are validated in the same host sync. Inside ``torch.compile`` graphs (no host sync): a tensor,
+    no value checks.
     """
-    channels = var_b.shape[1]
-    ratio_sum = torch.div(prior_var, var_b.add(eps)).sum(dim=1)  # (G,): C * the guard ratio of each group
-    if torch.compiler.is_compiling():  # no host sync inside a graph: per-group tensor weights
-        fire = ratio_sum / channels >= guard_ratio
-        return torch.where(fire, 0.0, p).to(var_b.dtype)[:, None]  # (G,) -> (G, 1)
-    if check:
-        # probe: NaN if the mean has NaN/inf, else min(var_P); +inf in var_P makes its group's ratio +inf
-        probe = torch.add(prior_var, prior_mean, alpha=0.0).amin()
-        values = torch.cat((probe.view(1), ratio_sum)).tolist()
-        sums = values[1:]
-        if not (values[0] >= 0.0 and all(math.isfinite(s) for s in sums)):
-            check_prior_values(prior_mean, prior_var)  # raises, unless only a ratio overflowed
-    else:
-        sums = ratio_sum.tolist()
+    terms = torch.div(prior_var, var_b.add(eps))  # (C,) or (G, C); negative iff var_P is
+    if torch.compiler.is_compiling():
+        fire = terms.mean(dim=-1, keepdim=True) >= guard_ratio  # (1,) or (G, 1)
+        return torch.where(fire, 0.0, p).to(var_b.dtype)
+    if check:  # NaN/inf in the mean make the probe NaN (0 * inf = NaN); +inf in var_P makes a sum +inf
+        terms = torch.add(terms, prior_mean, alpha=0.0)
+        probe = float(terms.amin())
+    sums = terms.sum(dim=-1).tolist()  # C * the ratio of each group
+    if var_b.dim() == 1:
+        sums = [sums]
+    if check and not (probe >= 0.0 and all(math.isfinite(s) for s in sums)):
+        check_prior_values(prior_mean, prior_var)  # raises, unless only a ratio overflowed or x is not finite
+    channels = var_b.shape[-1]
     fired = [s / channels >= guard_ratio for s in sums]
     if not any(fired):
         return p
@@ -120,29 +122,24 @@ def _guarded_weight(prior_mean: Tensor, prior_var: Tensor, var_b: Tensor, p: flo
     return torch.tensor([0.0 if f else p for f in fired], dtype=var_b.dtype, device=var_b.device)[:, None]
 
 
-_native_batch_norm_backward = torch.ops.aten.native_batch_norm_backward.default
-
-
 def _update_running(post_mean: Tensor, post_var: Tensor, running_mean: Tensor, running_var: Tensor,
                     momentum: float, count: int) -> None:
     """In-place EMA of the grad-free posterior, the arithmetic of ``update_running_stats_reference``."""
-    if post_mean.shape[0] == 1:
-        pm, pv = post_mean.view(-1), post_var.view(-1)  # (1, C) -> (C,)
-    else:
-        pm, pv = post_mean.mean(dim=0), post_var.mean(dim=0)  # (G, C) -> (C,)
-    pv = pv * (count / (count - 1) if count > 1 else 1.0)
-    if pm.dtype != running_mean.dtype:
-        pm, pv = pm.to(running_mean.dtype), pv.to(running_var.dtype)
-    running_mean.lerp_(pm, momentum)
-    running_var.lerp_(pv, momentum)
+    if post_mean.dim() == 2:
+        post_mean, post_var = post_mean.mean(dim=0), post_var.mean(dim=0)  # (G, C) -> (C,)
+    if count > 1:  # unbiased: var * M / (M - 1), as var + var / (M - 1) (an alpha, not a second scalar op)
+        post_var = torch.add(post_var, post_var, alpha=1.0 / (count - 1))
+    if post_mean.dtype != running_mean.dtype:
+        post_mean, post_var = post_mean.to(running_mean.dtype), post_var.to(running_var.dtype)
+    running_mean.lerp_(post_mean, momentum)
+    running_var.lerp_(post_var, momentum)
 
 
 class _BatchKalmanNormFn(torch.autograd.Function):
     """(x, gamma, beta, mu_P, var_P) -> (y, mu_hat, var_hat); statistics of shape (G, C).
 
-    Written with few, fused torch ops: at CIFAR sizes the per-op overhead is comparable to the
-    memory-bound passes. ``running`` = (running_mean, running_var, momentum, M) updates BN-style
-    buffers in the forward (statistics are grad-free there), as ``update_running_stats_reference``.
+    ``running`` = (running_mean, running_var, momentum, M) is updated in the forward, where the
+    statistics are grad-free, exactly as ``update_running_stats_reference`` would.
     """
 
     @staticmethod
@@ -158,18 +155,24 @@ class _BatchKalmanNormFn(torch.autograd.Function):
         guard_ratio: float,
         groups: int,
         check_prior: bool,
-        running: tuple[Tensor, Tensor, float, int] | None,
+        running: Running | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         sdt = stats_dtype(x.dtype)
         xs = x if x.dtype == sdt else x.to(sdt)
-        mu_b, var_b = _batch_moments(xs, groups)  # (G, C) each
+        single = groups == 1
+        mu_b, var_b = _batch_moments(xs, groups)  # (C,) each when single, else (G, C)
+        ctx.prior_shape = None if prior_mean is None else (prior_mean.shape, prior_var.shape)
 
         pe: PriorWeight = 0.0
         if prior_mean is not None and prior_var is not None:
+            if single and prior_mean.dim() == 2:
+                prior_mean = prior_mean.view(-1)  # (1, C) -> (C,)
+            if single and prior_var.dim() == 2:
+                prior_var = prior_var.view(-1)  # (1, C) -> (C,)
             pe = _guarded_weight(prior_mean, prior_var, var_b, p, eps, guard_ratio, check_prior)
         d = None
         if isinstance(pe, Tensor) or pe > 0.0:
-            d = mu_b - prior_mean  # (G, C)
+            d = mu_b - prior_mean
             post_mean = torch.lerp(mu_b, prior_mean, pe)  # p*mu_P + q*mu_B
             post_var = torch.lerp(var_b, prior_var, pe)  # ... + p*q*d**2, the spread of the mixture
             if isinstance(pe, Tensor):
@@ -180,22 +183,27 @@ class _BatchKalmanNormFn(torch.autograd.Function):
             post_mean, post_var = mu_b, var_b
         if running is not None:
             _update_running(post_mean, post_var, *running)
-        rstd = torch.rsqrt(post_var + eps)  # (G, C)
+        rstd = torch.rsqrt(post_var + eps)
 
         w = weight if weight is None or weight.dtype == sdt else weight.to(sdt)
         b = bias if bias is None or bias.dtype == sdt else bias.to(sdt)
-        if groups == 1 and xs is x and x.is_contiguous():  # NCHW: torch's fused eval-BN pass is vectorized
-            y = torch.native_batch_norm(x, w, b, post_mean.view(-1), post_var.view(-1), False, 0.0, eps)[0]
+        if single and xs is x and x.is_contiguous():  # NCHW: torch's fused eval-BN pass is vectorized
+            y = torch.native_batch_norm(x, w, b, post_mean, post_var, False, 0.0, eps)[0]
         else:  # channels-last (where a broadcast addcmul beats eval-BN), ghost groups, low precision
-            a = rstd if w is None else rstd * w  # (G, C)
+            a = rstd if w is None else rstd * w
             shift = -post_mean * a if b is None else torch.addcmul(b, post_mean, a, value=-1.0)
-            y = torch.addcmul(_bcast(shift), _grouped(xs, groups), _bcast(a)).reshape(x.shape).to(x.dtype)
+            if single:
+                shape = (-1,) + (1,) * (x.dim() - 2)  # (C,) -> (C, 1, ..., 1) to broadcast over (N, C, *)
+                y = torch.addcmul(shift.view(shape), xs, a.view(shape)).to(x.dtype)
+            else:
+                y = torch.addcmul(_bcast(shift), _grouped(xs, groups), _bcast(a)).reshape(x.shape).to(x.dtype)
 
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, weight, post_mean, rstd, d, pe if isinstance(pe, Tensor) else None)
         ctx.pe, ctx.eps, ctx.groups = (pe if isinstance(pe, float) else None), eps, groups
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.prior_shared = prior_mean is not None and prior_mean.dim() == 1
+        if single:  # the API's (G, C) = (1, C)
+            return y, post_mean.view(1, -1), post_var.view(1, -1)
         return y, post_mean, post_var
 
     @staticmethod
@@ -203,25 +211,30 @@ class _BatchKalmanNormFn(torch.autograd.Function):
         x, weight, post_mean, rstd, d, pe_tensor = ctx.saved_tensors
         pe: PriorWeight = ctx.pe if pe_tensor is None else pe_tensor
         groups: int = ctx.groups
+        single = groups == 1
+        if single:
+            gm = None if gm is None else gm.view(-1)  # (1, C) -> (C,)
+            gv = None if gv is None else gv.view(-1)
         sdt = rstd.dtype
         xs = x if x.dtype == sdt else x.to(sdt)
         w = weight if weight is None or weight.dtype == sdt else weight.to(sdt)
         gys = gy if gy is None or gy.dtype == sdt else gy.to(sdt)
         need_dx = ctx.needs_input_grad[0]
-        shape = (-1,) + (1,) * (x.dim() - 2)  # (1, C) -> (C, 1, ..., 1) to broadcast over (N, C, *)
+        need_prior = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
+        only_y = gm is None and gv is None
+        shape = (-1,) + (1,) * (x.dim() - 2)  # (C,) -> (C, 1, ..., 1) to broadcast over (N, C, *)
+        a = rstd if w is None else rstd * w  # r * gamma
         dx = s1 = s2 = None
 
-        a = rstd if w is None else rstd * w  # (G, C): r * gamma
-        if gys is not None and groups == 1:
-            # Without posterior gradients, dx = q*BN_dx(g) + p*a*g: BN's fused backward with weight
-            # q*gamma, plus one pass. Vectorized for NCHW only; channels-last uses the two passes below.
-            fused = need_dx and gm is None and gv is None and (d is None or gys.is_contiguous())
-            wq = w
+        if gys is not None and single:
+            # only_y: dx = q*BN_dx(g) + p*a*g, BN's fused backward with weight q*gamma and one more pass
+            # (vectorized for NCHW; channels-last takes the two affine passes below)
+            fused = need_dx and only_y and (d is None or gys.is_contiguous())
+            w_bn = w
             if fused and d is not None:
-                wq = (rstd.new_ones(rstd.shape[1]) if w is None else w) * (1.0 - pe)
-                wq = wq.view(-1)  # (1, C) when the weight is a (1, 1) tensor -> (C,)
+                w_bn = (rstd.new_ones(rstd.shape) if w is None else w) * (1.0 - pe)
             dx, s2, s1 = _native_batch_norm_backward(
-                gys, xs, wq, None, None, post_mean.view(-1), rstd.view(-1), True, ctx.eps, [fused, True, True],
+                gys, xs, w_bn, None, None, post_mean, rstd, True, ctx.eps, [fused, True, True],
             )  # S1 = sum(g), S2 = sum(g * xh), each (C,)
             if fused and d is not None:
                 if isinstance(pe, Tensor):
@@ -234,59 +247,72 @@ class _BatchKalmanNormFn(torch.autograd.Function):
             s1 = gyg.sum(dim=(1, 3))
             s2 = ((_grouped(xs, groups) - _bcast(post_mean)) * gyg).sum(dim=(1, 3)).mul_(rstd)
 
-        need_prior = d is not None and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
-        g_mean = g_var = None
-        if need_dx or need_prior:  # Gm = dL/dmu_hat = gm - a*S1 and Gv = dL/dvar_hat = gv - a*r*S2/2, (G, C)
-            if s1 is None:
+        dpm = dpv = None
+        if d is None:  # no prior, or every group's guard fired: plain BN, zero gradient to the prior
+            dpm = dpv = torch.zeros_like(rstd) if need_prior else None
+            need_prior = False
+        if need_prior and only_y and not need_dx and s1 is not None and isinstance(pe, float):
+            # the common case in few ops: a*S1 = -Gm, a*r*S2 = -2*Gv
+            a_s1, ar_s2 = torch.mul(a, s1), torch.mul(a * rstd, s2)
+            dpv = ar_s2 * (-0.5 * pe)  # p * Gv
+            dpm = torch.addcmul(a_s1 * -pe, d, ar_s2, value=pe * (1.0 - pe))  # p*Gm - 2*p*q*d*Gv
+        elif need_prior or need_dx:
+            if s1 is None:  # no gradient reached y
                 g_mean = torch.zeros_like(rstd) if gm is None else gm
                 g_var = torch.zeros_like(rstd) if gv is None else gv
-            else:
+            else:  # Gm = gm - a*S1, Gv = gv - a*r*S2/2
                 ar = a * rstd
                 g_mean = torch.mul(a, s1).neg_() if gm is None else torch.addcmul(gm, a, s1, value=-1.0)
                 g_var = torch.mul(ar, s2).mul_(-0.5) if gv is None else torch.addcmul(gv, ar, s2, value=-0.5)
-
-        if need_dx:  # dx = a*g + k2*x + shift with k2 = 2q*Gv/M, shift = q*(Gm - 2*Gv*mu_hat)/M
-            m = (x.shape[0] // groups) * math.prod(x.shape[2:])
-            q_m = (1.0 - pe) / m  # (1 - p) / M: a float, or (G, 1)
-            k2 = g_var * (2.0 * q_m)  # (G, C)
-            shift = torch.addcmul(g_mean, g_var, post_mean, value=-2.0).mul_(q_m)
-            if groups == 1 and gys is not None:
-                if gys.is_contiguous():  # NCHW: torch's fused per-channel affine (eval BN, eps=0) is vectorized
-                    zeros = torch.zeros_like(a).view(-1)
-                    dx = torch.native_batch_norm(gys, a.view(-1), shift.view(-1), zeros, zeros + 1.0, False, 0.0,
-                                                 0.0)[0]
+            if need_prior:
+                if isinstance(pe, Tensor):
+                    dpv = pe * g_var
+                    dpm = torch.addcmul(pe * g_mean, d * (pe * (1.0 - pe)), g_var, value=-2.0)
                 else:
-                    dx = torch.addcmul(shift.view(shape), gys, a.view(shape))
-                dx.addcmul_(xs, k2.view(shape))
-            else:
-                dx = torch.addcmul(_bcast(shift), _grouped(xs, groups), _bcast(k2))
-                if gys is not None:
-                    dx.addcmul_(_grouped(gys, groups), _bcast(a))
-                dx = dx.reshape(x.shape)
+                    dpv = g_var * pe
+                    dpm = torch.addcmul(g_mean * pe, d, g_var, value=-2.0 * pe * (1.0 - pe))
+            if need_dx:  # dx = a*g + k2*x + shift with k2 = 2q*Gv/M, shift = q*(Gm - 2*Gv*mu_hat)/M
+                m = (x.shape[0] // groups) * math.prod(x.shape[2:])
+                q_m = (1.0 - pe) / m  # (1 - p) / M: a float, or a tensor
+                k2 = g_var * (2.0 * q_m)
+                shift = torch.addcmul(g_mean, g_var, post_mean, value=-2.0).mul_(q_m)
+                if single and gys is not None:
+                    if gys.is_contiguous():  # NCHW: torch's fused per-channel affine (eval BN, eps=0) is vectorized
+                        zeros = torch.zeros_like(a)
+                        dx = torch.native_batch_norm(gys, a, shift, zeros, zeros + 1.0, False, 0.0, 0.0)[0]
+                    else:
+                        dx = torch.addcmul(shift.view(shape), gys, a.view(shape))
+                    dx.addcmul_(xs, k2.view(shape))
+                elif single:
+                    dx = torch.addcmul(shift.view(shape), xs, k2.view(shape))
+                else:
+                    dx = torch.addcmul(_bcast(shift), _grouped(xs, groups), _bcast(k2))
+                    if gys is not None:
+                        dx.addcmul_(_grouped(gys, groups), _bcast(a))
+                    dx = dx.reshape(x.shape)
         if dx is not None and dx.dtype != x.dtype:
             dx = dx.to(x.dtype)
 
         dweight = dbias = None
         if weight is not None and s2 is not None and ctx.needs_input_grad[1]:
-            dweight = s2 if s2.dim() == 1 else s2.sum(dim=0)  # (G, C) -> (C,)
+            dweight = s2 if single else s2.sum(dim=0)  # (G, C) -> (C,)
             dweight = dweight if dweight.dtype == weight.dtype else dweight.to(weight.dtype)
         if ctx.bias_dtype is not None and s1 is not None and ctx.needs_input_grad[2]:
-            dbias = s1 if s1.dim() == 1 else s1.sum(dim=0)  # (G, C) -> (C,)
+            dbias = s1 if single else s1.sum(dim=0)  # (G, C) -> (C,)
             dbias = dbias if dbias.dtype == ctx.bias_dtype else dbias.to(ctx.bias_dtype)
 
-        dpm = dpv = None
-        if need_prior:  # dvar_P = p*Gv, dmu_P = p*Gm - 2*p*q*d*Gv
-            if isinstance(pe, Tensor):
-                dpv = pe * g_var
-                dpm = torch.addcmul(pe * g_mean, d * (pe * (1.0 - pe)), g_var, value=-2.0)
-            else:
-                dpv = g_var * pe
-                dpm = torch.addcmul(g_mean * pe, d, g_var, value=-2.0 * pe * (1.0 - pe))
-        elif ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:  # every group's guard fired: plain BN
-            dpm = dpv = torch.zeros_like(rstd)
-        if dpm is not None and ctx.prior_shared:  # a (C,) prior used by every group: (G, C) -> (C,)
-            dpm, dpv = (dpm.view(-1), dpv.view(-1)) if groups == 1 else (dpm.sum(dim=0), dpv.sum(dim=0))
+        if dpm is not None:  # back to the prior's shapes: (C,) or (G, C)
+            mean_shape, var_shape = ctx.prior_shape
+            dpm = _sum_to(dpm, mean_shape, single)
+            dpv = _sum_to(dpv, var_shape, single)
         return dx, dweight, dbias, dpm, dpv, None, None, None, None, None, None
+
+
+def _sum_to(grad: Tensor, shape: torch.Size, single: bool) -> Tensor:
+    """A prior gradient, (C,) when single else (G, C), reduced/viewed to the prior's (C,) or (G, C)."""
+    if single:
+        return grad if len(shape) == 1 else grad.view(1, -1)  # (C,) -> (1, C)
+    return grad.sum(dim=0) if len(shape) == 1 else grad  # (G, C) -> (C,) for a prior shared by the groups
 
 
 def bkn_train(
@@ -300,7 +326,7 @@ def bkn_train(
     group_size: int | None,
     *,
     check_prior: bool = True,
-    running: tuple[Tensor, Tensor, float, int] | None = None,
+    running: Running | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Training-mode BKN through the closed-form Function; ``(y, post_mean (G, C), post_var (G, C))``.
 

@@ -7,21 +7,36 @@ order, the statistics of its input are derived backwards through the graph into 
 * ``FromPosterior(bkn)``: the tensor is the input of a BKN that ran earlier (its posterior), or the
   output of a BKN (the reference convention: the statistics propagated are the un-normalized ones
   of the BKN input; the affine in between is ignored);
-* ``Through(source, layer, relu)``: an ``nn.ConvNd``/``nn.Linear`` applied to ``source`` (optionally
-  after a ReLU: ``nn.ReLU``, ``F.relu``, ``torch.relu``, ``.relu()``) -> a transition
-  (:mod:`normlayers.transition`; the CONSUMING layer's ``transition`` picks Monte Carlo or analytic);
-* ``Merge(parts)``: a residual addition (``+``, ``torch.add``, ``.add``) -> means and variances add.
+* ``Through(source, layer, activation)``: an ``nn.ConvNd``/``nn.Linear`` applied to ``source``,
+  optionally after ONE elementwise activation (:data:`ACTIVATION_MODULES`, :data:`ACTIVATION_FUNCTIONS`,
+  :data:`ACTIVATION_METHODS`: ReLU, ReLU6, SiLU/swish, GELU (exact and tanh), Hardswish, Sigmoid,
+  Tanh; ``nn.Identity`` and ``nn.Dropout`` are transparent) -> a transition
+  (:mod:`normlayers.transition`; the CONSUMING layer's ``transition`` picks Monte Carlo, which applies
+  the activation to the sampled image, or analytic: closed form for ReLU/identity, Gauss-Hermite
+  quadrature otherwise). Grouped and depthwise convs (``groups=C``) are ordinary transitions;
+* ``Activate(source, activation)``: an activation whose output is used without a conv (e.g. the
+  identity branch of a residual after ``silu(bn(x))``) -> the activation's moments (closed form or
+  quadrature, :func:`normlayers.transition.activation_moments`, for both transitions);
+* ``Merge(parts)``: a residual addition (``+``, ``torch.add``, ``.add``) -> means and variances add;
+* ``FromInput(name)``: the model input ``name`` -- only used when the caller supplies its statistics
+  (:meth:`KalmanChain.set_input_statistics`, e.g. a weight-sharing supernet chaining the ops of a
+  path); otherwise a norm layer whose input comes from the model input through convs starts the
+  chain (no prior, ``plan[name] is None``).
 
-A norm layer whose input comes from the model input through convs only starts the chain (no
-prior). At run time a small :class:`KalmanChain` (attached as ``model.kalman_chain``) keeps the
-posteriors of the current forward (reset by a pre-hook on the root module) and feeds each BKN its
-prior through a forward pre-hook (training only; eval is plain BN with running statistics).
+At run time a small :class:`KalmanChain` (attached as ``model.kalman_chain``) keeps the posteriors
+of the current forward (reset by a pre-hook on the root module) and feeds each BKN its prior through
+a forward pre-hook (training only; eval is plain BN with running statistics). After a training
+forward, :meth:`KalmanChain.output_statistics` predicts the statistics of the model OUTPUT (when it
+is a norm input/output or a residual sum of such), which a caller can hand to the next module.
 
 Not supported (``ConvertError`` with ``strict=True``; with ``strict=False`` the layer is swapped but
 left un-chained, with a warning): models fx cannot trace (data-dependent control flow), a norm fed by
-anything else (pooling, concatenation, interpolation, a zero-padded/strided option-A shortcut,
-non-ReLU activations, a scaled residual, ...). Use :func:`normlayers.transition.pad_channels` and a
-manual ``bkn(x, prior=...)`` call for those.
+anything else (pooling, concatenation, interpolation, a zero-padded/strided option-A shortcut, a
+scaled residual, two activations in a row, ...). Squeeze-excite (``x * sigmoid(fc(pool(x)))``, a
+multiplicative data-dependent gate) is such a case: the norm after it (MBConv's projection norm)
+is left un-chained, and the chain resumes at the next layer since that norm's posterior is still
+recorded. Use :func:`normlayers.transition.pad_channels` and a manual ``bkn(x, prior=...)`` call
+for those.
 """
 
 from __future__ import annotations
@@ -38,16 +53,55 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from normlayers.modules import BatchKalmanNorm, BatchKalmanNorm1d, BatchKalmanNorm2d, BatchKalmanNorm3d
-from normlayers.transition import analytic_prior, monte_carlo_prior
+from normlayers.transition import activation_moments, analytic_prior, monte_carlo_prior
 
-__all__ = ["convert", "ConvertError", "KalmanChain", "FromPosterior", "Through", "Merge"]
+__all__ = [
+    "convert",
+    "ConvertError",
+    "KalmanChain",
+    "FromPosterior",
+    "FromInput",
+    "Through",
+    "Activate",
+    "Merge",
+    "ACTIVATION_MODULES",
+    "ACTIVATION_FUNCTIONS",
+    "ACTIVATION_METHODS",
+]
 
 _BN_TO_BKN: dict[type, type] = {
     nn.BatchNorm1d: BatchKalmanNorm1d,
     nn.BatchNorm2d: BatchKalmanNorm2d,
     nn.BatchNorm3d: BatchKalmanNorm3d,
 }
-_RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_)
+# Elementwise activations recognized between a norm and the next conv/linear -> transition name
+# (names of normlayers.transition.ACTIVATIONS). nn.GELU / F.gelu map to "gelu" or "gelu_tanh".
+ACTIVATION_MODULES: dict[type, str] = {
+    nn.ReLU: "relu",
+    nn.ReLU6: "relu6",
+    nn.SiLU: "silu",
+    nn.GELU: "gelu",
+    nn.Hardswish: "hardswish",
+    nn.Sigmoid: "sigmoid",
+    nn.Tanh: "tanh",
+}
+ACTIVATION_FUNCTIONS: dict[Any, str] = {
+    F.relu: "relu",
+    torch.relu: "relu",
+    torch.relu_: "relu",
+    F.relu6: "relu6",
+    F.silu: "silu",
+    F.gelu: "gelu",
+    F.hardswish: "hardswish",
+    torch.sigmoid: "sigmoid",
+    F.sigmoid: "sigmoid",
+    torch.tanh: "tanh",
+    F.tanh: "tanh",
+}
+ACTIVATION_METHODS: dict[str, str] = {
+    "relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "sigmoid_": "sigmoid", "tanh": "tanh", "tanh_": "tanh",
+}
+_TRANSPARENT_MODULES = (nn.Identity, nn.Dropout, nn.Dropout2d, nn.Dropout3d)  # statistics unchanged (eval-like)
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 
 
@@ -61,10 +115,30 @@ class FromPosterior:
 
 
 @dataclass(frozen=True)
+class FromInput:
+    name: str  # placeholder (forward argument) of the traced model; statistics supplied by the caller
+
+
+@dataclass(frozen=True)
 class Through:
+    """``layer(activation(source))``. ``relu`` is kept for ReLU-only callers: ``Through(s, l, relu=True)``
+    equals ``Through(s, l, activation="relu")``."""
+
     source: "Recipe"
     layer: str  # module path of the nn.ConvNd / nn.Linear
-    relu: bool
+    relu: bool = False
+    activation: str | None = None  # name in normlayers.transition.ACTIVATIONS; None -> from ``relu``
+
+    def __post_init__(self) -> None:  # normalize the two spellings so equality is by meaning
+        act = self.activation if self.activation is not None else ("relu" if self.relu else "identity")
+        object.__setattr__(self, "activation", act)
+        object.__setattr__(self, "relu", act == "relu")
+
+
+@dataclass(frozen=True)
+class Activate:
+    source: "Recipe"
+    activation: str  # name in normlayers.transition.ACTIVATIONS
 
 
 @dataclass(frozen=True)
@@ -72,19 +146,37 @@ class Merge:
     parts: tuple["Recipe", ...]
 
 
-Recipe = Union[FromPosterior, Through, Merge]
+Recipe = Union[FromPosterior, FromInput, Through, Activate, Merge]
 
 
 class _Unsupported(Exception):
     pass
 
 
-def _is_relu(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
+def _activation(node: torch.fx.Node, modules: dict[str, nn.Module]) -> str | None:
+    """The transition name of an elementwise activation node, or None."""
     if node.op == "call_module":
-        return isinstance(modules[node.target], nn.ReLU)
+        module = modules[node.target]
+        name = ACTIVATION_MODULES.get(type(module))
+        if name == "gelu" and getattr(module, "approximate", "none") == "tanh":
+            return "gelu_tanh"
+        return name
     if node.op == "call_function":
-        return node.target in _RELU_FUNCTIONS
-    return node.op == "call_method" and node.target in ("relu", "relu_")
+        name = ACTIVATION_FUNCTIONS.get(node.target)
+        if name == "gelu" and node.kwargs.get("approximate", "none") == "tanh":
+            return "gelu_tanh"
+        return name
+    if node.op == "call_method":
+        return ACTIVATION_METHODS.get(node.target)
+    return None
+
+
+def _skip_transparent(node: Any, modules: dict[str, nn.Module]) -> Any:
+    while isinstance(node, torch.fx.Node) and node.op == "call_module" and isinstance(
+        modules[node.target], _TRANSPARENT_MODULES
+    ):
+        node = node.args[0]
+    return node
 
 
 def _is_add(node: torch.fx.Node) -> bool:
@@ -93,10 +185,25 @@ def _is_add(node: torch.fx.Node) -> bool:
     return node.op == "call_method" and node.target in ("add", "add_")
 
 
-def _plan(model: nn.Module) -> tuple[dict[str, Recipe | None], dict[str, str]]:
-    """Trace ``model`` and return (recipe per BN path in forward order, error per un-wirable BN path)."""
+class _Tracer(torch.fx.Tracer):
+    """fx tracer that keeps BKN layers as leaves (a model built with BKN layers is converted too)."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, BatchKalmanNorm) or super().is_leaf_module(m, module_qualified_name)
+
+
+@dataclass
+class _Plan:
+    recipes: dict[str, Recipe | None]  # per norm path, forward order; None = start of the chain
+    errors: dict[str, str]  # per un-wirable norm path
+    from_input: dict[str, Recipe]  # recipes of chain starts in terms of FromInput (caller-supplied stats)
+    output: Recipe | None  # statistics of the model output, when derivable
+
+
+def _plan(model: nn.Module) -> _Plan:
+    """Trace ``model`` and derive the recipe of every norm layer's input (and of the output)."""
     try:
-        graph = torch.fx.symbolic_trace(model).graph
+        graph = _Tracer().trace(model)
     except Exception as exc:  # fx raises several types (TraceError, TypeError, ...)
         raise ConvertError(
             f"cannot trace {type(model).__name__} with torch.fx ({type(exc).__name__}: {exc}); "
@@ -111,24 +218,30 @@ def _plan(model: nn.Module) -> tuple[dict[str, Recipe | None], dict[str, str]]:
 
     norm_nodes = [n for n in nodes if is_norm(n)]
 
-    def stats(t: Any, before: torch.fx.Node) -> Recipe | None:
+    def stats(t: Any, before: torch.fx.Node, use_input: bool) -> Recipe | None:
+        t = _skip_transparent(t, modules)
         if not isinstance(t, torch.fx.Node):
             raise _Unsupported(f"a constant {t!r} where a tensor with statistics was expected")
         earlier = [u for u in t.users if is_norm(u) and u.args[0] is t and position[u] < position[before]]
         if earlier:
             return FromPosterior(earlier[0].target)
         if t.op == "placeholder":
-            return None
+            return FromInput(t.target) if use_input else None
         if is_norm(t):
             return FromPosterior(t.target)
         if t.op == "call_module" and isinstance(modules[t.target], (nn.modules.conv._ConvNd, nn.Linear)):
-            src, relu = t.args[0], False
-            if isinstance(src, torch.fx.Node) and _is_relu(src, modules):
-                src, relu = src.args[0], True
-            inner = stats(src, before)
-            return None if inner is None else Through(inner, t.target, relu)
+            src = _skip_transparent(t.args[0], modules)
+            act = _activation(src, modules) if isinstance(src, torch.fx.Node) else None
+            if act is not None:
+                src = src.args[0]
+            inner = stats(src, before, use_input)
+            return None if inner is None else Through(inner, t.target, activation=act or "identity")
+        act = _activation(t, modules)
+        if act is not None:
+            inner = stats(t.args[0], before, use_input)
+            return None if inner is None else Activate(inner, act)
         if _is_add(t) and len(t.args) == 2 and not t.kwargs:
-            parts = tuple(stats(a, before) for a in t.args)
+            parts = tuple(stats(a, before, use_input) for a in t.args)
             if any(p is None for p in parts):
                 raise _Unsupported(f"residual add {t.name!r} has a branch without statistics")
             return Merge(parts)
@@ -136,16 +249,27 @@ def _plan(model: nn.Module) -> tuple[dict[str, Recipe | None], dict[str, str]]:
 
     plan: dict[str, Recipe | None] = {}
     errors: dict[str, str] = {}
+    from_input: dict[str, Recipe] = {}
     for node in norm_nodes:
         if node.target in plan or node.target in errors:
             errors[node.target] = "the layer is called more than once per forward"
             plan.pop(node.target, None)
+            from_input.pop(node.target, None)
             continue
         try:
-            plan[node.target] = stats(node.args[0], node)
+            plan[node.target] = stats(node.args[0], node, use_input=False)
+            if plan[node.target] is None:
+                from_input[node.target] = stats(node.args[0], node, use_input=True)
         except _Unsupported as exc:
             errors[node.target] = f"its input cannot be traced to a prior: {exc}"
-    return plan, errors
+    output: Recipe | None = None
+    out_node = nodes[-1]
+    if out_node.op == "output" and isinstance(out_node.args[0], torch.fx.Node):
+        try:
+            output = stats(out_node.args[0], out_node, use_input=True)
+        except _Unsupported:
+            output = None
+    return _Plan(plan, errors, from_input, output)
 
 
 def _conv_output_size(layer: nn.Module, size: tuple[int, ...]) -> tuple[int, ...]:
@@ -163,17 +287,24 @@ class KalmanChain:
     """Run-time wiring: records posteriors during a forward and hands each BKN its prior.
 
     ``plan`` maps each BKN module path (forward order) to its recipe (``None`` = start of the chain);
-    ``unchained`` lists the paths left without prior (``strict=False``). Hooks are bound methods, so
-    ``copy.deepcopy(model)`` copies a working chain.
+    ``unchained`` lists the paths left without prior (``strict=False``); ``from_input`` gives the
+    chain starts' recipes in terms of the model input, used only for a forward preceded by
+    :meth:`set_input_statistics`; ``output`` is the recipe of the model output (or None). Hooks are
+    bound methods, so ``copy.deepcopy(model)`` copies a working chain.
     """
 
     def __init__(self, model: nn.Module, plan: dict[str, Recipe | None], unchained: dict[str, str],
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None, from_input: dict[str, Recipe] | None = None,
+                 output: Recipe | None = None) -> None:
         self.plan = plan
         self.unchained = unchained
         self.generator = generator
+        self.from_input = dict(from_input or {})
+        self.output = output
         self.layers: dict[str, nn.Module] = dict(model.named_modules())
         self._posteriors: dict[str, tuple[Tensor, Tensor, tuple[int, ...]]] = {}
+        self._pending_input: tuple[Tensor, Tensor, tuple[int, ...]] | None = None
+        self._input: tuple[Tensor, Tensor, tuple[int, ...]] | None = None
         self._handles = [model.register_forward_pre_hook(self._reset)]
         for name in plan:
             bkn = self.layers[name]
@@ -187,9 +318,30 @@ class KalmanChain:
             handle.remove()
         self._handles.clear()
         self._posteriors.clear()
+        self._pending_input = self._input = None
+
+    def set_input_statistics(self, stats: tuple[Tensor, Tensor, tuple[int, ...]] | None) -> None:
+        """Statistics ``(mean, var, spatial size)`` of the model input for the NEXT forward only
+        (e.g. :meth:`output_statistics` of the previous module of a supernet path); ``None`` clears."""
+        if stats is not None:
+            mean, var, size = stats
+            if mean.shape != var.shape or mean.dim() not in (1, 2):
+                raise ValueError(f"input statistics must be (C,) or (G, C) mean/var; got {tuple(mean.shape)}, "
+                                 f"{tuple(var.shape)}")
+            stats = (mean, var, tuple(int(s) for s in size))
+        self._pending_input = stats
+
+    def output_statistics(self) -> tuple[Tensor, Tensor, tuple[int, ...]] | None:
+        """Predicted ``(mean, var, spatial size)`` of the model output after the last TRAINING forward
+        (un-normalized statistics, affine ignored, as for priors); None if not derivable."""
+        if self.output is None:
+            return None
+        transition = next((self.layers[n].transition for n in self.plan), "monte_carlo")
+        return self._evaluate(self.output, transition)
 
     def _reset(self, module: nn.Module, args: Any) -> None:
         self._posteriors.clear()
+        self._input, self._pending_input = self._pending_input, None
 
     def _record(self, name: str, module: nn.Module, args: Any, output: Tensor) -> None:
         if module.posterior is not None:
@@ -201,7 +353,9 @@ class KalmanChain:
             return None
         recipe = self.plan[name]
         if recipe is None:
-            return None
+            recipe = self.from_input.get(name) if self._input is not None else None
+            if recipe is None:
+                return None
         stats = self._evaluate(recipe, module.transition)
         if stats is None:
             return None
@@ -213,6 +367,8 @@ class KalmanChain:
     def _evaluate(self, recipe: Recipe, transition: str) -> tuple[Tensor, Tensor, tuple[int, ...]] | None:
         if isinstance(recipe, FromPosterior):
             return self._posteriors.get(recipe.layer)
+        if isinstance(recipe, FromInput):
+            return self._input
         if isinstance(recipe, Through):
             src = self._evaluate(recipe.source, transition)
             if src is None:
@@ -220,11 +376,18 @@ class KalmanChain:
             mean, var, size = src
             layer = self.layers[recipe.layer]
             if transition == "analytic":
-                m, v = analytic_prior(mean, var, layer, relu=recipe.relu)
+                m, v = analytic_prior(mean, var, layer, activation=recipe.activation)
             else:
                 spatial = size if size or not isinstance(layer, nn.Linear) else None
-                m, v = monte_carlo_prior(mean, var, layer, spatial, generator=self.generator, relu=recipe.relu)
+                m, v = monte_carlo_prior(mean, var, layer, spatial, generator=self.generator,
+                                         activation=recipe.activation)
             return m, v, _conv_output_size(layer, size)
+        if isinstance(recipe, Activate):
+            src = self._evaluate(recipe.source, transition)
+            if src is None:
+                return None
+            mean, var = activation_moments(src[0], src[1], recipe.activation)
+            return mean, var, src[2]
         parts = [self._evaluate(p, transition) for p in recipe.parts]
         if any(p is None for p in parts):
             return None
@@ -271,7 +434,8 @@ def convert(
         raise ConvertError("model is already converted (it has a kalman_chain)")
     if isinstance(model, tuple(_BN_TO_BKN)):
         raise ConvertError("convert a model that contains BatchNorm layers, not a single BatchNorm layer")
-    plan, errors = _plan(model)
+    planned = _plan(model)
+    plan, errors = planned.recipes, planned.errors
     if not plan and not errors:
         raise ConvertError(f"{type(model).__name__} has no nn.BatchNorm1d/2d/3d layer to convert")
     if errors and strict:
@@ -287,6 +451,6 @@ def convert(
         if isinstance(module, BatchKalmanNorm):
             continue
         _swap(model, name, _to_bkn(module, **options))
-    model.kalman_chain = KalmanChain(model, plan, errors, generator)
+    model.kalman_chain = KalmanChain(model, plan, errors, generator, planned.from_input, planned.output)
     return model
 

@@ -108,34 +108,38 @@ class BatchKalmanNorm(nn.Module):
                 f"{type(self).__name__}({self.num_features}) got an input with {x.shape[1]} channels "
                 f"(shape {tuple(x.shape)})"
             )
-        momentum = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average, like torch
-                momentum = 1.0 / float(self.num_batches_tracked)
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        track = not self.training or self.track_running_stats
+        # hot path: each nn.Module attribute lookup of a buffer/parameter costs ~1 us, so look them up once
+        training, momentum = self.training, self.momentum
+        running_mean, running_var = self.running_mean, self.running_var
+        if training and self.track_running_stats:
+            counter = self.num_batches_tracked
+            if counter is not None:
+                counter.add_(1)
+                if momentum is None:  # cumulative moving average, like torch
+                    momentum = 1.0 / float(counter)
+        track = not training or self.track_running_stats
         y, post_mean, post_var = batch_kalman_norm(
             x,
-            self.running_mean if track else None,
-            self.running_var if track else None,
+            running_mean if track else None,
+            running_var if track else None,
             self.weight,
             self.bias,
             prior=prior,
             prior_weight=self.prior_weight,
-            training=use_batch_stats,
-            momentum=momentum,
+            training=training or (running_mean is None and running_var is None),
+            momentum=0.0 if momentum is None else momentum,
             eps=self.eps,
             guard_ratio=self.guard_ratio,
             group_size=self.group_size,
             backend=self.backend,
         )
         if post_mean is None or post_var is None:
-            self.posterior = None
+            posterior = None
         elif self.group_size is None:
-            self.posterior = (post_mean[0], post_var[0])  # (1, C) -> (C,)
+            posterior = (post_mean[0], post_var[0])  # (1, C) -> (C,)
         else:
-            self.posterior = (post_mean, post_var)
+            posterior = (post_mean, post_var)
+        self.__dict__["posterior"] = posterior  # a plain attribute: skip nn.Module.__setattr__'s registry checks
         return y
 
     def extra_repr(self) -> str:

@@ -121,17 +121,23 @@ class EpochShuffleSampler(Sampler[int]):
 
 
 class EpochSeeder(Callback):
-    """Reseed every RNG at each epoch start from ``(seed, epoch)``.
+    """Reseed every RNG at the first batch of each epoch from ``(seed, epoch, rank)``.
 
-    Shuffling and dropout of epoch k then depend only on the seed and k, so a run resumed from
-    the checkpoint of epoch k-1 continues exactly as the uninterrupted run would have.
+    Shuffling (with :class:`EpochShuffleSampler`) and dropout of epoch k then depend only on the seed
+    and k, so a run resumed from the checkpoint of epoch k-1 continues exactly as the uninterrupted
+    run would have. It reseeds at batch 0, not at epoch start: Lightning creates the data iterator
+    (one draw from the global RNG) after ``on_train_epoch_start`` in a continuing run but before it
+    in a resumed one.
     """
 
     def __init__(self, seed: int) -> None:
         self.seed = seed
 
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        pl.seed_everything(self.seed + 1000 * trainer.current_epoch + trainer.global_rank, workers=True, verbose=False)
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if batch_idx == 0:
+            pl.seed_everything(self.seed + 1000 * trainer.current_epoch + trainer.global_rank, workers=True, verbose=False)
 
 
 def build_trainer(cfg: RunConfig, callbacks: Sequence[Callback] = ()) -> pl.Trainer:

@@ -22,7 +22,6 @@ import torch
 from torch import Tensor, nn
 
 from stflow.metrics import FlowMetrics
-from stflow.runner import EpochSeeder
 from stflow.models.registry import DATA_KEYWORDS, build_model
 
 __all__ = ["ForecastingSystem", "StepSchedule", "REFERENCE_LR_MILESTONES", "data_keywords"]
@@ -215,19 +214,6 @@ class ForecastingSystem(pl.LightningModule):
             raise ValueError(f"{type(self.model).__name__} returned {tuple(pred.shape)}, target is {tuple(target.shape)}")
         metrics.update(pred, target, batch["index"])
         return pred, self._loss(pred, target)
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        """Re-apply the runner's per-epoch seed at the first batch of every epoch.
-
-        The runner reseeds at ``on_train_epoch_start``, but Lightning creates the training data iterator (one
-        draw from the global RNG) after that hook in a continuing run and before it in a resumed one, so dropout
-        masks would differ after ``--resume``. Reseeding here, after the iterator exists, makes them depend only
-        on (seed, epoch). (Belongs in ``stflow.runner.EpochSeeder``; harmless once it does it.)
-        """
-        if batch_idx == 0 and self._trainer is not None:
-            for callback in self.trainer.callbacks:
-                if isinstance(callback, EpochSeeder):
-                    callback.on_train_epoch_start(self.trainer, self)
 
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor | None:
         _, loss = self._step(batch, self.train_metrics)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import torch
 from torch import nn
 
@@ -18,10 +19,10 @@ from benchmarks.bkn_study import (
     ClassificationSystem,
     DigitsStudyData,
     EpochRecorder,
-    PreActResNet,
     build_resnet,
     prior_weight_for,
     quiet_lightning,
+    run_config,
 )
 from stflow.runner import RunConfig, fit
 
@@ -92,7 +93,7 @@ def _fit_digits(tmp_path: Path, eval_batch: int, epochs: int = 2):
     model, _ = build_resnet("gn", 8)
     system = ClassificationSystem(model, lr=0.05, max_epochs=epochs)
     data = DigitsStudyData(batch_size=32, seed=0, eval_batch_size=eval_batch)
-    recorder = EpochRecorder(["val_acc", "epoch_test_acc"])
+    recorder = EpochRecorder(["val_acc", "epoch_test_acc"], ["train_acc"])
     cfg = RunConfig(out_dir=str(tmp_path), max_epochs=epochs, seed=0, accelerator="cpu", devices=1,
                     progress_bar=False, loggers=(), checkpoint=False, limit_train_batches=3)
     return fit(system, data, cfg, callbacks=[recorder]), system, data, recorder
@@ -111,6 +112,29 @@ def test_accuracy_metric_equals_numpy_accuracy_of_the_same_predictions(tmp_path)
     assert res.test_metrics["test_acc"] == pytest.approx(numpy_acc, abs=1e-6)
     assert recorder.history[-1]["epoch_test_acc"] == pytest.approx(numpy_acc, abs=1e-6)  # same weights, val loop
     assert [h["epoch"] for h in recorder.history] == [0.0, 1.0]
+
+
+def test_epoch_history_survives_resume_and_the_final_test_restore(tmp_path):
+    """A run stopped after epoch 1 and resumed equals the uninterrupted run, epoch by epoch; the runner's
+    ``trainer.test(ckpt_path=best)`` does not roll the history back to the best epoch."""
+    quiet_lightning()
+
+    def run(out: Path, epochs: int, resume: bool) -> EpochRecorder:
+        pl.seed_everything(0)
+        model, _ = build_resnet("bn", 32)
+        recorder = EpochRecorder(["val_loss", "epoch_test_acc"], ["train_loss"])
+        cfg = run_config(out, epochs, 0, "val_loss", "min", resume, limit_train_batches=3, loggers=())
+        fit(ClassificationSystem(model, lr=0.025, max_epochs=3), DigitsStudyData(32, seed=0), cfg, callbacks=[recorder])
+        return recorder
+
+    full = run(tmp_path / "full", 3, False).history
+    assert [h["epoch"] for h in full] == [0.0, 1.0, 2.0]
+    assert run(tmp_path / "cut", 2, False).history[-1]["epoch"] == 1.0
+    resumed = run(tmp_path / "cut", 3, True).history
+    assert [h["epoch"] for h in resumed] == [0.0, 1.0, 2.0]
+    for a, b in zip(full, resumed):
+        for key in ("val_loss", "epoch_test_acc", "train_loss"):
+            assert a[key] == pytest.approx(b[key], abs=1e-6)
 
 
 def test_digits_data_adapter_batches_and_rejects_bad_sizes():
