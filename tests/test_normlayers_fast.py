@@ -64,6 +64,32 @@ def test_gradcheck_with_guard_fired_and_no_affine():
     assert torch.all(pm.grad[1] != 0) and torch.all(pv.grad[1] != 0)
 
 
+@pytest.mark.parametrize("group_size", [None, 2])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("fire_guard", [False, True])
+def test_gradcheck_y_only_backward(group_size, channels_last, fire_guard):
+    """Only ``y`` is differentiated: the fused single-BN-backward path (and the guard in every group)."""
+    x, w, b, pm, pv = _make((4, 3, 3, 5), torch.float64, group_size, "shared", seed=2, channels_last=channels_last)
+    if fire_guard:
+        with torch.no_grad():
+            pv *= 1e4  # every ghost group falls back to BatchNorm
+
+    def fn(x, w, b, pm, pv):
+        return bkn_train(x, w, b, (pm, pv), 0.7, 1e-5, 100.0, group_size)[0]
+
+    assert torch.autograd.gradcheck(fn, (x, w, b, pm, pv), fast_mode=True)
+    ref_inputs = [t.detach().clone().requires_grad_() for t in (x, w, b, pm, pv)]
+    y_ref = batch_kalman_norm_reference(
+        ref_inputs[0], ref_inputs[1], ref_inputs[2], ref_inputs[3], ref_inputs[4], 0.7, group_size=group_size
+    )[0]
+    y = fn(x, w, b, pm, pv)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    y_ref.backward(grad)
+    for fast, ref in zip((x, w, b, pm, pv), ref_inputs):
+        torch.testing.assert_close(fast.grad, ref.grad, rtol=1e-9, atol=1e-10)
+
+
 @pytest.mark.parametrize(
     "shape,group_size,channels_last",
     [
