@@ -84,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         f"({gt['epochs']} epochs each; mean {np.mean(acc):.4f}, range {min(acc):.4f}-{max(acc):.4f})",
         f"ground truth time {t_gt:.0f} s ({'reused' if t_gt < 5 else 'trained'}); total {total:.0f} s",
         "DNA correlations use -score (the rating is a loss); 'more params' uses the parameter count",
-        "bkn: normlayers.BatchKalmanNorm2d without a Kalman chain (normlayers.convert cannot wire SiLU "
-        "MBConvs), mathematically BatchNorm: bn and bkn differ only by float drift through training",
+        "bkn: normlayers.BatchKalmanNorm2d (p=0.9, analytic transition) chained along every sampled path "
+        "of the block supernets (nas.supernet); ratings use running statistics after recalibration",
     ]
     report(
         "dna_digits",

@@ -8,6 +8,7 @@ records the machine, library versions and git revision so figures can be traced 
 from __future__ import annotations
 
 import csv
+import importlib.metadata
 import json
 import os
 import platform
@@ -58,11 +59,9 @@ def environment() -> dict[str, Any]:
         env["pytorch_lightning"] = pytorch_lightning.__version__
     except ImportError:
         pass
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
+    try:  # the version only: importing triton here would fix its mode (interpreter or not) for the process
+        env["triton"] = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
         pass
     return env
 

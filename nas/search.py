@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import importlib
 import sys
 from dataclasses import replace
 
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     if method == "dna":
         return dna_main(rest)
     try:
-        from . import bossnas
+        bossnas = importlib.import_module("nas.bossnas")  # honours sys.modules, unlike `from . import`
     except ImportError as exc:
         print(f"error: BossNAS is unavailable (importing nas.bossnas failed: {exc})", file=sys.stderr)
         return 2

@@ -15,15 +15,6 @@ from normlayers import BatchKalmanNorm, BatchKalmanNorm2d, ConvertError, convert
 from normlayers.convert import FromPosterior, Merge, Through
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP waits when the 2 cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class PreActBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
         super().__init__()

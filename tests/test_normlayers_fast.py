@@ -9,15 +9,6 @@ from normlayers import BatchKalmanNorm2d, batch_kalman_norm, batch_kalman_norm_r
 from normlayers._cpu import bkn_train
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP waits when the 2 cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _make(shape, dtype, group_size, prior_kind, seed=0, channels_last=False):
     gen = torch.Generator().manual_seed(seed)
     n, c = shape[:2]

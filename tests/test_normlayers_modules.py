@@ -9,15 +9,6 @@ from torch import nn
 from normlayers import BatchKalmanNorm, BatchKalmanNorm1d, BatchKalmanNorm2d, BatchKalmanNorm3d, batch_kalman_norm
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP waits when the 2 cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _trained_bn(c: int = 4) -> nn.BatchNorm2d:
     bn = nn.BatchNorm2d(c)
     with torch.no_grad():

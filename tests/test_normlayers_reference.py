@@ -28,15 +28,6 @@ CASES = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP waits when the 2 cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _input(shape: tuple[int, ...], channels_last: bool, seed: int = 0) -> torch.Tensor:
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * 2.0 + 0.5
     if channels_last:

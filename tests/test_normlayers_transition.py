@@ -14,15 +14,6 @@ from normlayers import analytic_prior, monte_carlo_prior, pad_channels, residual
 from normlayers.transition import rectified_gaussian_moments
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP waits when the 2 cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_rectified_gaussian_moments_match_scipy():
     mean = torch.tensor([-1.5, -0.2, 0.0, 0.7, 3.0], dtype=torch.float64)
     var = torch.tensor([0.5, 1.0, 2.0, 0.3, 0.01], dtype=torch.float64)
