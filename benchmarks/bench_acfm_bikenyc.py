@@ -1,6 +1,6 @@
 """ACFM vs ST-ResNet vs historical average vs persistence on the real BikeNYC segment, trained from scratch.
 
-``python -m benchmarks acfm_bikenyc [--epochs N]``. Data: /work/shared/data/bikenyc (1369 hourly slots; with
+``python -m benchmarks acfm_bikenyc [--epochs N]``. Data: ../shared/data/bikenyc (1369 hourly slots; with
 lc=4, lp=2, lt=0 that is 1321 samples, the last 240 = the standard test period, validation = the last 10% of the
 other 1081). Every trainable model gets the same epoch budget and recipe (Adam, grad clip 0.1, seed 777, lr steps;
 lr 1e-3 and batch 32 by default instead of the reference 3e-4 / 64, which needs ~200 epochs) and the same inputs (ACFM's windows and 33-dim external vector, so ST-ResNet here is the

@@ -3,7 +3,7 @@
 BKN (Wang et al., 2018) estimates each norm layer's statistics by combining its micro-batch moments
 with a prior propagated from the previous layer's estimate, like a Kalman filter along depth:
 ``mu_hat = p*mu_P + (1-p)*mu_B``, ``var_hat = p*var_P + (1-p)*var_B + p*(1-p)*(mu_B-mu_P)**2``.
-Spec: /work/shared/docs/bkn.md; executable spec: :mod:`normlayers.reference`.
+Spec: ``../shared/docs/bkn.md``; executable spec: :mod:`normlayers.reference`.
 
 Decisions where the spec leaves a choice (tested in tests/test_normlayers_*.py):
 
@@ -20,8 +20,11 @@ Decisions where the spec leaves a choice (tested in tests/test_normlayers_*.py):
 * Ghost groups are consecutive slices of ``group_size`` samples; gamma/beta are shared; a ``(C,)``
   prior is shared by all groups, a ``(G, C)`` prior is per group.
 * Default ``prior_weight=0.9`` (the reference's value for micro-batches of 2).
-* Transition: ``monte_carlo`` (the reference: one random image per group) or ``analytic``
-  (rectified-Gaussian + linear moments, padding ignored); residual adds sum means and variances.
+* Transition: ``monte_carlo`` (the reference: one random image per group, through the activation and
+  the next conv) or ``analytic`` (rectified-Gaussian moments for ReLU, Gauss-Hermite quadrature for
+  SiLU/GELU/Hardswish/..., then linear moments; padding ignored); residual adds sum means and variances.
+* ``convert`` chains through ReLU, ReLU6, SiLU, GELU, Hardswish, Sigmoid and Tanh; squeeze-excite gates,
+  SELU, pooling and concatenation are not wired (``ConvertError``, or un-chained with ``strict=False``).
 * Prior validation (shape always; NaN/inf/negative variance outside ``torch.compile``) raises ValueError.
 """
 

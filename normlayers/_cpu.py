@@ -4,7 +4,7 @@ Forward: batch moments (see ``_batch_moments``), the prior checks and the guard 
 (``_guarded_weight``), an O(G*C) finalize (mixture), one fused normalize pass. Backward: BN's two
 per-channel reductions S1 = sum(g), S2 = sum(g*xh) (``aten.native_batch_norm_backward``), O(G*C)
 work, then ``dx = A*g + B*x + D`` per channel. The posterior (mean, var) is a differentiable
-output; its gradients add to dx and to the prior (see /work/shared/docs/bkn.md, "Backward",
+output; its gradients add to dx and to the prior (see ../shared/docs/bkn.md, "Backward",
 extended with d mu_B/dx = 1/M and d var_B/dx = 2 (x - mu_B)/M).
 
 With ``dL/dmu_hat = gm - r*S1h`` =: Gm and ``dL/dvar_hat = gv - r**2*S2h/2`` =: Gv

@@ -32,7 +32,7 @@ from stflow.train import CHECKPOINT_DATA_KEY, SHARED_DATA_DIRS, format_metrics
 
 __all__ = ["REFERENCE_DATA", "evaluate", "load_checkpoint", "main"]
 
-# Data settings under which the authors' checkpoints were trained (see /work/shared/docs/acfm.md).
+# Data settings under which the authors' checkpoints were trained (see ../shared/docs/acfm.md).
 REFERENCE_DATA: dict[str, dict[str, Any]] = {
     "acfm_reference_bikenyc": dict(
         dataset="bikenyc", len_closeness=4, len_period=2, len_trend=0, features="acfm",

@@ -1,4 +1,4 @@
-"""Crowd-flow metrics on the ORIGINAL scale, exactly per the ACFM metric protocol (/work/shared/docs/acfm.md).
+"""Crowd-flow metrics on the ORIGINAL scale, exactly per the ACFM metric protocol (../shared/docs/acfm.md).
 
 Predictions and targets arrive scaled to [-1, 1]; an error in original units is ``(pred - target) * (max - min) / 2``.
 

@@ -1,7 +1,7 @@
 """The authors' BikeNYC checkpoint reproduces its published test score through our data layer and model.
 
 Protocol (acfm.md): RMSE = sqrt(global MSE over every test sample, both channels, every cell) in original units,
-times sqrt(128/81); the 5.598 / 5.419 / 5.770 figures and the sanity signals come from /work/shared/docs/acfm.md.
+times sqrt(128/81); the 5.598 / 5.419 / 5.770 figures and the sanity signals come from ../shared/docs/acfm.md.
 The MAE figure 3.382 is the mean absolute error over the 81 ACTIVE cells only (cells that ever see a bike), i.e.
 the masked mean; MAE_all_cells * 128/81 gives 3.468 instead, because the model's predictions for the 47
 always-empty cells are not exactly zero.

@@ -149,7 +149,7 @@ def test_registry():
 
 
 def test_naive_baselines_reproduce_bikenyc_readme_figures(bikenyc_dir):
-    """/work/shared/data/README.md: HA 8.64, repeat last hour 11.76, same hour last week 10.66 (RMSE, 81 cells)."""
+    """../shared/data/README.md: HA 8.64, repeat last hour 11.76, same hour last week 10.66 (RMSE, 81 cells)."""
     data = pytest.importorskip("stflow.data")
     dm = data.CrowdFlowDataModule(dataset="bikenyc", data_dir=str(bikenyc_dir), len_closeness=1, len_period=0,
                                   len_trend=1, val_fraction=0.0, batch_size=512, shuffle_train=False)

@@ -26,14 +26,6 @@ SPACE = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _record_priors(module: torch.nn.Module) -> dict[str, bool]:
     """name -> whether the last call of that BKN received a prior."""
     received: dict[str, bool] = {}

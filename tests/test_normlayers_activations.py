@@ -16,14 +16,6 @@ from normlayers.convert import FromPosterior, Through
 from normlayers.transition import ACTIVATIONS, activation_moments
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 MEANS = torch.tensor([-2.0, -0.5, 0.0, 0.7, 2.5], dtype=torch.float64)
 VARS = torch.tensor([0.05, 0.5, 1.0, 2.0, 3.0], dtype=torch.float64)
 

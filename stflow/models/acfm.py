@@ -6,7 +6,7 @@ Batch layout (``forward(batch)``), float32, flows scaled to [-1, 1], frames MOST
     ext_closeness (B, lc, D)     ext_period (B, lp, D)     ext_trend (B, lt, D)     ext_target (B, D)
 
 -> prediction (B, 2, H, W), scaled. Period and trend frames form one "periodic" branch (period first), as in
-the authors' code. Pipeline per sample (see /work/shared/docs/acfm.md):
+the authors' code. Pipeline per sample (see ../shared/docs/acfm.md):
 
 1. every frame through ONE shared residual encoder (2 -> C channels), plus its external embedding;
 2. an attention ConvLSTM (shared by both branches, each run oldest frame first from a zero state) gives a hidden
