@@ -107,7 +107,7 @@ def test_historical_average_runs_without_optimizer(tiny_city: Path, tmp_path: Pa
     dm = CrowdFlowDataModule(data_dir=str(tiny_city), test_days=2, batch_size=32, seed=777)
     dm.setup("fit")
     flows, ts, mask = dm.flows, dm.timestamps, dm.train_slot_mask
-    key = ts.dayofweek.to_numpy() * 24 + ts.hour.to_numpy()
+    key = ts.day_of_week.to_numpy() * 24 + ts.hour.to_numpy()
     test_index = dm.test_dataset.windows.target
     sq = []
     for i in test_index:
