@@ -42,6 +42,10 @@ Running = tuple[Tensor, Tensor, float, int]  # (running_mean, running_var, momen
 
 _native_batch_norm_backward = torch.ops.aten.native_batch_norm_backward.default
 _GROUP_NORM_MIN_NUMEL = 1 << 15  # below this, per-op overhead dominates and BN's kernel is cheaper
+# 0-d constants (never written to): ``torch.add(t, _ONE, alpha=eps)`` and ``torch.addcmul(_ZERO, a, b, value=s)``
+# skip the Python-scalar wrapping (a dtype conversion) of ``t + eps`` and ``a * b * s``, ~1.5 us per op
+_ONE = torch.ones(())
+_ZERO = torch.zeros(())
 
 
 def _grouped(t: Tensor, groups: int) -> Tensor:
@@ -101,7 +105,7 @@ def _guarded_weight(prior_mean: Tensor, prior_var: Tensor, var_b: Tensor, p: flo
     are validated in the same host sync. Inside ``torch.compile`` graphs (no host sync): a tensor,
     no value checks.
     """
-    terms = torch.div(prior_var, var_b.add(eps))  # (C,) or (G, C); negative iff var_P is
+    terms = torch.div(prior_var, torch.add(var_b, _ONE, alpha=eps))  # (C,) or (G, C); negative iff var_P is
     if torch.compiler.is_compiling():
         fire = terms.mean(dim=-1, keepdim=True) >= guard_ratio  # (1,) or (G, 1)
         return torch.where(fire, 0.0, p).to(var_b.dtype)
@@ -183,7 +187,7 @@ class _BatchKalmanNormFn(torch.autograd.Function):
             post_mean, post_var = mu_b, var_b
         if running is not None:
             _update_running(post_mean, post_var, *running)
-        rstd = torch.rsqrt(post_var + eps)
+        rstd = torch.rsqrt(torch.add(post_var, _ONE, alpha=eps))
 
         w = weight if weight is None or weight.dtype == sdt else weight.to(sdt)
         b = bias if bias is None or bias.dtype == sdt else bias.to(sdt)
@@ -232,7 +236,12 @@ class _BatchKalmanNormFn(torch.autograd.Function):
             fused = need_dx and only_y and (d is None or gys.is_contiguous())
             w_bn = w
             if fused and d is not None:
-                w_bn = (rstd.new_ones(rstd.shape) if w is None else w) * (1.0 - pe)
+                if isinstance(pe, Tensor):  # (inside torch.compile graphs)
+                    w_bn = (rstd.new_ones(rstd.shape) if w is None else w) * (1.0 - pe)
+                elif w is None:
+                    w_bn = rstd.new_full(rstd.shape, 1.0 - pe)
+                else:  # (1 - p) * gamma as gamma - p * gamma: an alpha, not a wrapped scalar
+                    w_bn = torch.add(w, w, alpha=-pe)
             dx, s2, s1 = _native_batch_norm_backward(
                 gys, xs, w_bn, None, None, post_mean, rstd, True, ctx.eps, [fused, True, True],
             )  # S1 = sum(g), S2 = sum(g * xh), each (C,)
@@ -253,9 +262,9 @@ class _BatchKalmanNormFn(torch.autograd.Function):
             need_prior = False
         if need_prior and only_y and not need_dx and s1 is not None and isinstance(pe, float):
             # the common case in few ops: a*S1 = -Gm, a*r*S2 = -2*Gv
-            a_s1, ar_s2 = torch.mul(a, s1), torch.mul(a * rstd, s2)
-            dpv = ar_s2 * (-0.5 * pe)  # p * Gv
-            dpm = torch.addcmul(a_s1 * -pe, d, ar_s2, value=pe * (1.0 - pe))  # p*Gm - 2*p*q*d*Gv
+            dpv = torch.addcmul(_ZERO, a * rstd, s2, value=-0.5 * pe)  # p * Gv
+            p_gm = torch.addcmul(_ZERO, a, s1, value=-pe)  # p * Gm
+            dpm = torch.addcmul(p_gm, d, dpv, value=-2.0 * (1.0 - pe))  # p*Gm - 2*p*q*d*Gv
         elif need_prior or need_dx:
             if s1 is None:  # no gradient reached y
                 g_mean = torch.zeros_like(rstd) if gm is None else gm
