@@ -98,7 +98,7 @@ class EpochShuffleSampler(Sampler[int]):
     Lightning calls ``set_epoch`` before every training epoch, so a resumed run sees exactly the
     batches the uninterrupted run would have seen (a plain ``shuffle=True`` loader does not).
     Use it as ``DataLoader(ds, batch_size=..., sampler=EpochShuffleSampler(len(ds), seed))``.
-    Under DDP Lightning replaces it with a ``DistributedSampler``, which is seeded the same way.
+    Under DDP Lightning wraps it (``DistributedSamplerWrapper``): every process takes its share of this order.
     """
 
     def __init__(self, num_samples: int, seed: int = 0) -> None:
