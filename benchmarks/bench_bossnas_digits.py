@@ -29,14 +29,14 @@ import numpy as np
 from scipy import stats
 
 from benchmarks.harness import RESULTS_DIR, report
+from benchmarks.nas_digits import GT_PATH, add_ground_truth_arguments, ground_truth
 from nas.bossnas import DEFAULT_CONFIG, load_config, run_search
 from nas.dna import DNAConfig
-from nas.groundtruth import build_ground_truth, seed_ceiling
+from nas.groundtruth import seed_ceiling
 from nas.ranking import correlations, evaluate
 from nas.ratings import load_ratings
 from nas.views import ViewConfig
 
-GT_PATH = RESULTS_DIR / "nas_digits_ground_truth.json"
 DNA_RESULTS = RESULTS_DIR / "dna_digits.json"
 
 PLAIN = dict(epochs_per_block=15, sampling="random", num_paths=2, batch_size=64,
@@ -59,18 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="BossNAS search seeds")
     p.add_argument("--epochs", type=int, default=None, help="override epochs per block (tuned variant)")
     p.add_argument("--variant", nargs="+", choices=("tuned", "plain"), default=["tuned"])
-    p.add_argument("--archs", type=int, default=30, help="architectures in the ground truth")
-    p.add_argument("--gt-seeds", type=int, nargs="+", default=[0, 1, 2], help="stand-alone training seeds")
-    p.add_argument("--gt-epochs", type=int, default=10)
+    add_ground_truth_arguments(p)
     p.add_argument("--out", default="runs/bench-bossnas-digits", help="search run directories (resumable)")
     p.add_argument("--fresh", action="store_true", help="delete previous runs in --out first")
     args = p.parse_args(argv)
-    if args.archs < 3 or len(args.gt_seeds) < 2:
-        p.error("need >= 3 architectures and >= 2 ground-truth seeds")
 
     t_start = time.perf_counter()
     space = DNAConfig().space
-    gt = build_ground_truth(space, GT_PATH, args.archs, args.gt_seeds, args.gt_epochs)
+    gt = ground_truth(space, args, p)
     t_gt = time.perf_counter() - t_start
     encodings = [a["encoding"] for a in gt["architectures"]]
     acc = [a["accuracy"] for a in gt["architectures"]]

@@ -21,31 +21,27 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.harness import RESULTS_DIR, report
+from benchmarks.harness import report
+from benchmarks.nas_digits import GT_PATH, add_ground_truth_arguments, ground_truth
 from nas.dna import digits_config, run_dna
-from nas.groundtruth import build_ground_truth, seed_ceiling
+from nas.groundtruth import seed_ceiling
 from nas.ranking import correlations, evaluate
 from nas.ratings import load_ratings
 
-GT_PATH = RESULTS_DIR / "nas_digits_ground_truth.json"
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks dna_digits", description=__doc__.split("\n")[0])
     p.add_argument("--norm", choices=("bn", "bkn", "both"), default="both")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="DNA search seeds")
-    p.add_argument("--archs", type=int, default=30, help="architectures in the ground truth")
-    p.add_argument("--gt-seeds", type=int, nargs="+", default=[0, 1, 2], help="stand-alone training seeds")
-    p.add_argument("--gt-epochs", type=int, default=10)
+    add_ground_truth_arguments(p)
     p.add_argument("--out", default="runs/bench-dna-digits", help="DNA run directories (resumable)")
     p.add_argument("--fresh", action="store_true", help="delete previous DNA runs in --out first")
     args = p.parse_args(argv)
-    if args.archs < 3 or len(args.gt_seeds) < 2:
-        p.error("need >= 3 architectures and >= 2 ground-truth seeds")
 
     t_start = time.perf_counter()
     cfg0 = digits_config(progress_bar=False)
-    gt = build_ground_truth(cfg0.space, GT_PATH, args.archs, args.gt_seeds, args.gt_epochs)
+    gt = ground_truth(cfg0.space, args, p)
     t_gt = time.perf_counter() - t_start
     encodings = [a["encoding"] for a in gt["architectures"]]
     acc = [a["accuracy"] for a in gt["architectures"]]

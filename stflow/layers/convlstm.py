@@ -58,6 +58,14 @@ def _init_peephole(w: Tensor) -> None:
         w.normal_(0.0, math.sqrt(2.0 / fan_in))
 
 
+def _check_cell_options(kernel_size: int, dropout: float) -> None:
+    """The options both cells share: an odd kernel (the grid keeps its size) and a dropout rate in [0, 1)."""
+    if kernel_size % 2 != 1:
+        raise ValueError(f"kernel_size must be odd to keep the grid size, got {kernel_size}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+
+
 class ConvLSTMCell(nn.Module):
     """Peephole ConvLSTM cell whose four gates come from ONE convolution over ``concat([x, h])``.
 
@@ -74,10 +82,7 @@ class ConvLSTMCell(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        if kernel_size % 2 != 1:
-            raise ValueError(f"kernel_size must be odd to keep the grid size, got {kernel_size}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        _check_cell_options(kernel_size, dropout)
         self.in_channels = in_channels
         self.hidden_channels = hidden_channels
         self.grid_shape = tuple(grid_shape)
@@ -145,10 +150,7 @@ class LiteralConvLSTMCell(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        if kernel_size % 2 != 1:
-            raise ValueError(f"kernel_size must be odd to keep the grid size, got {kernel_size}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        _check_cell_options(kernel_size, dropout)
         self.in_channels = in_channels
         self.hidden_channels = hidden_channels
         self.grid_shape = tuple(grid_shape)
