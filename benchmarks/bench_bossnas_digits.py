@@ -29,7 +29,7 @@ import numpy as np
 from scipy import stats
 
 from benchmarks.harness import RESULTS_DIR, report
-from benchmarks.nas_digits import GT_PATH, add_ground_truth_arguments, ground_truth
+from benchmarks.nas_digits import GT_PATH, add_ground_truth_arguments, describe_ground_truth, ground_truth
 from nas.bossnas import DEFAULT_CONFIG, load_config, run_search
 from nas.dna import DNAConfig
 from nas.groundtruth import seed_ceiling
@@ -107,8 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                          "kendall": rating_stability(space, tables)})
     total = time.perf_counter() - t_start
     notes = [
-        f"{len(acc)} architectures of {space.name}, ground truth = mean test accuracy over seeds {gt['seeds']} "
-        f"({gt['epochs']} epochs each; mean {np.mean(acc):.4f}, range {min(acc):.4f}-{max(acc):.4f})",
+        describe_ground_truth(gt),
         f"ground truth {'reused' if t_gt < 5 else 'trained'} ({t_gt:.0f} s); total {total:.0f} s; norm {args.norm}",
         "BossNAS correlations use -score (the rating is a BYOL distance to the population center); "
         "tau_vs_params: Kendall between -score and parameter count (does the rating track capacity?)",

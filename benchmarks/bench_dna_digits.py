@@ -1,6 +1,6 @@
 """DNA on digits: does the block-wise rating rank architectures like stand-alone training does?
 
-``python -m benchmarks dna_digits [--norm bn|bkn|both] [--seeds 0 1] [--archs 30] [--gt-seeds 0 1 2]``
+``python -m benchmarks dna_digits [--norm bn|bkn|both] [--bkn-p 0.5 0.9] [--seeds 0 1] [--archs 30] [--gt-seeds 0 1 2]``
 
 1. ground truth: ``--archs`` architectures of the digits space (fixed sample seed), each trained
    from scratch with every ``--gt-seeds`` seed; mean test accuracy, written to (and reused from)
@@ -8,7 +8,9 @@
 2. DNA (teacher, block distillation, rating of every candidate) per norm and search seed;
 3. Kendall tau / Spearman / Pearson between DNA's architecture score (negated loss) and mean
    accuracy, beside the seed-vs-seed ceiling (mean pairwise Kendall between single-seed
-   accuracies) and the "more parameters is better" baseline in the same run.
+   accuracies) and the "more parameters is better" baseline in the same run; ``distill_loss`` =
+   the mean rating (relative L1 distillation error) over all candidates and blocks, a
+   ground-truth-free measure of how well the supernet learned (used to pick BKN's prior weight).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.harness import report
-from benchmarks.nas_digits import GT_PATH, add_ground_truth_arguments, ground_truth
+from benchmarks.nas_digits import GT_PATH, add_ground_truth_arguments, describe_ground_truth, ground_truth
 from nas.dna import digits_config, run_dna
 from nas.groundtruth import seed_ceiling
 from nas.ranking import correlations, evaluate
@@ -33,6 +35,7 @@ from nas.ratings import load_ratings
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks dna_digits", description=__doc__.split("\n")[0])
     p.add_argument("--norm", choices=("bn", "bkn", "both"), default="both")
+    p.add_argument("--bkn-p", type=float, nargs="+", default=[0.5], help="BKN prior weights to run (bkn rows)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="DNA search seeds")
     add_ground_truth_arguments(p)
     p.add_argument("--out", default="runs/bench-dna-digits", help="DNA run directories (resumable)")
@@ -52,41 +55,50 @@ def main(argv: list[str] | None = None) -> int:
         {"rater": "seed-vs-seed ceiling", "norm": "-", "seed": "-", "kendall": ceiling},
         {"rater": "more params is better", "norm": "-", "seed": "-", **_corr(by_params)},
     ]
-    norms = ["bn", "bkn"] if args.norm == "both" else [args.norm]
+    variants = [("bn", None)] if args.norm in ("bn", "both") else []
+    if args.norm in ("bkn", "both"):
+        variants += [("bkn", weight) for weight in args.bkn_p]
     out = Path(args.out)
     if args.fresh and out.exists():
         shutil.rmtree(out)
     for seed in args.seeds:
         teacher_src: Path | None = None
-        for norm in norms:
-            run_dir = out / f"{norm}-seed{seed}"
-            if teacher_src is not None and not (run_dir / "teacher").exists():  # same teacher for both norms
+        for norm, prior_weight in variants:
+            label = norm if prior_weight is None else f"bkn p={prior_weight:g}"
+            run_dir = out / (f"{norm}-seed{seed}" if prior_weight is None else f"bkn-p{prior_weight:g}-seed{seed}")
+            if teacher_src is not None and not (run_dir / "teacher").exists():  # one teacher for every variant
                 shutil.copytree(teacher_src, run_dir / "teacher", ignore=shutil.ignore_patterns("checkpoints", "logs"))
             t0 = time.perf_counter()
-            run_dna(replace(cfg0, norm=norm, seed=seed), run_dir, do_retrain=False)
+            cfg = replace(cfg0, norm=norm, seed=seed)
+            if prior_weight is not None:
+                cfg = replace(cfg, bkn_prior_weight=prior_weight)
+            run_dna(cfg, run_dir, do_retrain=False)
             seconds = time.perf_counter() - t0
             teacher_src = run_dir / "teacher"
             table = load_ratings(run_dir / "ratings.json")
             res = evaluate(table, encodings, acc)
+            loss = float(np.mean([np.mean(list(b.values())) for b in table.block_ratings]))
             # scores are losses (lower = better): negate so positive correlation = agreement
-            rows.append({"rater": "DNA", "norm": norm, "seed": seed, **_corr(res, sign=-1.0), "seconds": seconds})
+            rows.append({"rater": "DNA", "norm": label, "seed": seed, **_corr(res, sign=-1.0), "distill_loss": loss,
+                         "seconds": seconds})
     dna_rows = [r for r in rows if r["rater"] == "DNA"]
-    for norm in norms:
-        taus = [r["kendall"] for r in dna_rows if r["norm"] == norm]
-        rows.append({"rater": "DNA mean", "norm": norm, "seed": "all", "kendall": float(np.mean(taus))})
+    for label in dict.fromkeys(r["norm"] for r in dna_rows):
+        taus = [r["kendall"] for r in dna_rows if r["norm"] == label]
+        rows.append({"rater": "DNA mean", "norm": label, "seed": "all", "kendall": float(np.mean(taus))})
     total = time.perf_counter() - t_start
     notes = [
-        f"{len(acc)} architectures, ground truth = mean test accuracy over seeds {gt['seeds']} "
-        f"({gt['epochs']} epochs each; mean {np.mean(acc):.4f}, range {min(acc):.4f}-{max(acc):.4f})",
+        describe_ground_truth(gt),
         f"ground truth time {t_gt:.0f} s ({'reused' if t_gt < 5 else 'trained'}); total {total:.0f} s",
         "DNA correlations use -score (the rating is a loss); 'more params' uses the parameter count",
-        "bkn: normlayers.BatchKalmanNorm2d (p=0.9, analytic transition) chained along every sampled path "
-        "of the block supernets (nas.supernet); ratings use running statistics after recalibration",
+        "bkn p=...: normlayers.BatchKalmanNorm2d (prior weight p, analytic transition) chained along every "
+        "sampled path of the block supernets (nas.supernet); ratings use running statistics after recalibration",
+        "distill_loss: mean relative-L1 rating over every candidate of every block (no ground truth involved)",
+        "'seconds' = this run's wall time for the search without retraining (a finished run in --out is reused)",
     ]
     report(
         "dna_digits",
         rows,
-        columns=["rater", "norm", "seed", "kendall", "spearman", "pearson", "seconds"],
+        columns=["rater", "norm", "seed", "kendall", "spearman", "pearson", "distill_loss", "seconds"],
         notes=notes,
         extra={"ground_truth": str(GT_PATH), "total_seconds": total},
     )

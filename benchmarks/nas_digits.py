@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+import numpy as np
+
 from benchmarks.harness import RESULTS_DIR
 from nas.groundtruth import build_ground_truth
 from nas.spaces import SearchSpace
@@ -16,10 +18,24 @@ def add_ground_truth_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--archs", type=int, default=30, help="architectures in the ground truth")
     parser.add_argument("--gt-seeds", type=int, nargs="+", default=[0, 1, 2], help="stand-alone training seeds")
     parser.add_argument("--gt-epochs", type=int, default=10)
+    parser.add_argument("--gt-folds", type=int, default=5,
+                        help="cross-validation folds per seed (1 = the fixed 360-image test split)")
+    parser.add_argument("--gt-workers", type=int, default=2, help="parallel stand-alone training processes")
+
+
+def describe_ground_truth(gt: dict[str, Any]) -> str:
+    """One line for a benchmark's notes: what the accuracies are and their spread."""
+    acc = [a["accuracy"] for a in gt["architectures"]]
+    folds = gt.get("folds", 1)
+    how = f"{folds}-fold cross-validated (pooled over all 1,797 images)" if folds > 1 else "fixed 360-image test split"
+    return (f"{len(acc)} architectures of {gt['space']}, ground truth = mean stand-alone accuracy over seeds "
+            f"{gt['seeds']}, each {how}, {gt['epochs']} epochs per run; mean {np.mean(acc):.4f}, "
+            f"range {min(acc):.4f}-{max(acc):.4f}")
 
 
 def ground_truth(space: SearchSpace, args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
     """The stand-alone accuracies in GT_PATH (built, or reused when its settings match)."""
     if args.archs < 3 or len(args.gt_seeds) < 2:
         parser.error("need >= 3 architectures and >= 2 ground-truth seeds")
-    return build_ground_truth(space, GT_PATH, args.archs, args.gt_seeds, args.gt_epochs)
+    return build_ground_truth(space, GT_PATH, args.archs, args.gt_seeds, args.gt_epochs, folds=args.gt_folds,
+                              workers=args.gt_workers)

@@ -83,6 +83,7 @@ class BossNASConfig:
 
     space: str = "mbconv"  # "mbconv" (the core's digits space) | "hytra"
     norm: str = "bn"  # "bn" | "bkn"
+    bkn_prior_weight: float = 0.5  # BKN's prior weight p inside the supernets (see nas.ops.make_norm)
     out_dir: str = "runs/bossnas-digits"
     seed: int = 0
     data_seed: int = 0
@@ -115,6 +116,7 @@ class BossNASConfig:
         checks = [
             (self.space in ("mbconv", "hytra"), f"space must be 'mbconv' or 'hytra', got {self.space!r}"),
             (self.norm in ("bn", "bkn"), f"norm must be 'bn' or 'bkn', got {self.norm!r}"),
+            (0.0 <= self.bkn_prior_weight <= 1.0, f"bkn_prior_weight must be in [0, 1], got {self.bkn_prior_weight}"),
             (self.sampling in ("fair", "random"), f"sampling must be 'fair' or 'random', got {self.sampling!r}"),
             (not (self.space == "hytra" and self.sampling == "fair"),
              "sampling 'fair' needs every op combination to be legal; HyTra restricts resolution changes, "
@@ -516,7 +518,7 @@ def run_search(cfg: BossNASConfig, adapter: SpaceAdapter | None = None, log: Cal
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     adapter = adapter or make_adapter(cfg)
-    norm_layer = make_norm(cfg.norm)
+    norm_layer = make_norm(cfg.norm, cfg.bkn_prior_weight)
     pl.seed_everything(cfg.seed, verbose=False)
     model = SiameseSupernet(adapter, norm_layer, cfg.proj_hidden, cfg.proj_dim)
     dm = DigitsDataModule(batch_size=cfg.batch_size, seed=cfg.data_seed)

@@ -70,6 +70,7 @@ class DNAConfig:
 
     space: SearchSpace = field(default_factory=_digits_space)
     norm: str = "bn"  # normalization inside the block supernets: "bn" | "bkn"
+    bkn_prior_weight: float = 0.5  # BKN's prior weight p inside the supernets (see nas.ops.make_norm)
     teacher: OpSpec = field(default_factory=lambda: mbconv(3, 6))
     teacher_layers: int | None = 3
     teacher_epochs: int = 15
@@ -93,6 +94,8 @@ class DNAConfig:
             raise ValueError(f"rating_metric must be one of {RATING_METRICS}, got {self.rating_metric!r}")
         if self.norm not in ("bn", "bkn"):
             raise ValueError(f"norm must be 'bn' or 'bkn', got {self.norm!r}")
+        if not 0.0 <= self.bkn_prior_weight <= 1.0:
+            raise ValueError(f"bkn_prior_weight must be in [0, 1], got {self.bkn_prior_weight}")
         if self.budget_cost not in ("params", "flops"):
             raise ValueError(f"budget_cost must be 'params' or 'flops', got {self.budget_cost!r}")
         if self.budget is None and not 0 < self.budget_fraction <= 1:
@@ -183,7 +186,7 @@ def train_block(
 ) -> BlockSupernet:
     """Distill block ``k`` into its supernet (resumes from ``block_<k>/checkpoints/last.ckpt``)."""
     with seeded_init(cfg.seed * 1000 + k + 1):  # same init whether blocks run in one process or many
-        student = BlockSupernet(cfg.space.blocks[k], make_norm(cfg.norm))
+        student = BlockSupernet(cfg.space.blocks[k], make_norm(cfg.norm, cfg.bkn_prior_weight))
     system = BlockDistillSystem(teacher, student, k, lr=cfg.block_lr, seed=cfg.seed + k, max_epochs=cfg.block_epochs)
     bdir = Path(out_dir) / f"block_{k}"
     fit(system, datamodule or _datamodule(cfg), _run_cfg(cfg, bdir, cfg.block_epochs, test=False))

@@ -176,8 +176,12 @@ def test_recalibration_is_cumulative_and_history_free(norm):
 
 def test_make_norm_names():
     assert make_norm("bn") is nn.BatchNorm2d
+    layer = make_norm("bkn", prior_weight=0.3)(4)
+    assert layer.prior_weight == 0.3 and layer.transition == "analytic"
     with pytest.raises(ValueError, match="unknown norm 'gn'"):
         make_norm("gn")
+    with pytest.raises(ValueError, match="prior_weight must lie in"):
+        make_norm("bkn", prior_weight=1.5)
 
 
 def test_rating_table_round_trip_and_errors(tmp_path, shared):

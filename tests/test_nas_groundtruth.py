@@ -1,0 +1,81 @@
+"""Stand-alone ground truth: cross-validated digits folds, pooled accuracies, seed reuse, the ceiling."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from scipy import stats
+
+pytest.importorskip("sklearn")
+
+from nas import groundtruth  # noqa: E402
+from nas.data import digits_split_indices, load_digits_split  # noqa: E402
+from nas.dna import digits_config  # noqa: E402
+
+
+def test_folds_partition_every_image_once_and_stay_stratified():
+    tests = [digits_split_indices(seed=3, fold=f, num_folds=5) for f in range(5)]
+    pooled = np.concatenate([t["test"] for t in tests])
+    assert sorted(pooled.tolist()) == list(range(1797))  # disjoint and complete
+    from sklearn.datasets import load_digits
+
+    labels = load_digits().target
+    for t in tests:
+        assert not set(t["test"]) & set(t["train"]) and not set(t["test"]) & set(t["val"])
+        assert not set(t["train"]) & set(t["val"])
+        counts = np.bincount(labels[t["test"]], minlength=10)
+        expected = np.bincount(labels, minlength=10) / 5
+        assert np.all(np.abs(counts - expected) <= 1)  # stratified
+
+
+def test_fold_none_keeps_the_fixed_split_and_bad_folds_are_rejected():
+    parts = digits_split_indices(seed=0)
+    assert [len(parts[k]) for k in ("train", "val", "test")] == [1077, 360, 360]
+    split = load_digits_split(seed=1, fold=2)
+    assert split["train"][0].mean().abs() < 1e-5 and abs(float(split["train"][0].std()) - 1) < 1e-3  # train-standardized
+    assert [len(split[k][1]) for k in ("train", "val", "test")] == [1078, 360, 359]
+    with pytest.raises(ValueError, match="fold must be in"):
+        digits_split_indices(fold=5, num_folds=5)
+    with pytest.raises(ValueError, match="fold must be in"):
+        digits_split_indices(fold=0, num_folds=1)
+
+
+def test_ground_truth_pools_folds_and_reuses_finished_seeds(tmp_path, monkeypatch):
+    space = digits_config().space
+    calls: list[tuple[int, int | None]] = []
+
+    def fake_job(space, arch, seed, epochs, fold, num_folds):  # accuracy depends on (arch, seed, fold)
+        calls.append((seed, fold))
+        n = 360 if fold in (0, 1) else 359
+        return (sum(map(sum, arch)) % 7 + seed + fold) / 20.0, n
+
+    monkeypatch.setattr(groundtruth, "_fold_job", fake_job)
+    path = tmp_path / "gt.json"
+    data = groundtruth.build_ground_truth(space, path, 4, seeds=[0, 1], epochs=3, folds=5, progress=False)
+    assert len(calls) == 4 * 2 * 5
+    archs = groundtruth.sample_architectures(space, 4)
+    for entry, arch in zip(data["architectures"], archs):
+        for s, acc in zip([0, 1], entry["accuracies"]):
+            runs = [((sum(map(sum, arch)) % 7 + s + f) / 20.0, 360 if f < 2 else 359) for f in range(5)]
+            assert acc == pytest.approx(sum(a * n for a, n in runs) / 1797)  # pooled correct / all images
+        assert entry["accuracy"] == pytest.approx(np.mean(entry["accuracies"]))
+
+    calls.clear()
+    more = groundtruth.build_ground_truth(space, path, 4, seeds=[0, 1, 2], epochs=3, folds=5, progress=False)
+    assert {s for s, _ in calls} == {2} and len(calls) == 4 * 5  # seeds 0 and 1 reused
+    assert [e["accuracies"][:2] for e in more["architectures"]] == [e["accuracies"] for e in data["architectures"]]
+    assert json.loads(path.read_text())["seeds"] == [0, 1, 2]
+
+    calls.clear()
+    groundtruth.build_ground_truth(space, path, 4, seeds=[0, 1, 2], epochs=4, folds=5, progress=False)
+    assert len(calls) == 4 * 3 * 5  # other settings: nothing reused
+
+
+def test_seed_ceiling_is_the_mean_pairwise_kendall():
+    rng = np.random.default_rng(0)
+    accs = rng.random((8, 3))
+    data = {"architectures": [{"accuracies": list(a)} for a in accs]}
+    pairs = [stats.kendalltau(accs[:, i], accs[:, j]).statistic for i, j in ((0, 1), (0, 2), (1, 2))]
+    assert groundtruth.seed_ceiling(data) == pytest.approx(np.mean(pairs))
