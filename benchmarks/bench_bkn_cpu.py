@@ -1,19 +1,32 @@
 """CPU training cost of Batch Kalman Normalization: forward + backward vs nn.BatchNorm2d (same run).
 
-``python -m benchmarks bkn_cpu [--threads 1 2] [--repeats 100] [--no-reference]``. Rows: nn.BatchNorm2d
+``python -m benchmarks bkn_cpu [--threads 1 2] [--repeats 100] [--no-reference] [--malloc both]``. Rows: nn.BatchNorm2d
 (baseline), BKN fast path (``BatchKalmanNorm2d(backend="torch")`` with a prior, p=0.9, gradients to
 the prior too; the posterior is not used downstream), the plain-torch reference (autograd through
 ``batch_kalman_norm_reference``) and nn.GroupNorm(32); fp32, NCHW and channels-last. ``ratio_bn`` =
 median / BatchNorm2d's median and ``ratio_p20`` = p20 / BatchNorm2d's p20, for the same shape, layout
 and thread count; methods are timed round-robin (one call each per round) so a shared machine's load
 hits all of them alike. Issue target: BKN fast <= 1.5x BatchNorm2d (NCHW, 2 threads).
+
+``faults`` = minor page faults per call. With glibc's default heap trimming, freeing the x-sized
+buffers of a step can hand the top of the heap back to the OS, and the next step faults it in
+again (~0.2 ms per 50 faults at these sizes). Whether that happens depends on the exact sequence of
+allocations, so it hits BKN (more small per-channel tensors between the large buffers) and not
+BatchNorm. ``--malloc both`` (default) repeats every measurement in a child process with
+``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` set (no trimming: what jemalloc/tcmalloc,
+recommended by PyTorch's CPU tuning guide, also give) and reports both as the ``malloc`` column.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 from typing import Callable
 
 import torch
@@ -23,6 +36,7 @@ from benchmarks.harness import report, time_fn
 from normlayers import BatchKalmanNorm2d, batch_kalman_norm_reference
 
 SHAPES = ((8, 64, 32, 32), (2, 256, 16, 16))
+NO_TRIM_ENV = {"MALLOC_MMAP_THRESHOLD_": str(64 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
 
 
 def _step(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, extra: tuple[torch.Tensor, ...] = (),
@@ -67,16 +81,53 @@ def _cases(shape: tuple[int, ...], channels_last: bool, reference: bool = True) 
 def _interleaved(cases: dict[str, Callable[[], None]], *, warmup: int, repeats: int) -> dict[str, dict[str, float]]:
     """Round-robin timing: every method sees the same machine load (the cores may be shared)."""
     samples: dict[str, list[float]] = {name: [] for name in cases}
+    faults: dict[str, int] = {name: 0 for name in cases}
     for name, fn in cases.items():
         time_fn(fn, warmup=warmup, repeats=1)
     for _ in range(repeats):
         for name, fn in cases.items():
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             samples[name].append(time_fn(fn, warmup=0, repeats=1)["p50_ms"])
+            faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
     out = {}
     for name, values in samples.items():
         q = statistics.quantiles(values, n=10)
-        out[name] = {"p20_ms": q[1], "p50_ms": statistics.median(values), "p80_ms": q[7]}
+        out[name] = {"p20_ms": q[1], "p50_ms": statistics.median(values), "p80_ms": q[7],
+                     "faults": faults[name] / repeats}
     return out
+
+
+def _measure(threads: list[int], repeats: int, warmup: int, reference: bool, malloc: str) -> list[dict]:
+    rows = []
+    previous_threads = torch.get_num_threads()
+    try:
+        for n_threads in threads:
+            torch.set_num_threads(n_threads)
+            for shape in SHAPES:
+                for layout in ("nchw", "channels_last"):
+                    cases = _cases(shape, layout == "channels_last", reference=reference)
+                    timings = _interleaved(cases, warmup=warmup, repeats=repeats)
+                    base = timings["BatchNorm2d"]
+                    for name, t in timings.items():
+                        rows.append({
+                            "shape": "x".join(map(str, shape)), "layout": layout, "threads": n_threads,
+                            "malloc": malloc, "method": name, "p20_ms": t["p20_ms"], "p50_ms": t["p50_ms"],
+                            "p80_ms": t["p80_ms"], "ratio_bn": t["p50_ms"] / base["p50_ms"],
+                            "ratio_p20": t["p20_ms"] / base["p20_ms"], "faults": t["faults"],
+                        })
+    finally:
+        torch.set_num_threads(previous_threads)
+    return rows
+
+
+def _child_rows(argv: list[str]) -> list[dict]:
+    """The same measurements in a child process with glibc heap trimming off."""
+    with tempfile.TemporaryDirectory(prefix="bkn-cpu-") as tmp:
+        rows_path = os.path.join(tmp, "rows.json")
+        cmd = [sys.executable, "-m", "benchmarks.bench_bkn_cpu", *argv, "--malloc", "no-trim", "--rows-out", rows_path]
+        subprocess.run(cmd, check=True, env={**os.environ, **NO_TRIM_ENV})
+        with open(rows_path) as fh:
+            return json.load(fh)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,35 +136,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=100)
     parser.add_argument("--no-reference", action="store_true", help="skip the (slow) plain-torch reference rows")
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--malloc", choices=("default", "no-trim", "both"), default="both",
+                        help="glibc heap settings: as found, trimming off (a child process), or both")
+    parser.add_argument("--rows-out", default=None, help=argparse.SUPPRESS)  # child process: rows as JSON, no report
     parser.add_argument("--out-dir", default=None, help="where to write bkn_cpu.csv/json (default benchmarks/results)")
     args = parser.parse_args(argv)
 
+    measure_args = dict(threads=args.threads, repeats=args.repeats, warmup=args.warmup, reference=not args.no_reference)
+    if args.rows_out:  # the no-trim child
+        with open(args.rows_out, "w") as fh:
+            json.dump(_measure(**measure_args, malloc=args.malloc), fh)
+        return 0
     rows = []
-    previous_threads = torch.get_num_threads()
-    try:
-        for threads in args.threads:
-            torch.set_num_threads(threads)
-            for shape in SHAPES:
-                for layout in ("nchw", "channels_last"):
-                    cases = _cases(shape, layout == "channels_last", reference=not args.no_reference)
-                    timings = _interleaved(cases, warmup=args.warmup, repeats=args.repeats)
-                    base = timings["BatchNorm2d"]
-                    for name, t in timings.items():
-                        rows.append({
-                            "shape": "x".join(map(str, shape)), "layout": layout, "threads": threads, "method": name,
-                            "p20_ms": t["p20_ms"], "p50_ms": t["p50_ms"], "p80_ms": t["p80_ms"],
-                            "ratio_bn": t["p50_ms"] / base["p50_ms"], "ratio_p20": t["p20_ms"] / base["p20_ms"],
-                        })
-    finally:
-        torch.set_num_threads(previous_threads)
+    if args.malloc in ("default", "both"):
+        rows += _measure(**measure_args, malloc="default")
+    if args.malloc in ("no-trim", "both"):
+        child_argv = ["--threads", *map(str, args.threads), "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
+        rows += _child_rows(child_argv + (["--no-reference"] if args.no_reference else []))
     load = " ".join(f"{v:.1f}" for v in os.getloadavg())  # other processes sharing the cores inflate every figure
     report(
         "bkn_cpu",
         rows,
-        columns=["shape", "layout", "threads", "method", "p20_ms", "p50_ms", "p80_ms", "ratio_bn", "ratio_p20"],
+        columns=["shape", "layout", "threads", "malloc", "method", "p20_ms", "p50_ms", "p80_ms", "ratio_bn",
+                 "ratio_p20", "faults"],
         notes=["fp32 training forward + backward (grads of input, affine params and, for BKN, the prior)",
-               "ratio_bn: median over BatchNorm2d's median (ratio_p20: p20 over p20), same shape/layout/threads; "
-               "target BKN fast <= 1.5",
+               "ratio_bn: median over BatchNorm2d's median (ratio_p20: p20 over p20), same shape/layout/threads/"
+               "malloc; target BKN fast <= 1.5",
+               "faults: minor page faults per call; malloc no-trim = MALLOC_MMAP_THRESHOLD_=64 MiB, "
+               "MALLOC_TRIM_THRESHOLD_=256 MiB (glibc stops returning the heap top to the OS)",
                f"load average at the end: {load}"],
         extra={"load_average": load, "repeats": args.repeats},
         out_dir=args.out_dir,

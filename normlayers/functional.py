@@ -122,6 +122,30 @@ def batch_kalman_norm(
     Posteriors are float32 (float64 for float64 input) and carry autograd graph to ``x``, gamma, beta
     and the prior.
     """
+    return _batch_kalman_norm(
+        x, running_mean, running_var, weight, bias, prior=prior, prior_weight=prior_weight, training=training,
+        momentum=momentum, eps=eps, guard_ratio=guard_ratio, group_size=group_size, backend=backend, flat=False,
+    )
+
+
+def _batch_kalman_norm(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    *,
+    prior: Prior | None,
+    prior_weight: float,
+    training: bool,
+    momentum: float,
+    eps: float,
+    guard_ratio: float,
+    group_size: int | None,
+    backend: str,
+    flat: bool,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """:func:`batch_kalman_norm`; ``flat``: ungrouped posteriors as ``(C,)`` (the layer's hot path)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     impl = None
@@ -136,13 +160,16 @@ def batch_kalman_norm(
     validate_inputs(x, running_mean, running_var, weight, bias, prior, prior_weight, training, group_size,
                     check_prior_values=not fused_checks)
     if impl is not None:
-        return impl(
+        y, post_mean, post_var = impl(
             x, running_mean, running_var, weight, bias, prior=prior, prior_weight=prior_weight, training=training,
             momentum=momentum, eps=eps, guard_ratio=guard_ratio, group_size=group_size,
         )
+        if flat and group_size is None and post_mean is not None and post_var is not None:
+            post_mean, post_var = post_mean[0], post_var[0]  # (1, C) -> (C,)
+        return y, post_mean, post_var
     return _batch_kalman_norm_torch(
         x, running_mean, running_var, weight, bias, prior=prior, prior_weight=prior_weight, training=training,
-        momentum=momentum, eps=eps, guard_ratio=guard_ratio, group_size=group_size,
+        momentum=momentum, eps=eps, guard_ratio=guard_ratio, group_size=group_size, flat=flat,
     )
 
 
@@ -160,13 +187,15 @@ def _batch_kalman_norm_torch(
     eps: float,
     guard_ratio: float,
     group_size: int | None,
+    flat: bool,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     if not training and running_mean is not None and running_var is not None:
         return _eval(x, running_mean, running_var, weight, bias, eps), None, None
     running = None
     if training and running_mean is not None and running_var is not None:
         running = (running_mean, running_var, float(momentum), elements_per_group(x, group_size))
-    return bkn_train(x, weight, bias, prior, float(prior_weight), eps, guard_ratio, group_size, running=running)
+    return bkn_train(x, weight, bias, prior, float(prior_weight), eps, guard_ratio, group_size, running=running,
+                     flat=flat)
 
 
 def _eval(x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Tensor | None, bias: Tensor | None,

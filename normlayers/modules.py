@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from normlayers.functional import BACKENDS, batch_kalman_norm
+from normlayers.functional import BACKENDS, _batch_kalman_norm
 
 __all__ = ["BatchKalmanNorm", "BatchKalmanNorm1d", "BatchKalmanNorm2d", "BatchKalmanNorm3d", "TRANSITIONS"]
 
@@ -118,7 +118,7 @@ class BatchKalmanNorm(nn.Module):
                 if momentum is None:  # cumulative moving average, like torch
                     momentum = 1.0 / float(counter)
         track = not training or self.track_running_stats
-        y, post_mean, post_var = batch_kalman_norm(
+        y, post_mean, post_var = _batch_kalman_norm(  # posteriors (C,) ungrouped, (G, C) with groups
             x,
             running_mean if track else None,
             running_var if track else None,
@@ -132,13 +132,9 @@ class BatchKalmanNorm(nn.Module):
             guard_ratio=self.guard_ratio,
             group_size=self.group_size,
             backend=self.backend,
+            flat=True,
         )
-        if post_mean is None or post_var is None:
-            posterior = None
-        elif self.group_size is None:
-            posterior = (post_mean[0], post_var[0])  # (1, C) -> (C,)
-        else:
-            posterior = (post_mean, post_var)
+        posterior = None if post_mean is None or post_var is None else (post_mean, post_var)
         self.__dict__["posterior"] = posterior  # a plain attribute: skip nn.Module.__setattr__'s registry checks
         return y
 
