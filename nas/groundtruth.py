@@ -80,7 +80,6 @@ def train_standalone(
 def _fold_job(space: SearchSpace, arch: tuple[Candidate, ...], seed: int, epochs: int, fold: int | None,
               num_folds: int) -> tuple[float, int]:
     """(accuracy, test images) of one stand-alone run; module-level so worker processes can run it."""
-    torch.set_num_threads(1)
     dm = DigitsDataModule(fold=fold, num_folds=num_folds)
     dm.setup()
     assert dm.splits is not None
@@ -121,7 +120,7 @@ def build_ground_truth(
     bar = tqdm(total=len(jobs), desc="ground truth (stand-alone runs)", disable=not progress)
     if workers > 1:
         ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=torch.set_num_threads, initargs=(1,)) as pool:
             futures = {pool.submit(_fold_job, space, archs[a], s, epochs, f, folds): (a, s, f) for a, s, f in jobs}
             for fut in as_completed(futures):
                 results[futures[fut]] = fut.result()

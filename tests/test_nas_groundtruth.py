@@ -79,3 +79,16 @@ def test_seed_ceiling_is_the_mean_pairwise_kendall():
     data = {"architectures": [{"accuracies": list(a)} for a in accs]}
     pairs = [stats.kendalltau(accs[:, i], accs[:, j]).statistic for i, j in ((0, 1), (0, 2), (1, 2))]
     assert groundtruth.seed_ceiling(data) == pytest.approx(np.mean(pairs))
+
+
+def test_parallel_workers_give_the_same_pooled_accuracies(tmp_path):
+    """Real stand-alone training (1 epoch) in 2 spawned workers equals the in-process run, and the
+    folds' test parts add up to all 1,797 images."""
+    space = digits_config().space
+    kwargs = dict(num_archs=2, seeds=[0], epochs=1, folds=2, progress=False)
+    serial = groundtruth.build_ground_truth(space, tmp_path / "serial.json", workers=1, **kwargs)
+    parallel = groundtruth.build_ground_truth(space, tmp_path / "parallel.json", workers=2, **kwargs)
+    accs = [e["accuracies"] for e in serial["architectures"]]
+    assert accs == [e["accuracies"] for e in parallel["architectures"]]
+    for (acc,) in accs:
+        assert 0.0 < acc <= 1.0 and abs(acc * 1797 - round(acc * 1797)) < 1e-3  # whole images out of 1,797
