@@ -113,6 +113,7 @@ def batch_kalman_norm(
     guard_ratio: float = 100.0,
     group_size: int | None = None,
     backend: str = "auto",
+    flat: bool = False,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """BKN forward; returns ``(y, post_mean (G, C), post_var (G, C))``, posteriors ``None`` in eval.
 
@@ -120,32 +121,9 @@ def batch_kalman_norm(
     ``(mean, var)`` pair of shape ``(C,)`` or ``(G, C)``), running buffers updated in place (EMA with
     ``momentum``, unbiased variance, averaged over groups). Eval: plain BN with the running buffers.
     Posteriors are float32 (float64 for float64 input) and carry autograd graph to ``x``, gamma, beta
-    and the prior.
+    and the prior. ``flat``: without ghost groups, posteriors of shape ``(C,)`` (what the layers expose;
+    the torch path then needs no view ops).
     """
-    return _batch_kalman_norm(
-        x, running_mean, running_var, weight, bias, prior=prior, prior_weight=prior_weight, training=training,
-        momentum=momentum, eps=eps, guard_ratio=guard_ratio, group_size=group_size, backend=backend, flat=False,
-    )
-
-
-def _batch_kalman_norm(
-    x: Tensor,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    *,
-    prior: Prior | None,
-    prior_weight: float,
-    training: bool,
-    momentum: float,
-    eps: float,
-    guard_ratio: float,
-    group_size: int | None,
-    backend: str,
-    flat: bool,
-) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """:func:`batch_kalman_norm`; ``flat``: ungrouped posteriors as ``(C,)`` (the layer's hot path)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     impl = None

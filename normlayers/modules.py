@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from normlayers.functional import BACKENDS, _batch_kalman_norm
+from normlayers.functional import BACKENDS, batch_kalman_norm
 
 __all__ = ["BatchKalmanNorm", "BatchKalmanNorm1d", "BatchKalmanNorm2d", "BatchKalmanNorm3d", "TRANSITIONS"]
 
@@ -118,7 +118,7 @@ class BatchKalmanNorm(nn.Module):
                 if momentum is None:  # cumulative moving average, like torch
                     momentum = 1.0 / float(counter)
         track = not training or self.track_running_stats
-        y, post_mean, post_var = _batch_kalman_norm(  # posteriors (C,) ungrouped, (G, C) with groups
+        y, post_mean, post_var = batch_kalman_norm(  # posteriors (C,) ungrouped, (G, C) with groups
             x,
             running_mean if track else None,
             running_var if track else None,

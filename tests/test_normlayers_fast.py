@@ -141,6 +141,22 @@ def test_low_precision_keeps_fp32_statistics(dtype):
     torch.testing.assert_close(y_eval.float(), expect, atol=tol * 4, rtol=tol)
 
 
+@pytest.mark.parametrize("shape", [(4, 5, 6, 6), (2, 8, 48, 48)])  # broadcast path; group-norm statistics path
+def test_flat_posteriors_equal_the_grouped_api(shape):
+    x, w, b, pm, pv = _make(shape, torch.float32, None, "shared", seed=8)
+    y, m, v = batch_kalman_norm(x, None, None, w, b, prior=(pm, pv), prior_weight=0.6, backend="torch")
+    yf, mf, vf = batch_kalman_norm(x, None, None, w, b, prior=(pm, pv), prior_weight=0.6, backend="torch", flat=True)
+    c = shape[1]
+    assert m.shape == v.shape == (1, c) and mf.shape == vf.shape == (c,)
+    torch.testing.assert_close(yf, y, rtol=0, atol=0)
+    torch.testing.assert_close(mf, m[0], rtol=0, atol=0)
+    torch.testing.assert_close(vf, v[0], rtol=0, atol=0)
+    grads = torch.autograd.grad((yf.square().sum() + mf.sum() + vf.sum()), (x, pm, pv))
+    grads_ref = torch.autograd.grad((y.square().sum() + m.sum() + v.sum()), (x, pm, pv))
+    for got, want in zip(grads, grads_ref):
+        torch.testing.assert_close(got, want)
+
+
 def test_torch_compile_aot_eager_matches_eager():
     torch._dynamo.reset()
     bkn = BatchKalmanNorm2d(4, backend="torch")
