@@ -29,7 +29,14 @@ import numpy as np
 from scipy import stats
 
 from benchmarks.harness import RESULTS_DIR, report
-from benchmarks.nas_digits import GT_PATH, add_ground_truth_arguments, describe_ground_truth, ground_truth
+from benchmarks.nas_digits import (
+    GT_PATH,
+    add_ground_truth_arguments,
+    agreement,
+    describe_ground_truth,
+    ground_truth,
+    plot_agreement,
+)
 from nas.bossnas import DEFAULT_CONFIG, load_config, run_search
 from nas.dna import DNAConfig
 from nas.groundtruth import seed_ceiling
@@ -84,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.fresh and out.exists():
         shutil.rmtree(out)
     base = load_config(args.config, norm=args.norm, progress_bar=False, space="mbconv")
+    panels = {"more params": [float(a["params"]) for a in gt["architectures"]]}
     for variant in args.variant:
         cfg = dataclasses.replace(base, **PLAIN) if variant == "plain" else base
         if args.epochs is not None and variant == "tuned":
@@ -102,9 +110,11 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             taus.append(row["kendall"])
         rows.append({"rater": "BossNAS mean", "variant": variant, "seed": "all", "kendall": float(np.mean(taus))})
+        panels[f"BossNAS {variant} (mean of {len(tables)} seeds)"] = agreement(tables, encodings)
         if len(tables) > 1:
             rows.append({"rater": "BossNAS seed-vs-seed (all archs)", "variant": variant, "seed": "pairs",
                          "kendall": rating_stability(space, tables)})
+    plot = plot_agreement(gt, panels, RESULTS_DIR / "bossnas_digits.png")
     total = time.perf_counter() - t_start
     notes = [
         describe_ground_truth(gt),
@@ -114,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         "BossNAS seed-vs-seed: Kendall between two search seeds' scores of all architectures (rating stability)",
         "'seconds' = training + rating wall time of the search's blocks (recorded when they ran; a finished "
         "run in --out is reused)",
+        f"scatter of every rater's score against accuracy: {plot}",
     ]
     report("bossnas_digits", rows, columns=["rater", "variant", "seed", "kendall", "spearman", "pearson",
                                              "tau_vs_params", "epochs", "seconds"], notes=notes,

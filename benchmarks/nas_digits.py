@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
 
 from benchmarks.harness import RESULTS_DIR
 from nas.groundtruth import build_ground_truth
+from nas.ranking import architecture_keys, correlations
+from nas.ratings import RatingTable
 from nas.spaces import SearchSpace
 
 GT_PATH = RESULTS_DIR / "nas_digits_ground_truth.json"
@@ -39,3 +42,31 @@ def ground_truth(space: SearchSpace, args: argparse.Namespace, parser: argparse.
         parser.error("need >= 3 architectures and >= 2 ground-truth seeds")
     return build_ground_truth(space, GT_PATH, args.archs, args.gt_seeds, args.gt_epochs, folds=args.gt_folds,
                               workers=args.gt_workers)
+
+
+def agreement(tables: Sequence[RatingTable], encodings: Sequence[Sequence[Sequence[int]]]) -> list[float]:
+    """Architecture scores with higher = better, averaged over search seeds (one table per seed)."""
+    per_seed = []
+    for table in tables:
+        sign = -1.0 if table.lower_is_better else 1.0
+        per_seed.append([sign * table.score(architecture_keys(table, e)) for e in encodings])
+    return list(np.mean(per_seed, axis=0))
+
+
+def plot_agreement(gt: dict[str, Any], panels: dict[str, Sequence[float]], path: Path) -> Path:
+    """One scatter per rater: its score (higher = better) against mean stand-alone accuracy, with the
+    Kendall tau of exactly what is plotted in the panel's title."""
+    from benchmarks.bkn_study import _plt, save_figure
+
+    plt = _plt()
+    acc = np.array([a["accuracy"] for a in gt["architectures"]]) * 100
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.0), squeeze=False)
+    for ax, (label, scores) in zip(axes[0], panels.items()):
+        tau = correlations(list(scores), list(acc))["kendall"]
+        ax.scatter(scores, acc, s=14)
+        ax.set_title(f"{label}\nKendall {tau:+.2f}", fontsize=9)
+        ax.set_xlabel("score (higher = better)", fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[0][0].set_ylabel("stand-alone accuracy, %", fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, path)
