@@ -5,8 +5,9 @@
 the prior too; the posterior is not used downstream), the plain-torch reference (autograd through
 ``batch_kalman_norm_reference``) and nn.GroupNorm(32); fp32, NCHW and channels-last. ``ratio_bn`` =
 median / BatchNorm2d's median and ``ratio_p20`` = p20 / BatchNorm2d's p20, for the same shape, layout
-and thread count; methods are timed round-robin (one call each per round) so a shared machine's load
-hits all of them alike. Issue target: BKN fast <= 1.5x BatchNorm2d (NCHW, 2 threads).
+and thread count; methods are timed round-robin (``--burst`` consecutive calls each per round, their
+mean one sample) so a shared machine's load hits all of them alike while each is timed in its steady
+state. Issue target: BKN fast <= 1.5x BatchNorm2d (NCHW, 2 threads).
 
 ``faults`` = minor page faults per call. With glibc's default heap trimming, freeing the x-sized
 buffers of a step can hand the top of the heap back to the OS, and the next step faults it in
@@ -27,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from typing import Callable
 
 import torch
@@ -78,8 +80,14 @@ def _cases(shape: tuple[int, ...], channels_last: bool, reference: bool = True) 
     return cases
 
 
-def _interleaved(cases: dict[str, Callable[[], None]], *, warmup: int, repeats: int) -> dict[str, dict[str, float]]:
-    """Round-robin timing: every method sees the same machine load (the cores may be shared)."""
+def _interleaved(cases: dict[str, Callable[[], None]], *, warmup: int, repeats: int,
+                 burst: int) -> dict[str, dict[str, float]]:
+    """Round-robin timing: every method sees the same machine load (the cores may be shared).
+
+    Each round runs ``burst`` consecutive calls of one method, then of the next, and records their
+    mean: steady state per method (a single call right after the autograd reference, hundreds of
+    small ops, measures cache refill more than the method), load drift still shared by all.
+    """
     samples: dict[str, list[float]] = {name: [] for name in cases}
     faults: dict[str, int] = {name: 0 for name in cases}
     for name, fn in cases.items():
@@ -87,17 +95,20 @@ def _interleaved(cases: dict[str, Callable[[], None]], *, warmup: int, repeats: 
     for _ in range(repeats):
         for name, fn in cases.items():
             before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-            samples[name].append(time_fn(fn, warmup=0, repeats=1)["p50_ms"])
+            t0 = time.perf_counter()
+            for _ in range(burst):
+                fn()
+            samples[name].append((time.perf_counter() - t0) * 1e3 / burst)
             faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
     out = {}
     for name, values in samples.items():
         q = statistics.quantiles(values, n=10)
         out[name] = {"p20_ms": q[1], "p50_ms": statistics.median(values), "p80_ms": q[7],
-                     "faults": faults[name] / repeats}
+                     "faults": faults[name] / (repeats * burst)}
     return out
 
 
-def _measure(threads: list[int], repeats: int, warmup: int, reference: bool, malloc: str) -> list[dict]:
+def _measure(threads: list[int], repeats: int, warmup: int, burst: int, reference: bool, malloc: str) -> list[dict]:
     rows = []
     previous_threads = torch.get_num_threads()
     try:
@@ -106,7 +117,7 @@ def _measure(threads: list[int], repeats: int, warmup: int, reference: bool, mal
             for shape in SHAPES:
                 for layout in ("nchw", "channels_last"):
                     cases = _cases(shape, layout == "channels_last", reference=reference)
-                    timings = _interleaved(cases, warmup=warmup, repeats=repeats)
+                    timings = _interleaved(cases, warmup=warmup, repeats=repeats, burst=burst)
                     base = timings["BatchNorm2d"]
                     for name, t in timings.items():
                         rows.append({
@@ -133,7 +144,8 @@ def _child_rows(argv: list[str]) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--repeats", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=100, help="rounds (each method once per round)")
+    parser.add_argument("--burst", type=int, default=10, help="consecutive calls per method and round")
     parser.add_argument("--no-reference", action="store_true", help="skip the (slow) plain-torch reference rows")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--malloc", choices=("default", "no-trim", "both"), default="both",
@@ -142,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", default=None, help="where to write bkn_cpu.csv/json (default benchmarks/results)")
     args = parser.parse_args(argv)
 
-    measure_args = dict(threads=args.threads, repeats=args.repeats, warmup=args.warmup, reference=not args.no_reference)
+    measure_args = dict(threads=args.threads, repeats=args.repeats, warmup=args.warmup, burst=args.burst,
+                        reference=not args.no_reference)
     if args.rows_out:  # the no-trim child
         with open(args.rows_out, "w") as fh:
             json.dump(_measure(**measure_args, malloc=args.malloc), fh)
@@ -151,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.malloc in ("default", "both"):
         rows += _measure(**measure_args, malloc="default")
     if args.malloc in ("no-trim", "both"):
-        child_argv = ["--threads", *map(str, args.threads), "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
+        child_argv = ["--threads", *map(str, args.threads), "--repeats", str(args.repeats), "--warmup", str(args.warmup),
+                      "--burst", str(args.burst)]
         rows += _child_rows(child_argv + (["--no-reference"] if args.no_reference else []))
     load = " ".join(f"{v:.1f}" for v in os.getloadavg())  # other processes sharing the cores inflate every figure
     report(
@@ -159,13 +173,14 @@ def main(argv: list[str] | None = None) -> int:
         rows,
         columns=["shape", "layout", "threads", "malloc", "method", "p20_ms", "p50_ms", "p80_ms", "ratio_bn",
                  "ratio_p20", "faults"],
-        notes=["fp32 training forward + backward (grads of input, affine params and, for BKN, the prior)",
+        notes=["fp32 training forward + backward (grads of input, affine params and, for BKN, the prior); "
+               f"per round each method runs {args.burst} consecutive calls (their mean is one sample), {args.repeats} rounds",
                "ratio_bn: median over BatchNorm2d's median (ratio_p20: p20 over p20), same shape/layout/threads/"
                "malloc; target BKN fast <= 1.5",
                "faults: minor page faults per call; malloc no-trim = MALLOC_MMAP_THRESHOLD_=64 MiB, "
                "MALLOC_TRIM_THRESHOLD_=256 MiB (glibc stops returning the heap top to the OS)",
                f"load average at the end: {load}"],
-        extra={"load_average": load, "repeats": args.repeats},
+        extra={"load_average": load, "repeats": args.repeats, "burst": args.burst},
         out_dir=args.out_dir,
     )
     return 0
