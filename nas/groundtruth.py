@@ -97,8 +97,9 @@ def build_ground_truth(
     workers: int = 1,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Load ``path`` if it matches (space, archs, seeds, epochs, folds), else train and write it;
-    seeds already in a file of the same space, archs, epochs and folds are reused, not retrained.
+    """Mean stand-alone accuracies of ``num_archs`` sampled architectures over ``seeds``, cached in
+    ``path``: seeds already in a file of the same space, archs, epochs and folds are reused, new
+    seeds are trained and added (the file keeps every seed it ever held; the result has ``seeds``).
 
     ``folds > 1``: each seed's accuracy is cross-validated: the architecture is trained ``folds``
     times, each time tested on one stratified fold, and the correct answers are pooled over all
@@ -108,45 +109,47 @@ def build_ground_truth(
     """
     path = Path(path)
     archs = sample_architectures(space, num_archs, sample_seed)
-    header = {"space": space.name, "seeds": list(seeds), "epochs": epochs, "sample_seed": sample_seed, "folds": folds}
-    done = _finished_seeds(path, header, archs)
-    if all(s in done for s in seeds):
-        data = json.loads(path.read_text())
-        if data["seeds"] == list(seeds):
-            return data
+    header = {"space": space.name, "epochs": epochs, "sample_seed": sample_seed, "folds": folds}
+    done = _finished_seeds(path, header, archs)  # {seed: accuracy per architecture}
     fold_ids: list[int | None] = list(range(folds)) if folds > 1 else [None]
     jobs = [(a, s, f) for a in range(len(archs)) for s in seeds if s not in done for f in fold_ids]
-    results: dict[tuple[int, int, int | None], tuple[float, int]] = {}
-    bar = tqdm(total=len(jobs), desc="ground truth (stand-alone runs)", disable=not progress)
-    if workers > 1:
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-            futures = {pool.submit(_fold_job, space, archs[a], s, epochs, f, folds): (a, s, f) for a, s, f in jobs}
-            for fut in as_completed(futures):
-                results[futures[fut]] = fut.result()
+    if jobs:
+        results: dict[tuple[int, int, int | None], tuple[float, int]] = {}
+        bar = tqdm(total=len(jobs), desc="ground truth (stand-alone runs)", disable=not progress)
+        if workers > 1:
+            ctx = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(workers, mp_context=ctx, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+                futures = {pool.submit(_fold_job, space, archs[a], s, epochs, f, folds): (a, s, f) for a, s, f in jobs}
+                for fut in as_completed(futures):
+                    results[futures[fut]] = fut.result()
+                    bar.update()
+        else:
+            for a, s, f in jobs:
+                results[(a, s, f)] = _fold_job(space, archs[a], s, epochs, f, folds)
                 bar.update()
-    else:
-        for a, s, f in jobs:
-            results[(a, s, f)] = _fold_job(space, archs[a], s, epochs, f, folds)
-            bar.update()
-    bar.close()
+        bar.close()
+        for s in dict.fromkeys(s for _, s, _ in jobs):
+            done[s] = []
+            for a in range(len(archs)):
+                runs = [results[(a, s, f)] for f in fold_ids]
+                done[s].append(sum(acc * n for acc, n in runs) / sum(n for _, n in runs))  # pooled over folds
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(_ground_truth_data(space, archs, header, done, list(done)), indent=1))
+    return _ground_truth_data(space, archs, header, done, list(seeds))
+
+
+def _ground_truth_data(space: SearchSpace, archs: Sequence[tuple[Candidate, ...]], header: dict[str, Any],
+                       done: dict[int, list[float]], seeds: list[int]) -> dict[str, Any]:
+    """The file format (module docstring) for ``seeds``, from per-seed accuracies."""
     entries = []
     for a, arch in enumerate(archs):
-        accs = []
-        for s in seeds:
-            if s in done:
-                accs.append(done[s][a])
-                continue
-            runs = [results[(a, s, f)] for f in fold_ids]
-            accs.append(sum(acc * n for acc, n in runs) / sum(n for _, n in runs))  # pooled over folds
+        accs = [done[s][a] for s in seeds]
         params = count_params(build_network(space, arch, DigitsDataModule.num_classes))
         entries.append(
             {"encoding": [list(b) for b in arch], "accuracy": float(np.mean(accs)), "accuracies": accs, "params": params}
         )
-    data = {**header, "architectures": entries}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1))
-    return data
+    return {"space": header["space"], "seeds": seeds, **{k: v for k, v in header.items() if k != "space"},
+            "architectures": entries}
 
 
 def _finished_seeds(path: Path, header: dict[str, Any], archs: Sequence[tuple[Candidate, ...]]) -> dict[int, list[float]]:
@@ -154,7 +157,7 @@ def _finished_seeds(path: Path, header: dict[str, Any], archs: Sequence[tuple[Ca
     if not path.is_file():
         return {}
     data = json.loads(path.read_text())
-    same = all(data.get(k, 1 if k == "folds" else None) == v for k, v in header.items() if k != "seeds")
+    same = all(data.get(k, 1 if k == "folds" else None) == v for k, v in header.items())
     entries = data.get("architectures", [])
     if not same or [e["encoding"] for e in entries] != [[list(b) for b in a] for a in archs]:
         return {}

@@ -69,6 +69,13 @@ def test_ground_truth_pools_folds_and_reuses_finished_seeds(tmp_path, monkeypatc
     assert json.loads(path.read_text())["seeds"] == [0, 1, 2]
 
     calls.clear()
+    subset = groundtruth.build_ground_truth(space, path, 4, seeds=[2, 0], epochs=3, folds=5, progress=False)
+    assert not calls and subset["seeds"] == [2, 0]  # a subset in the asked order, nothing retrained...
+    assert [e["accuracies"] for e in subset["architectures"]] == [[e["accuracies"][2], e["accuracies"][0]]
+                                                                   for e in more["architectures"]]
+    assert json.loads(path.read_text())["seeds"] == [0, 1, 2]  # ...and the file keeps every seed
+
+    calls.clear()
     groundtruth.build_ground_truth(space, path, 4, seeds=[0, 1, 2], epochs=4, folds=5, progress=False)
     assert len(calls) == 4 * 3 * 5  # other settings: nothing reused
 
