@@ -73,7 +73,8 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
 
 
 class DigitsDataModule(pl.LightningDataModule):
-    """Digits with a fixed stratified split; batches are ``(x (B, 1, 8, 8), y (B,))``."""
+    """Digits with a fixed stratified split (or cross-validation fold ``fold`` of ``num_folds``, see
+    :func:`digits_split_indices`); batches are ``(x (B, 1, 8, 8), y (B,))``."""
 
     num_classes = 10
     input_shape = (1, 8, 8)
