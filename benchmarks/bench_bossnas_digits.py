@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.fresh and out.exists():
         shutil.rmtree(out)
     base = load_config(args.config, norm=args.norm, progress_bar=False, space="mbconv")
-    panels = {"more params": [float(a["params"]) for a in gt["architectures"]]}
+    raters: dict[str, list[float]] = {}
     for variant in args.variant:
         cfg = dataclasses.replace(base, **PLAIN) if variant == "plain" else base
         if args.epochs is not None and variant == "tuned":
@@ -110,11 +110,11 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             taus.append(row["kendall"])
         rows.append({"rater": "BossNAS mean", "variant": variant, "seed": "all", "kendall": float(np.mean(taus))})
-        panels[f"BossNAS {variant} (mean of {len(tables)} seeds)"] = agreement(tables, encodings)
+        raters[f"BossNAS {variant} (mean of {len(tables)} seeds)"] = agreement(tables, encodings)
         if len(tables) > 1:
             rows.append({"rater": "BossNAS seed-vs-seed (all archs)", "variant": variant, "seed": "pairs",
                          "kendall": rating_stability(space, tables)})
-    plot = plot_agreement(gt, panels, RESULTS_DIR / "bossnas_digits.png")
+    plot = plot_agreement(gt, raters, RESULTS_DIR / "bossnas_digits.png")
     total = time.perf_counter() - t_start
     notes = [
         describe_ground_truth(gt),

@@ -53,12 +53,13 @@ def agreement(tables: Sequence[RatingTable], encodings: Sequence[Sequence[Sequen
     return list(np.mean(per_seed, axis=0))
 
 
-def plot_agreement(gt: dict[str, Any], panels: dict[str, Sequence[float]], path: Path) -> Path:
-    """One scatter per rater: its score (higher = better) against mean stand-alone accuracy, with the
-    Kendall tau of exactly what is plotted in the panel's title."""
+def plot_agreement(gt: dict[str, Any], raters: dict[str, Sequence[float]], path: Path) -> Path:
+    """One scatter per rater, after the "more params" baseline: its score (higher = better) against mean
+    stand-alone accuracy, with the Kendall tau of exactly what is plotted in the panel's title."""
     from benchmarks.bkn_study import _plt, save_figure
 
     plt = _plt()
+    panels = {"more params": [float(a["params"]) for a in gt["architectures"]], **raters}
     acc = np.array([a["accuracy"] for a in gt["architectures"]]) * 100
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.0), squeeze=False)
     for ax, (label, scores) in zip(axes[0], panels.items()):
