@@ -2,8 +2,10 @@
 
 ``python -m benchmarks bkn_cpu [--threads 1 2] [--repeats 100] [--no-reference] [--malloc both]``. Rows: nn.BatchNorm2d
 (baseline), BKN fast path (``BatchKalmanNorm2d(backend="torch")`` with a prior, p=0.9, gradients to
-the prior too; the posterior is not used downstream), the plain-torch reference (autograd through
-``batch_kalman_norm_reference``) and nn.GroupNorm(32); fp32, NCHW and channels-last. ``ratio_bn`` =
+the prior too; the posterior is not used downstream), the same layer with the torch-ops finalize
+instead of the C one (``normlayers.set_cpu_finalize("torch")``; the row is left out where no C
+compiler is found and the fast row already uses the torch ops), the plain-torch reference
+(autograd through ``batch_kalman_norm_reference``) and nn.GroupNorm(32); fp32, NCHW and channels-last. ``ratio_bn`` =
 median / BatchNorm2d's median and ``ratio_p20`` = p20 / BatchNorm2d's p20, for the same shape, layout
 and thread count; methods are timed round-robin (``--burst`` consecutive calls each per round, their
 mean one sample) so a shared machine's load hits all of them alike while each is timed in its steady
@@ -35,8 +37,9 @@ import torch
 from torch import nn
 
 from benchmarks.harness import report, time_fn
-from normlayers import BatchKalmanNorm2d, batch_kalman_norm_reference
+from normlayers import BatchKalmanNorm2d, batch_kalman_norm_reference, cpu_finalize, set_cpu_finalize
 
+TORCH_FINALIZE = "BKN fast, torch-ops finalize"
 SHAPES = ((8, 64, 32, 32), (2, 256, 16, 16))
 NO_TRIM_ENV = {"MALLOC_MMAP_THRESHOLD_": str(64 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
 
@@ -69,14 +72,24 @@ def _cases(shape: tuple[int, ...], channels_last: bool, reference: bool = True) 
     def reference_forward(inp: torch.Tensor) -> torch.Tensor:
         return batch_kalman_norm_reference(inp, ref.weight, ref.bias, prior[0], prior[1], 0.9)[0]
 
+    def torch_finalize_forward(inp: torch.Tensor) -> torch.Tensor:
+        set_cpu_finalize("torch")  # this call's hot path without the C finalize (its backward follows the forward)
+        try:
+            return bkn(inp, prior=prior)
+        finally:
+            set_cpu_finalize("auto")
+
     cases = {
         "BatchNorm2d": _step(bn, x, grad),
         "BKN fast (prior, p=0.9)": _step(bkn, x, grad, prior, forward=lambda inp: bkn(inp, prior=prior)),
+        TORCH_FINALIZE: _step(bkn, x, grad, prior, forward=torch_finalize_forward),
         "BKN reference": _step(ref, x, grad, prior, forward=reference_forward),
         "GroupNorm(32)": _step(gn, x, grad),
     }
     if not reference:
         del cases["BKN reference"]
+    if cpu_finalize() != "c":  # the fast row already runs the torch ops
+        del cases[TORCH_FINALIZE]
     return cases
 
 
@@ -177,10 +190,11 @@ def main(argv: list[str] | None = None) -> int:
                f"per round each method runs {args.burst} consecutive calls (their mean is one sample), {args.repeats} rounds",
                "ratio_bn: median over BatchNorm2d's median (ratio_p20: p20 over p20), same shape/layout/threads/"
                "malloc; target BKN fast <= 1.5",
+               f"BKN fast's per-channel finalize: {cpu_finalize()} (normlayers.cpu_finalize())",
                "faults: minor page faults per call; malloc no-trim = MALLOC_MMAP_THRESHOLD_=64 MiB, "
                "MALLOC_TRIM_THRESHOLD_=256 MiB (glibc stops returning the heap top to the OS)",
                f"load average at the end: {load}"],
-        extra={"load_average": load, "repeats": args.repeats, "burst": args.burst},
+        extra={"load_average": load, "repeats": args.repeats, "burst": args.burst, "cpu_finalize": cpu_finalize()},
         out_dir=args.out_dir,
     )
     return 0

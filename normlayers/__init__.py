@@ -26,8 +26,11 @@ Decisions where the spec leaves a choice (tested in tests/test_normlayers_*.py):
 * ``convert`` chains through ReLU, ReLU6, SiLU, GELU, Hardswish, Sigmoid and Tanh; squeeze-excite gates,
   SELU, pooling and concatenation are not wired (``ConvertError``, or un-chained with ``strict=False``).
 * Prior validation (shape always; NaN/inf/negative variance outside ``torch.compile``) raises ValueError.
+* CPU hot path: the per-channel finalize is one C call compiled on first use with the system compiler
+  (``normlayers._cfinalize``; torch ops without a compiler or with ``set_cpu_finalize("torch")``).
 """
 
+from normlayers._cfinalize import cpu_finalize, set_cpu_finalize
 from normlayers.convert import ConvertError, KalmanChain, convert
 from normlayers.functional import batch_kalman_norm
 from normlayers.modules import BatchKalmanNorm, BatchKalmanNorm1d, BatchKalmanNorm2d, BatchKalmanNorm3d
@@ -45,8 +48,10 @@ __all__ = [
     "batch_kalman_norm",
     "batch_kalman_norm_reference",
     "convert",
+    "cpu_finalize",
     "monte_carlo_prior",
     "pad_channels",
     "residual_merge",
+    "set_cpu_finalize",
     "update_running_stats_reference",
 ]

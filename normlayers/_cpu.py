@@ -18,11 +18,13 @@ A group whose guard fires uses p = 0 (plain BN; zero gradient to its prior). Wit
 gradients (gm = gv = 0) dx is ``q * BN_dx(g) + p*r*gamma*g`` with BN_dx BN's training backward at
 (mu_hat, r): one fused BN backward call plus one pass.
 
-Per-call cost matters as much as bandwidth at CIFAR sizes (a small torch op costs 1-3 us; BatchNorm2d's
-whole training step on (2, 256, 16, 16) costs ~0.3 ms on one core), so: the effective prior weight is
-a Python float whenever every ghost group agrees on the guard (always when ungrouped), ungrouped
-statistics stay (C,) inside (views to (1, C) only at the outputs), and scalar arguments ride on
-``alpha``/``value``/``lerp`` weights rather than separate multiplications.
+Per-call cost matters as much as bandwidth at CIFAR sizes (a small torch op costs 1-3 us in a tight
+loop and ~5 us right after an x-sized kernel; BatchNorm2d's whole training step on (2, 256, 16, 16)
+costs ~0.3 ms on one core), so: the effective prior weight is a Python float whenever every ghost
+group agrees on the guard (always when ungrouped), ungrouped statistics stay (C,) inside (views to
+(1, C) only at the outputs), and scalar arguments ride on ``alpha``/``value``/``lerp`` weights rather
+than separate multiplications. The layer's common case (one group, a (C,) prior, NCHW) has its own
+straight-line Function, :class:`_NchwPriorFn`, reached through :func:`hot_train`.
 """
 
 from __future__ import annotations
@@ -32,10 +34,12 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.autograd.graph import increment_version as _increment_version
 
+from normlayers import _cfinalize
 from normlayers.reference import stats_dtype
 
-__all__ = ["bkn_train", "check_prior_values"]
+__all__ = ["bkn_train", "check_prior_values", "hot_train"]
 
 PriorWeight = float | Tensor  # a float for the whole layer, or a tensor ((G, 1), or (1,) ungrouped)
 Running = tuple[Tensor, Tensor, float, int]  # (running_mean, running_var, momentum, M)
@@ -47,7 +51,8 @@ _GROUP_NORM_MIN_NUMEL = 1 << 15  # below this, per-op overhead dominates and BN'
 # skip the Python-scalar wrapping (a dtype conversion) of ``t + eps`` and ``a * b * s``, ~1.5 us per op
 _ONE = torch.ones(())
 _ZERO = torch.zeros(())
-_EMPTY = torch.empty(0)  # eval-mode BN's unused save_mean/save_invstd outputs (left empty)
+# eval-mode BN's unused save_mean/save_invstd outputs (left empty), one per statistics dtype
+_EMPTY = {dtype: torch.empty(0, dtype=dtype) for dtype in (torch.float32, torch.float64)}
 
 
 def _grouped(t: Tensor, groups: int) -> Tensor:
@@ -201,7 +206,7 @@ class _BatchKalmanNormFn(torch.autograd.Function):
         if single and xs is x and x.is_contiguous():  # NCHW: torch's fused eval-BN pass is vectorized
             if scratch is not None:  # written into group norm's spare output (no new x-sized buffer)
                 y = _native_batch_norm_out(x, w, b, post_mean, post_var, False, 0.0, eps,
-                                           out=scratch, save_mean=_EMPTY, save_invstd=_EMPTY)[0]
+                                           out=scratch, save_mean=_EMPTY[sdt], save_invstd=_EMPTY[sdt])[0]
             else:
                 y = torch.native_batch_norm(x, w, b, post_mean, post_var, False, 0.0, eps)[0]
         else:  # channels-last (where a broadcast addcmul beats eval-BN), ghost groups, low precision
@@ -223,104 +228,309 @@ class _BatchKalmanNormFn(torch.autograd.Function):
     def backward(ctx: Any, gy: Tensor | None, gm: Tensor | None, gv: Tensor | None):  # type: ignore[override]
         x, weight, post_mean, rstd, d, pe_tensor = ctx.saved_tensors
         pe: PriorWeight = ctx.pe if pe_tensor is None else pe_tensor
-        groups: int = ctx.groups
-        single = groups == 1
-        sdt = rstd.dtype
-        xs = x if x.dtype == sdt else x.to(sdt)
-        w = weight if weight is None or weight.dtype == sdt else weight.to(sdt)
-        gys = gy if gy is None or gy.dtype == sdt else gy.to(sdt)
-        need_dx = ctx.needs_input_grad[0]
-        need_prior = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
-        only_y = gm is None and gv is None
-        shape = (-1,) + (1,) * (x.dim() - 2)  # (C,) -> (C, 1, ..., 1) to broadcast over (N, C, *)
-        a = rstd if w is None else rstd * w  # r * gamma
-        dx = s1 = s2 = None
+        grads = _closed_form_backward(ctx.needs_input_grad, x, weight, post_mean, rstd, d, pe, ctx.eps, ctx.groups,
+                                      ctx.bias_dtype, ctx.prior_shape, gy, gm, gv)
+        return *grads, None, None, None, None, None, None
 
-        if gys is not None and single:
-            # only_y: dx = q*BN_dx(g) + p*a*g, BN's fused backward with weight q*gamma and one more pass
-            # (vectorized for NCHW; channels-last takes the two affine passes below)
-            fused = need_dx and only_y and (d is None or gys.is_contiguous())
-            w_bn = w
-            if fused and d is not None:
-                if isinstance(pe, Tensor):  # (inside torch.compile graphs)
-                    w_bn = (rstd.new_ones(rstd.shape) if w is None else w) * (1.0 - pe)
-                elif w is None:
-                    w_bn = rstd.new_full(rstd.shape, 1.0 - pe)
-                else:  # (1 - p) * gamma as gamma - p * gamma: an alpha, not a wrapped scalar
-                    w_bn = torch.add(w, w, alpha=-pe)
-            dx, s2, s1 = _native_batch_norm_backward(
-                gys, xs, w_bn, None, None, post_mean, rstd, True, ctx.eps, [fused, True, True],
-            )  # S1 = sum(g), S2 = sum(g * xh), each (C,)
-            if fused and d is not None:
-                if isinstance(pe, Tensor):
-                    dx.addcmul_(gys, (a * pe).view(shape))
-                else:
-                    dx.addcmul_(gys, a.view(shape), value=pe)
-            need_dx = need_dx and not fused
-        elif gys is not None:
-            gyg = _grouped(gys, groups)  # (G, g, C, L)
-            s1 = gyg.sum(dim=(1, 3))
-            s2 = ((_grouped(xs, groups) - _bcast(post_mean)) * gyg).sum(dim=(1, 3)).mul_(rstd)
 
+Finalized = tuple[float, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]  # p used, mu_hat, var_hat, r, d, a, w_bn
+
+
+def _finalize_c(lib: Any, m: Tensor, rstd_n: Tensor, prior_mean: Tensor, prior_var: Tensor, weight: Tensor,
+                p: float, eps: float, guard_ratio: float, running: Running | None) -> Finalized:
+    """The forward finalize in one C call (``csrc/bkn_finalize.c``; same arithmetic as :func:`_finalize_torch`)."""
+    n, c = m.shape
+    dtype = m.dtype
+    post_mean, post_var = torch.empty(c, dtype=dtype), torch.empty(c, dtype=dtype)
+    rstd, d, a, w_bn = torch.empty(4, c, dtype=dtype).unbind(0)  # internal: saved for the backward only
+    running_mean_ptr = running_var_ptr = None  # NULL: no running buffers to update
+    momentum, count = 0.0, 0
+    if running is not None:
+        running_mean, running_var, momentum, count = running
+        running_mean_ptr, running_var_ptr = running_mean.data_ptr(), running_var.data_ptr()
+    p_used = lib.bkn_forward_finalize(
+        dtype is torch.float64, n, c, m.data_ptr(), rstd_n.data_ptr(), prior_mean.data_ptr(), prior_var.data_ptr(),
+        weight.data_ptr(), p, eps, guard_ratio, running_mean_ptr, running_var_ptr, momentum, count,
+        post_mean.data_ptr(), post_var.data_ptr(), rstd.data_ptr(), d.data_ptr(), a.data_ptr(), w_bn.data_ptr(),
+    )
+    if p_used < 0.0:  # a NaN/inf or a negative variance in the prior
+        check_prior_values(prior_mean, prior_var)
+        raise ValueError("prior rejected by the C finalize")  # (check_prior_values raises first)
+    if running is not None:  # written through raw pointers: tell autograd's saved-tensor checks, as an in-place op would
+        _increment_version([running[0], running[1]])
+    return p_used, post_mean, post_var, rstd, d, a, w_bn
+
+
+def _finalize_torch(m: Tensor, rstd_n: Tensor, prior_mean: Tensor, prior_var: Tensor, weight: Tensor, p: float,
+                    eps: float, guard_ratio: float, running: Running | None) -> Finalized:
+    """The forward finalize in torch ops: batch moments from the (N, C) moments, guard, mixture, r, EMA."""
+    n, c = m.shape
+    mu_b, var_b = torch.batch_norm_update_stats(m, None, None, 0.0)  # then + E[var_n]: as _batch_moments
+    var_b.add_(rstd_n.pow_(-2).sum(dim=0), alpha=1.0 / n)
+    d = mu_b - prior_mean
+    # guard and value checks in one host read: sqrt makes a negative var_P NaN, adding 0*d makes a
+    # non-finite mu_P NaN, and the 2-norm of sqrt(var_P / (var_B + eps)) is sqrt of the ratios' sum
+    roots = torch.div(prior_var, torch.add(var_b, _ONE, alpha=eps)).sqrt_().add_(d, alpha=0.0)
+    ratio_sum = float(torch.linalg.vector_norm(roots)) ** 2
+    if not math.isfinite(ratio_sum):
+        check_prior_values(prior_mean, prior_var)  # raises, unless only a ratio overflowed or x is not finite
+    if ratio_sum / c >= guard_ratio:  # plain BN for this step (the batch moments exactly, whatever d is)
+        p = 0.0
+        post_mean, post_var = mu_b, var_b
+    else:  # mu_hat = lerp(mu_B, mu_P, p); var_hat = lerp(var_B + p*d**2, var_P, p) = q*var_B + p*var_P + p*q*d**2
+        post_mean, post_var = torch._foreach_lerp([mu_b, var_b.addcmul_(d, d, value=p)], [prior_mean, prior_var], p)
+    if running is not None:  # EMA of the unbiased posterior: lerp to var_hat, plus momentum*var_hat/(M - 1)
+        running_mean, running_var, momentum, count = running
+        torch._foreach_lerp_([running_mean, running_var], [post_mean, post_var], momentum)
+        if count > 1:
+            running_var.add_(post_var, alpha=momentum / (count - 1))
+    rstd = torch.add(post_var, _ONE, alpha=eps).rsqrt_()
+    return p, post_mean, post_var, rstd, d, rstd * weight, torch.add(weight, weight, alpha=-p)
+
+
+class _NchwPriorFn(torch.autograd.Function):
+    """The layer's hot path: :class:`_BatchKalmanNormFn` specialized to one group, a ``(C,)`` prior,
+    a float prior weight and NCHW-contiguous input large enough for group norm's moments (see
+    :func:`hot_train`). Same arguments (no ``groups``/``check_prior``: prior values are always
+    checked), same outputs, same arithmetic up to rounding.
+
+    Why a second Function: at CIFAR sizes its four x-sized kernels (group-norm moments, the eval-BN
+    normalize, BN's fused backward, one elementwise pass) together cost about what BatchNorm2d's
+    whole step costs, and each of the ~20 per-channel ops of the general path runs with caches the
+    kernels just flushed, at ~5 us. Here the per-channel work is one call each way: the C finalize
+    (:mod:`normlayers._cfinalize`) when it is available, else :func:`_finalize_torch` (straight-line
+    torch ops: in-place where possible, ``_foreach`` lerps, one host read for guard and value checks).
+    Any other backward (posterior gradients, a non-contiguous ``gy``, no input gradient) goes to
+    :func:`_closed_form_backward`.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor,
+        prior_mean: Tensor,
+        prior_var: Tensor,
+        p: float,
+        eps: float,
+        guard_ratio: float,
+        running: Running | None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        n, c = x.shape[0], x.shape[1]
+        scratch, m, rstd_n = torch.native_group_norm(x, None, None, n, c, x.numel() // (n * c), c, 0.0)  # (N, C)
+        lib = _cfinalize.load()
+        if lib is not None:
+            finalized = _finalize_c(lib, m, rstd_n, prior_mean, prior_var, weight, p, eps, guard_ratio, running)
+        else:
+            finalized = _finalize_torch(m, rstd_n, prior_mean, prior_var, weight, p, eps, guard_ratio, running)
+        p, post_mean, post_var, rstd, d, a, w_bn = finalized
+        empty = _EMPTY[x.dtype]
+        y = _native_batch_norm_out(x, weight, bias, post_mean, post_var, False, 0.0, eps,
+                                   out=scratch, save_mean=empty, save_invstd=empty)[0]
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, weight, post_mean, rstd, d, a, w_bn)
+        ctx.p, ctx.eps, ctx.lib = p, eps, lib
+        return y, post_mean, post_var
+
+    @staticmethod
+    def backward(ctx: Any, gy: Tensor | None, gm: Tensor | None, gv: Tensor | None):  # type: ignore[override]
+        x, weight, post_mean, rstd, d, a, w_bn = ctx.saved_tensors
+        p, needs = ctx.p, ctx.needs_input_grad
+        if gm is not None or gv is not None or gy is None or not (needs[0] and gy.is_contiguous()):
+            grads = _closed_form_backward(needs, x, weight, post_mean, rstd, d if p > 0.0 else None, p, ctx.eps, 1,
+                                          weight.dtype, (post_mean.shape, post_mean.shape), gy, gm, gv)
+            return *grads, None, None, None, None
+        # dx = q*BN_dx(g) + p*a*g: BN's fused backward with weight q*gamma, S1 = sum(g), S2 = sum(g*xh)
+        dx, s2, s1 = _native_batch_norm_backward(gy, x, w_bn, None, None, post_mean, rstd, True, ctx.eps,
+                                                 [True, True, True])
+        if p == 0.0:  # the guard fired: plain BN, no gradient to the prior
+            zeros = torch.zeros_like(rstd) if needs[3] or needs[4] else None
+            return dx, s2, s1, zeros, zeros, None, None, None, None
+        dx.addcmul_(gy, a.view((-1,) + (1,) * (x.dim() - 2)), value=p)  # (C,) -> (C, 1, ..., 1)
         dpm = dpv = None
-        if d is None:  # no prior, or every group's guard fired: plain BN, zero gradient to the prior
-            dpm = dpv = torch.zeros_like(rstd) if need_prior else None
-            need_prior = False
-        if need_prior and only_y and not need_dx and s1 is not None and isinstance(pe, float):
-            # the common case in few ops: a*S1 = -Gm, a*r*S2 = -2*Gv
-            dpv = torch.addcmul(_ZERO, a * rstd, s2, value=-0.5 * pe)  # p * Gv
-            p_gm = torch.addcmul(_ZERO, a, s1, value=-pe)  # p * Gm
-            dpm = torch.addcmul(p_gm, d, dpv, value=-2.0 * (1.0 - pe))  # p*Gm - 2*p*q*d*Gv
-        elif need_prior or need_dx:
-            if s1 is None:  # no gradient reached y
-                g_mean = torch.zeros_like(rstd) if gm is None else gm
-                g_var = torch.zeros_like(rstd) if gv is None else gv
-            else:  # Gm = gm - a*S1, Gv = gv - a*r*S2/2
-                ar = a * rstd
-                g_mean = torch.mul(a, s1).neg_() if gm is None else torch.addcmul(gm, a, s1, value=-1.0)
-                g_var = torch.mul(ar, s2).mul_(-0.5) if gv is None else torch.addcmul(gv, ar, s2, value=-0.5)
-            if need_prior:
-                if isinstance(pe, Tensor):
-                    dpv = pe * g_var
-                    dpm = torch.addcmul(pe * g_mean, d * (pe * (1.0 - pe)), g_var, value=-2.0)
-                else:
-                    dpv = g_var * pe
-                    dpm = torch.addcmul(g_mean * pe, d, g_var, value=-2.0 * pe * (1.0 - pe))
-            if need_dx:  # dx = a*g + k2*x + shift with k2 = 2q*Gv/M, shift = q*(Gm - 2*Gv*mu_hat)/M
-                m = (x.shape[0] // groups) * math.prod(x.shape[2:])
-                q_m = (1.0 - pe) / m  # (1 - p) / M: a float, or a tensor
-                k2 = g_var * (2.0 * q_m)
-                shift = torch.addcmul(g_mean, g_var, post_mean, value=-2.0).mul_(q_m)
-                if single and gys is not None:
-                    if gys.is_contiguous():  # NCHW: torch's fused per-channel affine (eval BN, eps=0) is vectorized
-                        zeros = torch.zeros_like(a)
-                        dx = torch.native_batch_norm(gys, a, shift, zeros, zeros + 1.0, False, 0.0, 0.0)[0]
-                    else:
-                        dx = torch.addcmul(shift.view(shape), gys, a.view(shape))
-                    dx.addcmul_(xs, k2.view(shape))
-                elif single:
-                    dx = torch.addcmul(shift.view(shape), xs, k2.view(shape))
-                else:
-                    dx = torch.addcmul(_bcast(shift), _grouped(xs, groups), _bcast(k2))
-                    if gys is not None:
-                        dx.addcmul_(_grouped(gys, groups), _bcast(a))
-                    dx = dx.reshape(x.shape)
-        if dx is not None and dx.dtype != x.dtype:
-            dx = dx.to(x.dtype)
+        if needs[3] or needs[4]:  # a*S1 = -Gm, a*r*S2 = -2*Gv
+            if ctx.lib is not None:
+                dpm, dpv = torch.empty_like(s1), torch.empty_like(s1)
+                ctx.lib.bkn_backward_finalize(s1.dtype is torch.float64, s1.shape[0], s1.data_ptr(), s2.data_ptr(),
+                                              a.data_ptr(), rstd.data_ptr(), d.data_ptr(), p, dpm.data_ptr(),
+                                              dpv.data_ptr())
+            else:
+                dpv = torch.addcmul(_ZERO, a * rstd, s2, value=-0.5 * p)  # p * Gv
+                dpm = torch.addcmul(_ZERO, a, s1, value=-p).addcmul_(d, dpv, value=-2.0 * (1.0 - p))  # p*Gm - 2pq*d*Gv
+        return dx, s2, s1, dpm, dpv, None, None, None, None
 
-        dweight = dbias = None
-        if weight is not None and s2 is not None and ctx.needs_input_grad[1]:
-            dweight = s2 if single else s2.sum(dim=0)  # (G, C) -> (C,)
-            dweight = dweight if dweight.dtype == weight.dtype else dweight.to(weight.dtype)
-        if ctx.bias_dtype is not None and s1 is not None and ctx.needs_input_grad[2]:
-            dbias = s1 if single else s1.sum(dim=0)  # (G, C) -> (C,)
-            dbias = dbias if dbias.dtype == ctx.bias_dtype else dbias.to(ctx.bias_dtype)
 
-        if dpm is not None:  # back to the prior's shapes: (C,) or (G, C)
-            mean_shape, var_shape = ctx.prior_shape
-            dpm = _sum_to(dpm, mean_shape, single)
-            dpv = _sum_to(dpv, var_shape, single)
-        return dx, dweight, dbias, dpm, dpv, None, None, None, None, None, None
+# the C++ apply without Function.apply's Python layer (setup_context binding, functorch unwrapping: ~6 us a
+# call); used unless functorch transforms (vmap, grad, ...) are active, which need that layer
+_nchw_apply_c = super(torch.autograd.Function, _NchwPriorFn).apply
+
+
+def hot_train(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    prior: Any,
+    prior_weight: float,
+    momentum: float,
+    eps: float,
+    guard_ratio: float,
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    """Training BKN through :class:`_NchwPriorFn` when it applies, else ``None`` (the caller takes the
+    general, fully validated path). Posteriors ``(C,)``; running buffers updated in place.
+
+    Applies to: ``0 < prior_weight <= 1``, a ``(mean, var)`` prior of shape ``(C,)``, fp32/fp64
+    NCHW-contiguous ``x`` with more than one element per (sample, channel) and at least
+    ``_GROUP_NORM_MIN_NUMEL`` elements, contiguous affine parameters (and running buffers, if any) of
+    shape ``(C,)`` in ``x``'s dtype, outside ``torch.compile`` graphs. Every check is cheap; anything
+    else (including every invalid input) returns ``None``.
+    """
+    dtype = x.dtype
+    if not (0.0 < prior_weight <= 1.0 and (dtype is torch.float32 or dtype is torch.float64)):
+        return None
+    if not (isinstance(prior, tuple) and len(prior) == 2):
+        return None
+    prior_mean, prior_var = prior
+    c = x.shape[1]
+    shape = (c,)
+    for t in (weight, bias, prior_mean, prior_var):  # the C finalize reads them as plain (C,) arrays
+        if not (isinstance(t, Tensor) and t.dtype is dtype and t.shape == shape and t.is_contiguous()):
+            return None
+    if running_mean is not None or running_var is not None:
+        for t in (running_mean, running_var):
+            if not (isinstance(t, Tensor) and t.dtype is dtype and t.shape == shape and t.is_contiguous()):
+                return None
+    numel = x.numel()
+    if not (x.is_contiguous() and numel >= _GROUP_NORM_MIN_NUMEL and numel > x.shape[0] * c) or _is_compiling():
+        return None
+    running = None if running_mean is None else (running_mean, running_var, momentum, numel // c)
+    apply = _NchwPriorFn.apply if torch._C._are_functorch_transforms_active() else _nchw_apply_c
+    return apply(x, weight, bias, prior_mean, prior_var, float(prior_weight), float(eps), float(guard_ratio), running)
+
+
+_is_compiling = torch.compiler.is_compiling
+
+
+def _closed_form_backward(
+    needs_input_grad: tuple[bool, ...],
+    x: Tensor,
+    weight: Tensor | None,
+    post_mean: Tensor,
+    rstd: Tensor,
+    d: Tensor | None,
+    pe: PriorWeight,
+    eps: float,
+    groups: int,
+    bias_dtype: torch.dtype | None,
+    prior_shape: tuple[torch.Size, torch.Size] | None,
+    gy: Tensor | None,
+    gm: Tensor | None,
+    gv: Tensor | None,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients ``(dx, dweight, dbias, dmu_P, dvar_P)`` of every case (module docstring's formulas).
+
+    ``needs_input_grad`` is the Function's, whose first five inputs are (x, weight, bias, mu_P, var_P);
+    ``d = mu_B - mu_P`` (None when no group used a prior); ``pe`` the guarded prior weight.
+    """
+    single = groups == 1
+    sdt = rstd.dtype
+    xs = x if x.dtype == sdt else x.to(sdt)
+    w = weight if weight is None or weight.dtype == sdt else weight.to(sdt)
+    gys = gy if gy is None or gy.dtype == sdt else gy.to(sdt)
+    need_dx = needs_input_grad[0]
+    need_prior = needs_input_grad[3] or needs_input_grad[4]
+    only_y = gm is None and gv is None
+    shape = (-1,) + (1,) * (x.dim() - 2)  # (C,) -> (C, 1, ..., 1) to broadcast over (N, C, *)
+    a = rstd if w is None else rstd * w  # r * gamma
+    dx = s1 = s2 = None
+
+    if gys is not None and single:
+        # only_y: dx = q*BN_dx(g) + p*a*g, BN's fused backward with weight q*gamma and one more pass
+        # (vectorized for NCHW; channels-last takes the two affine passes below)
+        fused = need_dx and only_y and (d is None or gys.is_contiguous())
+        w_bn = w
+        if fused and d is not None:
+            if isinstance(pe, Tensor):  # (inside torch.compile graphs)
+                w_bn = (rstd.new_ones(rstd.shape) if w is None else w) * (1.0 - pe)
+            elif w is None:
+                w_bn = rstd.new_full(rstd.shape, 1.0 - pe)
+            else:  # (1 - p) * gamma as gamma - p * gamma: an alpha, not a wrapped scalar
+                w_bn = torch.add(w, w, alpha=-pe)
+        dx, s2, s1 = _native_batch_norm_backward(
+            gys, xs, w_bn, None, None, post_mean, rstd, True, eps, [fused, True, True],
+        )  # S1 = sum(g), S2 = sum(g * xh), each (C,)
+        if fused and d is not None:
+            if isinstance(pe, Tensor):
+                dx.addcmul_(gys, (a * pe).view(shape))
+            else:
+                dx.addcmul_(gys, a.view(shape), value=pe)
+        need_dx = need_dx and not fused
+    elif gys is not None:
+        gyg = _grouped(gys, groups)  # (G, g, C, L)
+        s1 = gyg.sum(dim=(1, 3))
+        s2 = ((_grouped(xs, groups) - _bcast(post_mean)) * gyg).sum(dim=(1, 3)).mul_(rstd)
+
+    dpm = dpv = None
+    if d is None:  # no prior, or every group's guard fired: plain BN, zero gradient to the prior
+        dpm = dpv = torch.zeros_like(rstd) if need_prior else None
+        need_prior = False
+    if need_prior and only_y and not need_dx and s1 is not None and isinstance(pe, float):
+        # the common case in few ops: a*S1 = -Gm, a*r*S2 = -2*Gv
+        dpv = torch.addcmul(_ZERO, a * rstd, s2, value=-0.5 * pe)  # p * Gv
+        p_gm = torch.addcmul(_ZERO, a, s1, value=-pe)  # p * Gm
+        dpm = torch.addcmul(p_gm, d, dpv, value=-2.0 * (1.0 - pe))  # p*Gm - 2*p*q*d*Gv
+    elif need_prior or need_dx:
+        if s1 is None:  # no gradient reached y
+            g_mean = torch.zeros_like(rstd) if gm is None else gm
+            g_var = torch.zeros_like(rstd) if gv is None else gv
+        else:  # Gm = gm - a*S1, Gv = gv - a*r*S2/2
+            ar = a * rstd
+            g_mean = torch.mul(a, s1).neg_() if gm is None else torch.addcmul(gm, a, s1, value=-1.0)
+            g_var = torch.mul(ar, s2).mul_(-0.5) if gv is None else torch.addcmul(gv, ar, s2, value=-0.5)
+        if need_prior:
+            if isinstance(pe, Tensor):
+                dpv = pe * g_var
+                dpm = torch.addcmul(pe * g_mean, d * (pe * (1.0 - pe)), g_var, value=-2.0)
+            else:
+                dpv = g_var * pe
+                dpm = torch.addcmul(g_mean * pe, d, g_var, value=-2.0 * pe * (1.0 - pe))
+        if need_dx:  # dx = a*g + k2*x + shift with k2 = 2q*Gv/M, shift = q*(Gm - 2*Gv*mu_hat)/M
+            m = (x.shape[0] // groups) * math.prod(x.shape[2:])
+            q_m = (1.0 - pe) / m  # (1 - p) / M: a float, or a tensor
+            k2 = g_var * (2.0 * q_m)
+            shift = torch.addcmul(g_mean, g_var, post_mean, value=-2.0).mul_(q_m)
+            if single and gys is not None:
+                if gys.is_contiguous():  # NCHW: torch's fused per-channel affine (eval BN, eps=0) is vectorized
+                    zeros = torch.zeros_like(a)
+                    dx = torch.native_batch_norm(gys, a, shift, zeros, zeros + 1.0, False, 0.0, 0.0)[0]
+                else:
+                    dx = torch.addcmul(shift.view(shape), gys, a.view(shape))
+                dx.addcmul_(xs, k2.view(shape))
+            elif single:
+                dx = torch.addcmul(shift.view(shape), xs, k2.view(shape))
+            else:
+                dx = torch.addcmul(_bcast(shift), _grouped(xs, groups), _bcast(k2))
+                if gys is not None:
+                    dx.addcmul_(_grouped(gys, groups), _bcast(a))
+                dx = dx.reshape(x.shape)
+    if dx is not None and dx.dtype != x.dtype:
+        dx = dx.to(x.dtype)
+
+    dweight = dbias = None
+    if weight is not None and s2 is not None and needs_input_grad[1]:
+        dweight = s2 if single else s2.sum(dim=0)  # (G, C) -> (C,)
+        dweight = dweight if dweight.dtype == weight.dtype else dweight.to(weight.dtype)
+    if bias_dtype is not None and s1 is not None and needs_input_grad[2]:
+        dbias = s1 if single else s1.sum(dim=0)  # (G, C) -> (C,)
+        dbias = dbias if dbias.dtype == bias_dtype else dbias.to(bias_dtype)
+
+    if dpm is not None:  # back to the prior's shapes: (C,) or (G, C)
+        mean_shape, var_shape = prior_shape
+        dpm = _sum_to(dpm, mean_shape, single)
+        dpv = _sum_to(dpv, var_shape, single)
+    return dx, dweight, dbias, dpm, dpv
 
 
 def _sum_to(grad: Tensor, shape: torch.Size, single: bool) -> Tensor:
@@ -355,8 +565,8 @@ def bkn_train(
     groups = 1 if group_size is None else x.shape[0] // int(group_size)
     prior_mean = prior_var = None
     if prior is not None and prior_weight > 0.0:
-        sdt = stats_dtype(x.dtype)
         prior_mean, prior_var = prior  # (C,) or (G, C), broadcast over groups
+        sdt = stats_dtype(x.dtype)
         if prior_mean.dtype != sdt or prior_var.dtype != sdt:
             prior_mean, prior_var = prior_mean.to(sdt), prior_var.to(sdt)
     y, post_mean, post_var = _BatchKalmanNormFn.apply(

@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from normlayers._cpu import bkn_train, check_prior_values as check_prior_values_exact
+from normlayers._cpu import bkn_train, check_prior_values as check_prior_values_exact, hot_train
 from normlayers.reference import elements_per_group
 
-__all__ = ["batch_kalman_norm", "validate_inputs", "BACKENDS"]
+__all__ = ["batch_kalman_norm", "validate_inputs", "try_hot_path", "BACKENDS"]
 
 BACKENDS = ("auto", "torch", "triton")
 Prior = tuple[Tensor, Tensor]
@@ -98,6 +98,30 @@ def _triton_impl(must_run: bool) -> Callable[..., tuple[Tensor, Tensor | None, T
     return bkn_triton.batch_kalman_norm_triton
 
 
+def try_hot_path(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    prior: Prior | None,
+    prior_weight: float,
+    training: bool,
+    momentum: float,
+    eps: float,
+    guard_ratio: float,
+    group_size: int | None,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    """The layer's common case (training with a prior, no ghost groups, torch backend) in few Python
+    lines: ``(y, post_mean (C,), post_var (C,))`` from :func:`normlayers._cpu.hot_train`, or ``None``
+    when it does not apply (then :func:`batch_kalman_norm`'s general path validates and runs)."""
+    if (training and prior is not None and group_size is None and isinstance(x, Tensor) and x.dim() > 2
+            and (backend == "torch" or backend == "auto" and not x.is_cuda)):
+        return hot_train(x, running_mean, running_var, weight, bias, prior, prior_weight, momentum, eps, guard_ratio)
+    return None
+
+
 def batch_kalman_norm(
     x: Tensor,
     running_mean: Tensor | None,
@@ -126,6 +150,10 @@ def batch_kalman_norm(
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    out = try_hot_path(x, running_mean, running_var, weight, bias, prior, prior_weight, training, momentum, eps,
+                       guard_ratio, group_size, backend)
+    if out is not None:
+        return out if flat else (out[0], out[1].view(1, -1), out[2].view(1, -1))  # (C,) -> (1, C)
     impl = None
     if backend == "triton" or (backend == "auto" and x.is_cuda):
         impl = _triton_impl(must_run=backend == "auto")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from normlayers.functional import BACKENDS, batch_kalman_norm
+from normlayers.functional import BACKENDS, batch_kalman_norm, try_hot_path
 
 __all__ = ["BatchKalmanNorm", "BatchKalmanNorm1d", "BatchKalmanNorm2d", "BatchKalmanNorm3d", "TRANSITIONS"]
 
@@ -108,22 +108,32 @@ class BatchKalmanNorm(nn.Module):
                 f"{type(self).__name__}({self.num_features}) got an input with {x.shape[1]} channels "
                 f"(shape {tuple(x.shape)})"
             )
-        # hot path: each nn.Module attribute lookup of a buffer/parameter costs ~1 us, so look them up once
+        # hot path: nn.Module's __getattr__ costs ~1 us per parameter/buffer (more with cold caches), so read
+        # its registries directly, once
+        params, buffers = self._parameters, self._buffers
+        weight, bias = params["weight"], params["bias"]
+        running_mean, running_var = buffers["running_mean"], buffers["running_var"]
         training, momentum = self.training, self.momentum
-        running_mean, running_var = self.running_mean, self.running_var
         if training and self.track_running_stats:
-            counter = self.num_batches_tracked
+            counter = buffers["num_batches_tracked"]
             if counter is not None:
                 counter.add_(1)
                 if momentum is None:  # cumulative moving average, like torch
                     momentum = 1.0 / float(counter)
         track = not training or self.track_running_stats
+        if training and prior is not None:
+            out = try_hot_path(x, running_mean if track else None, running_var if track else None, weight, bias,
+                               prior, self.prior_weight, True, 0.0 if momentum is None else momentum, self.eps,
+                               self.guard_ratio, self.group_size, self.backend)
+            if out is not None:
+                self.__dict__["posterior"] = out[1:]  # a plain attribute: skip nn.Module.__setattr__'s checks
+                return out[0]
         y, post_mean, post_var = batch_kalman_norm(  # posteriors (C,) ungrouped, (G, C) with groups
             x,
             running_mean if track else None,
             running_var if track else None,
-            self.weight,
-            self.bias,
+            weight,
+            bias,
             prior=prior,
             prior_weight=self.prior_weight,
             training=training or (running_mean is None and running_var is None),

@@ -1,0 +1,96 @@
+/* The per-channel O(C) work of Batch Kalman Normalization's CPU hot path, as one call each way.
+ *
+ * normlayers/_cfinalize.py compiles this file on first use (cc -O2 -shared) and calls it through
+ * ctypes from normlayers/_cpu.py (_NchwPriorFn); the torch-ops finalize in that file is the same
+ * arithmetic and the fallback. Spec: ../shared/docs/bkn.md. Tensors are contiguous (C,) or (N, C)
+ * arrays of float32 or float64 (is_double); the arithmetic runs in double and rounds once on store.
+ */
+#include <math.h>
+#include <stdint.h>
+
+static inline double load(const void *base, int64_t i, int is_double) {
+    return is_double ? ((const double *)base)[i] : (double)((const float *)base)[i];
+}
+
+/* Stores v rounded to the array's dtype and returns the stored value (what later reads see). */
+static inline double store(void *base, int64_t i, double v, int is_double) {
+    if (is_double) {
+        ((double *)base)[i] = v;
+        return v;
+    }
+    float f = (float)v;
+    ((float *)base)[i] = f;
+    return (double)f;
+}
+
+/* Forward finalize. Inputs: per-(sample, channel) means m and inverse deviations rstd_n (N, C) from
+ * group norm with eps = 0; the prior (mu_P, var_P); gamma; the prior weight p; the guard ratio.
+ * Batch moments by the law of total variance: mu_B = mean_n m, var_B = mean_n(1/rstd_n^2 + (m - mu_B)^2).
+ * Guard: mean_c var_P / (var_B + eps) >= guard_ratio -> p = 0 (plain BN for this step).
+ * Outputs (C,): mu_hat, var_hat (the mixture), r = 1/sqrt(var_hat + eps), d = mu_B - mu_P, a = r*gamma,
+ * w_bn = (1 - p)*gamma; running buffers (optional, NULL to skip) get the EMA of (mu_hat, var_hat * M/(M-1)).
+ * Returns the prior weight used (0 when the guard fired), or -1 when the prior has a NaN/inf or a
+ * negative variance (nothing is written then; the caller raises).
+ */
+double bkn_forward_finalize(int is_double, int64_t n, int64_t c, const void *m, const void *rstd_n,
+                            const void *prior_mean, const void *prior_var, const void *weight, double p,
+                            double eps, double guard_ratio, void *running_mean, void *running_var,
+                            double momentum, int64_t count, void *post_mean, void *post_var, void *rstd,
+                            void *d, void *a, void *w_bn) {
+    double ratio_sum = 0.0;
+    for (int64_t j = 0; j < c; ++j) {
+        double pm = load(prior_mean, j, is_double), pv = load(prior_var, j, is_double);
+        if (!(pv >= 0.0) || isinf(pv) || !isfinite(pm)) {
+            return -1.0;
+        }
+        double mu = 0.0, var = 0.0;
+        for (int64_t i = 0; i < n; ++i) {
+            mu += load(m, i * c + j, is_double);
+        }
+        mu /= (double)n;
+        for (int64_t i = 0; i < n; ++i) {
+            double dev = load(m, i * c + j, is_double) - mu, r = load(rstd_n, i * c + j, is_double);
+            var += dev * dev + 1.0 / (r * r); /* r = inf (a constant row) adds 0 */
+        }
+        var /= (double)n;
+        /* batch moments parked in the outputs until the guard is known */
+        mu = store(post_mean, j, mu, is_double);
+        var = store(post_var, j, var, is_double);
+        ratio_sum += pv / (var + eps);
+    }
+    if (ratio_sum / (double)c >= guard_ratio) {
+        p = 0.0;
+    }
+    double q = 1.0 - p, unbias = count > 1 ? (double)count / (double)(count - 1) : 1.0;
+    for (int64_t j = 0; j < c; ++j) {
+        double mu = load(post_mean, j, is_double), var = load(post_var, j, is_double);
+        double pm = load(prior_mean, j, is_double), dd = mu - pm;
+        if (p > 0.0) { /* the mixture of N(mu_B, var_B) and N(mu_P, var_P) with weights q, p */
+            var = store(post_var, j, q * var + p * load(prior_var, j, is_double) + p * q * dd * dd, is_double);
+            mu = store(post_mean, j, q * mu + p * pm, is_double);
+        }
+        store(d, j, dd, is_double);
+        double r = store(rstd, j, 1.0 / sqrt(var + eps), is_double), w = load(weight, j, is_double);
+        store(a, j, r * w, is_double);
+        store(w_bn, j, q * w, is_double);
+        if (running_mean != 0) {
+            store(running_mean, j, (1.0 - momentum) * load(running_mean, j, is_double) + momentum * mu, is_double);
+            store(running_var, j, (1.0 - momentum) * load(running_var, j, is_double) + momentum * var * unbias,
+                  is_double);
+        }
+    }
+    return p;
+}
+
+/* Backward finalize: the prior's gradients from BN's reductions S1 = sum(g), S2 = sum(g * xh):
+ * dvar_P = -p/2 * a*r * S2, dmu_P = -p * a * S1 - 2*(1 - p) * d * dvar_P (bkn.md, "Backward"). */
+void bkn_backward_finalize(int is_double, int64_t c, const void *s1, const void *s2, const void *a,
+                           const void *rstd, const void *d, double p, void *grad_prior_mean, void *grad_prior_var) {
+    double q = 1.0 - p;
+    for (int64_t j = 0; j < c; ++j) {
+        double aj = load(a, j, is_double);
+        double dv = -0.5 * p * aj * load(rstd, j, is_double) * load(s2, j, is_double);
+        store(grad_prior_var, j, dv, is_double);
+        store(grad_prior_mean, j, -p * aj * load(s1, j, is_double) - 2.0 * q * load(d, j, is_double) * dv, is_double);
+    }
+}
