@@ -8,7 +8,7 @@ fallback; tests hold the two to the same numbers.
 
 How: the source is compiled once per machine with the system C compiler (``$CC``, else ``cc``;
 ``-O2 -shared -fPIC``, ~0.2 s) into ``$NORMLAYERS_CACHE`` (default ``$XDG_CACHE_HOME/normlayers`` or
-``~/.cache/normlayers``; a temporary directory if that is not writable), named by a hash of the source,
+``~/.cache/normlayers``; a private temporary directory if that is not writable), named by a hash of the source,
 compiler and platform, written atomically, and loaded with :mod:`ctypes` (no Python headers, no
 torch headers, no build step at install). Without a compiler, on any failure, or with
 ``NORMLAYERS_CPU_FINALIZE=torch`` (or :func:`set_cpu_finalize`), the torch ops run instead.
@@ -23,6 +23,7 @@ import os
 import platform
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 __all__ = ["cpu_finalize", "set_cpu_finalize", "load"]
@@ -54,12 +55,15 @@ def cpu_finalize() -> str:
     return "c" if load() is not None else "torch"
 
 
-def _cache_dirs() -> list[Path]:
+def _cache_dirs() -> Iterator[Path]:
+    """Where to build, in order: the cache, then (created only if needed) a fresh private temporary
+    directory, never a shared, guessable path another user could have planted a library in."""
     explicit = os.environ.get("NORMLAYERS_CACHE")
     if explicit:
-        return [Path(explicit)]
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return [base / "normlayers", Path(tempfile.gettempdir()) / f"normlayers-{os.getuid() if hasattr(os, 'getuid') else 0}"]
+        yield Path(explicit)
+        return
+    yield Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "normlayers"
+    yield Path(tempfile.mkdtemp(prefix="normlayers-"))
 
 
 def _compile(directory: Path, compiler: str, key: str) -> Path:

@@ -356,8 +356,7 @@ class _NchwPriorFn(torch.autograd.Function):
                                               a.data_ptr(), rstd.data_ptr(), d.data_ptr(), p, dpm.data_ptr(),
                                               dpv.data_ptr())
             else:
-                dpv = torch.addcmul(_ZERO, a * rstd, s2, value=-0.5 * p)  # p * Gv
-                dpm = torch.addcmul(_ZERO, a, s1, value=-p).addcmul_(d, dpv, value=-2.0 * (1.0 - p))  # p*Gm - 2pq*d*Gv
+                dpm, dpv = _prior_grads(a, rstd, s1, s2, d, p)
         return dx, s2, s1, dpm, dpv, None, None, None, None
 
 
@@ -411,6 +410,13 @@ def hot_train(
 
 
 _is_compiling = torch.compiler.is_compiling
+
+
+def _prior_grads(a: Tensor, rstd: Tensor, s1: Tensor, s2: Tensor, d: Tensor, p: float) -> tuple[Tensor, Tensor]:
+    """``(dmu_P, dvar_P)`` when only ``y`` has a gradient, in four ops: with ``a*S1 = -Gm`` and
+    ``a*r*S2 = -2*Gv``, ``dvar_P = p*Gv`` and ``dmu_P = p*Gm - 2*p*q*d*Gv`` (``a = r*gamma``)."""
+    dpv = torch.addcmul(_ZERO, a * rstd, s2, value=-0.5 * p)
+    return torch.addcmul(_ZERO, a, s1, value=-p).addcmul_(d, dpv, value=-2.0 * (1.0 - p)), dpv
 
 
 def _closed_form_backward(
@@ -478,9 +484,7 @@ def _closed_form_backward(
         need_prior = False
     if need_prior and only_y and not need_dx and s1 is not None and isinstance(pe, float):
         # the common case in few ops: a*S1 = -Gm, a*r*S2 = -2*Gv
-        dpv = torch.addcmul(_ZERO, a * rstd, s2, value=-0.5 * pe)  # p * Gv
-        p_gm = torch.addcmul(_ZERO, a, s1, value=-pe)  # p * Gm
-        dpm = torch.addcmul(p_gm, d, dpv, value=-2.0 * (1.0 - pe))  # p*Gm - 2*p*q*d*Gv
+        dpm, dpv = _prior_grads(a, rstd, s1, s2, d, pe)
     elif need_prior or need_dx:
         if s1 is None:  # no gradient reached y
             g_mean = torch.zeros_like(rstd) if gm is None else gm

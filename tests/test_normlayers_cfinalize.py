@@ -62,3 +62,16 @@ def test_a_broken_source_is_reported_and_not_loaded(fresh_loader, monkeypatch):
 def test_mode_switch_is_validated():
     with pytest.raises(ValueError, match="cpu finalize mode"):
         set_cpu_finalize("fast")
+
+
+@needs_cc
+def test_unwritable_cache_falls_back_to_a_private_temporary_directory(fresh_loader, monkeypatch):
+    blocker = fresh_loader / "not-a-directory"
+    blocker.write_text("")
+    monkeypatch.delenv("NORMLAYERS_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))  # <file>/normlayers cannot be created
+    lib = _cfinalize.load()
+    assert lib is not None and cpu_finalize() == "c"
+    built = os.path.dirname(lib._name)
+    assert os.path.basename(built).startswith("normlayers-") and (os.stat(built).st_mode & 0o077) == 0
+    shutil.rmtree(built)
