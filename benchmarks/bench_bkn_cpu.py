@@ -4,7 +4,8 @@
 (baseline), BKN fast path (``BatchKalmanNorm2d(backend="torch")`` with a prior, p=0.9, gradients to
 the prior too; the posterior is not used downstream), the same layer with the torch-ops finalize
 instead of the C one (``normlayers.set_cpu_finalize("torch")``; the row is left out where no C
-compiler is found and the fast row already uses the torch ops), the plain-torch reference
+compiler is found and the fast row already uses the torch ops), the fast layer with gradients
+reaching its posterior as well (what a Kalman chain's backward does), the plain-torch reference
 (autograd through ``batch_kalman_norm_reference``) and nn.GroupNorm(32); fp32, NCHW and channels-last. ``ratio_bn`` =
 median / BatchNorm2d's median and ``ratio_p20`` = p20 / BatchNorm2d's p20, for the same shape, layout
 and thread count; methods are timed round-robin (``--burst`` consecutive calls each per round, their
@@ -40,6 +41,7 @@ from benchmarks.harness import report, time_fn
 from normlayers import BatchKalmanNorm2d, batch_kalman_norm_reference, cpu_finalize, set_cpu_finalize
 
 TORCH_FINALIZE = "BKN fast, torch-ops finalize"
+CHAINED = "BKN fast, posterior grads too"
 SHAPES = ((8, 64, 32, 32), (2, 256, 16, 16))
 NO_TRIM_ENV = {"MALLOC_MMAP_THRESHOLD_": str(64 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
 
@@ -79,10 +81,18 @@ def _cases(shape: tuple[int, ...], channels_last: bool, reference: bool = True) 
         finally:
             set_cpu_finalize("auto")
 
+    posterior_grads = (torch.randn(c, generator=gen), torch.randn(c, generator=gen))
+    chain_inputs = [x, *bkn.parameters(), *prior]
+
+    def chained() -> None:  # as inside a Kalman chain: the next layer's prior was computed from this posterior
+        y = bkn(x, prior=prior)
+        torch.autograd.grad((y, *bkn.posterior), chain_inputs, (grad, *posterior_grads))
+
     cases = {
         "BatchNorm2d": _step(bn, x, grad),
         "BKN fast (prior, p=0.9)": _step(bkn, x, grad, prior, forward=lambda inp: bkn(inp, prior=prior)),
         TORCH_FINALIZE: _step(bkn, x, grad, prior, forward=torch_finalize_forward),
+        CHAINED: chained,
         "BKN reference": _step(ref, x, grad, prior, forward=reference_forward),
         "GroupNorm(32)": _step(gn, x, grad),
     }

@@ -3,14 +3,16 @@
 Why: at CIFAR sizes the ~20 small torch ops of the finalize (guard, mixture, rstd, running buffers,
 the prior's gradients) cost as much as BatchNorm2d's whole step, because each runs right after an
 x-sized kernel with cold caches (~5 us each). One C loop over the channels does the same arithmetic
-in a few microseconds. The torch-ops finalize in :mod:`normlayers._cpu` stays the reference and the
-fallback; tests hold the two to the same numbers.
+in a few microseconds: the forward finalize, the prior's gradients when only ``y`` has a gradient,
+and the per-channel part of the backward when the posterior has gradients too (a Kalman chain). The
+torch ops in :mod:`normlayers._cpu` stay the reference and the fallback; tests hold the two to the
+same numbers.
 
 How: the source is compiled once per machine with the system C compiler (``$CC``, else ``cc``;
-``-O2 -shared -fPIC``, ~0.2 s) into ``$NORMLAYERS_CACHE`` (default ``$XDG_CACHE_HOME/normlayers`` or
-``~/.cache/normlayers``; a private temporary directory if that is not writable), named by a hash of the source,
-compiler and platform, written atomically, and loaded with :mod:`ctypes` (no Python headers, no
-torch headers, no build step at install). Without a compiler, on any failure, or with
+``-O2 -shared -fPIC``, ~0.2 s) into ``$NORMLAYERS_CACHE`` (default ``$XDG_CACHE_HOME/normlayers``
+or ``~/.cache/normlayers``; a private temporary directory if that is not writable), named by a hash
+of the source, compiler and platform, written atomically, and loaded with :mod:`ctypes` (no Python
+headers, no torch headers, no build step at install). Without a compiler, on any failure, or with
 ``NORMLAYERS_CPU_FINALIZE=torch`` (or :func:`set_cpu_finalize`), the torch ops run instead.
 """
 
@@ -40,6 +42,7 @@ _PTR, _I64, _F64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctype
 _FORWARD_ARGTYPES = [_INT, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _F64, _F64, _F64, _PTR, _PTR, _F64, _I64,
                      _PTR, _PTR, _PTR, _PTR, _PTR, _PTR]
 _BACKWARD_ARGTYPES = [_INT, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _F64, _PTR, _PTR]
+_CHAIN_ARGTYPES = [_INT, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _F64, _PTR, _PTR, _PTR, _PTR]
 
 
 def set_cpu_finalize(mode: str) -> None:
@@ -72,11 +75,25 @@ def _compile(directory: Path, compiler: str, key: str) -> Path:
         directory.mkdir(parents=True, exist_ok=True)
         partial = directory / f".bkn_finalize-{key}.{os.getpid()}.so"  # renamed into place: no half-written file is loaded
         cmd = [compiler, "-O2", "-shared", "-fPIC", "-o", str(partial), str(_SOURCE), "-lm"]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-        if done.returncode != 0:
-            raise OSError(f"{' '.join(cmd)} failed: {done.stderr.strip()[:500]}")
-        os.replace(partial, library)
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+            if done.returncode != 0:
+                raise OSError(f"{' '.join(cmd)} failed: {done.stderr.strip()[:500]}")
+            os.replace(partial, library)
+        finally:
+            partial.unlink(missing_ok=True)
     return library
+
+
+def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """Declare the three entry points' signatures (AttributeError if the library lacks one)."""
+    lib.bkn_forward_finalize.argtypes = _FORWARD_ARGTYPES
+    lib.bkn_forward_finalize.restype = _F64
+    lib.bkn_backward_finalize.argtypes = _BACKWARD_ARGTYPES
+    lib.bkn_backward_finalize.restype = None
+    lib.bkn_backward_chain_finalize.argtypes = _CHAIN_ARGTYPES
+    lib.bkn_backward_chain_finalize.restype = None
+    return lib
 
 
 def load() -> ctypes.CDLL | None:
@@ -94,16 +111,10 @@ def load() -> ctypes.CDLL | None:
     errors = []
     for directory in _cache_dirs():
         try:
-            lib = ctypes.CDLL(str(_compile(directory, compiler, key)))
-        except (OSError, subprocess.SubprocessError) as err:
+            _lib = _bind(ctypes.CDLL(str(_compile(directory, compiler, key))))
+            return _lib
+        except (OSError, AttributeError, subprocess.SubprocessError) as err:
             errors.append(f"{directory}: {err}")
-            continue
-        lib.bkn_forward_finalize.argtypes = _FORWARD_ARGTYPES
-        lib.bkn_forward_finalize.restype = _F64
-        lib.bkn_backward_finalize.argtypes = _BACKWARD_ARGTYPES
-        lib.bkn_backward_finalize.restype = None
-        _lib = lib
-        return lib
     _LOG.info("normlayers: C finalize unavailable, the CPU hot path uses torch ops (%s)", "; ".join(errors))
     return None
 

@@ -288,6 +288,26 @@ def _finalize_torch(m: Tensor, rstd_n: Tensor, prior_mean: Tensor, prior_var: Te
     return p, post_mean, post_var, rstd, d, rstd * weight, torch.add(weight, weight, alpha=-p)
 
 
+def _chain_backward_c(lib: Any, x: Tensor, weight: Tensor, post_mean: Tensor, rstd: Tensor, d: Tensor, a: Tensor,
+                      p: float, eps: float, gy: Tensor, gm: Tensor | None, gv: Tensor | None) -> tuple[Tensor, ...]:
+    """``(dx, dgamma, dbeta, dmu_P, dvar_P)`` with posterior gradients: BN's reductions, the per-channel
+    terms in one C call (:func:`_closed_form_backward`'s formulas), ``dx = a*g + shift + k2*x`` in two passes."""
+    _, s2, s1 = _native_batch_norm_backward(gy, x, weight, None, None, post_mean, rstd, True, eps, [False, True, True])
+    c, dtype = s1.shape[0], s1.dtype
+    gm = None if gm is None else gm.to(dtype).contiguous()
+    gv = None if gv is None else gv.to(dtype).contiguous()
+    dpm, dpv = torch.empty_like(s1), torch.empty_like(s1)
+    k2, shift = torch.empty(2, c, dtype=dtype).unbind(0)
+    lib.bkn_backward_chain_finalize(
+        dtype is torch.float64, c, x.numel() // c, s1.data_ptr(), s2.data_ptr(), a.data_ptr(), rstd.data_ptr(),
+        d.data_ptr(), post_mean.data_ptr(), None if gm is None else gm.data_ptr(), None if gv is None else gv.data_ptr(),
+        p, dpm.data_ptr(), dpv.data_ptr(), k2.data_ptr(), shift.data_ptr(),
+    )
+    shape = (-1,) + (1,) * (x.dim() - 2)  # (C,) -> (C, 1, ..., 1) to broadcast over (N, C, *)
+    dx = torch.addcmul(shift.view(shape), gy, a.view(shape)).addcmul_(x, k2.view(shape))
+    return dx, s2, s1, dpm, dpv
+
+
 class _NchwPriorFn(torch.autograd.Function):
     """The layer's hot path: :class:`_BatchKalmanNormFn` specialized to one group, a ``(C,)`` prior,
     a float prior weight and NCHW-contiguous input large enough for group norm's moments (see
@@ -300,8 +320,9 @@ class _NchwPriorFn(torch.autograd.Function):
     kernels just flushed, at ~5 us. Here the per-channel work is one call each way: the C finalize
     (:mod:`normlayers._cfinalize`) when it is available, else :func:`_finalize_torch` (straight-line
     torch ops: in-place where possible, ``_foreach`` lerps, one host read for guard and value checks).
-    Any other backward (posterior gradients, a non-contiguous ``gy``, no input gradient) goes to
-    :func:`_closed_form_backward`.
+    With posterior gradients (a chain) the backward's per-channel part is one C call as well
+    (:func:`_chain_backward_c`); without the C library, or with a non-contiguous ``gy`` or no input
+    gradient, it goes to :func:`_closed_form_backward`.
     """
 
     @staticmethod
@@ -337,9 +358,16 @@ class _NchwPriorFn(torch.autograd.Function):
     def backward(ctx: Any, gy: Tensor | None, gm: Tensor | None, gv: Tensor | None):  # type: ignore[override]
         x, weight, post_mean, rstd, d, a, w_bn = ctx.saved_tensors
         p, needs = ctx.p, ctx.needs_input_grad
-        if gm is not None or gv is not None or gy is None or not (needs[0] and gy.is_contiguous()):
+        if gy is None or not (needs[0] and gy.is_contiguous()):
             grads = _closed_form_backward(needs, x, weight, post_mean, rstd, d if p > 0.0 else None, p, ctx.eps, 1,
                                           weight.dtype, (post_mean.shape, post_mean.shape), gy, gm, gv)
+            return *grads, None, None, None, None
+        if gm is not None or gv is not None:  # a Kalman chain: the posterior has gradients of its own
+            if ctx.lib is not None:
+                grads = _chain_backward_c(ctx.lib, x, weight, post_mean, rstd, d, a, p, ctx.eps, gy, gm, gv)
+            else:
+                grads = _closed_form_backward(needs, x, weight, post_mean, rstd, d if p > 0.0 else None, p, ctx.eps,
+                                              1, weight.dtype, (post_mean.shape, post_mean.shape), gy, gm, gv)
             return *grads, None, None, None, None
         # dx = q*BN_dx(g) + p*a*g: BN's fused backward with weight q*gamma, S1 = sum(g), S2 = sum(g*xh)
         dx, s2, s1 = _native_batch_norm_backward(gy, x, w_bn, None, None, post_mean, rstd, True, ctx.eps,

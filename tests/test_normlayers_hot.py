@@ -99,8 +99,12 @@ def test_hot_path_matches_the_reference_float64(prior_scale):
     gen = torch.Generator().manual_seed(3)
     gy = torch.randn(y.shape, generator=gen, dtype=torch.float64)
     gm, gv = torch.randn(8, generator=gen, dtype=torch.float64), torch.randn(8, generator=gen, dtype=torch.float64)
-    for outputs, ref_outputs, grads in (((y,), (y_ref,), (gy,)),
-                                        ((y, post_mean, post_var), (y_ref, m_ref[0], v_ref[0]), (gy, gm, gv))):
+    ones = torch.ones(1, dtype=torch.float64).expand(8)  # a stride-0 gradient, as from post_mean.sum()
+    for outputs, ref_outputs, grads in (((y,), (y_ref,), (gy,)),  # y alone: the fused backward
+                                        # a chain: the posterior has gradients too (one or both of its parts)
+                                        ((y, post_mean, post_var), (y_ref, m_ref[0], v_ref[0]), (gy, gm, gv)),
+                                        ((y, post_mean), (y_ref, m_ref[0]), (gy, ones)),
+                                        ((y, post_var), (y_ref, v_ref[0]), (gy, gv))):
         fast = torch.autograd.grad(outputs, (x, w, b, pm, pv), grads, retain_graph=True)
         expect = torch.autograd.grad(ref_outputs, ref, grads, retain_graph=True)
         for got, want in zip(fast, expect):

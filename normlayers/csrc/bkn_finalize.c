@@ -94,3 +94,26 @@ void bkn_backward_finalize(int is_double, int64_t c, const void *s1, const void 
         store(grad_prior_mean, j, -p * aj * load(s1, j, is_double) - 2.0 * q * load(d, j, is_double) * dv, is_double);
     }
 }
+
+/* Backward when the posterior has gradients of its own (in a chain, the next layer's prior was computed
+ * from it): g_mean = dL/dmu_hat and g_var = dL/dvar_hat (NULL: zero), S1, S2 as above, M = count.
+ * Gm = g_mean - a*S1, Gv = g_var - a*r*S2/2; dvar_P = p*Gv, dmu_P = p*Gm - 2*p*(1 - p)*d*Gv;
+ * dx = a*g + k2*x + shift with k2 = 2*(1 - p)*Gv/M and shift = (1 - p)*(Gm - 2*Gv*mu_hat)/M
+ * (k2 and shift written here, the two x-sized passes done by the caller). p = 0 (the guard fired)
+ * gives BatchNorm's backward plus the posterior's terms, and zero prior gradients. */
+void bkn_backward_chain_finalize(int is_double, int64_t c, int64_t count, const void *s1, const void *s2,
+                                 const void *a, const void *rstd, const void *d, const void *post_mean,
+                                 const void *grad_mean, const void *grad_var, double p, void *grad_prior_mean,
+                                 void *grad_prior_var, void *k2, void *shift) {
+    double q = 1.0 - p, q_m = q / (double)count;
+    for (int64_t j = 0; j < c; ++j) {
+        double aj = load(a, j, is_double);
+        double gm = (grad_mean != 0 ? load(grad_mean, j, is_double) : 0.0) - aj * load(s1, j, is_double);
+        double gv = (grad_var != 0 ? load(grad_var, j, is_double) : 0.0)
+                    - 0.5 * aj * load(rstd, j, is_double) * load(s2, j, is_double);
+        store(grad_prior_var, j, p * gv, is_double);
+        store(grad_prior_mean, j, p * gm - 2.0 * p * q * load(d, j, is_double) * gv, is_double);
+        store(k2, j, 2.0 * q_m * gv, is_double);
+        store(shift, j, q_m * (gm - 2.0 * gv * load(post_mean, j, is_double)), is_double);
+    }
+}
