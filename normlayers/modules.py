@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from normlayers.functional import BACKENDS, batch_kalman_norm, try_hot_path
+from normlayers.functional import BACKENDS, batch_kalman_norm
 
 __all__ = ["BatchKalmanNorm", "BatchKalmanNorm1d", "BatchKalmanNorm2d", "BatchKalmanNorm3d", "TRANSITIONS"]
 
@@ -121,13 +121,6 @@ class BatchKalmanNorm(nn.Module):
                 if momentum is None:  # cumulative moving average, like torch
                     momentum = 1.0 / float(counter)
         track = not training or self.track_running_stats
-        if training and prior is not None:
-            out = try_hot_path(x, running_mean if track else None, running_var if track else None, weight, bias,
-                               prior, self.prior_weight, True, 0.0 if momentum is None else momentum, self.eps,
-                               self.guard_ratio, self.group_size, self.backend)
-            if out is not None:
-                self.__dict__["posterior"] = out[1:]  # a plain attribute: skip nn.Module.__setattr__'s checks
-                return out[0]
         y, post_mean, post_var = batch_kalman_norm(  # posteriors (C,) ungrouped, (G, C) with groups
             x,
             running_mean if track else None,
