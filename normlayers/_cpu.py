@@ -66,6 +66,14 @@ def _bcast(v: Tensor) -> Tensor:
     return v[:, None, :, None]
 
 
+def _combine_sample_moments(m: Tensor, rstd_n: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel ``(mu_B, var_B)`` (C,) from group norm's per-(sample, channel) means and inverse
+    deviations (N, C) (eps = 0): ``Var[m_n] + E[var_n]`` (law of total variance), the mean and biased
+    variance of the N means by BN's statistics kernel. Overwrites ``rstd_n``."""
+    mu, var = torch.batch_norm_update_stats(m, None, None, 0.0)
+    return mu, var.add_(rstd_n.pow_(-2).sum(dim=0), alpha=1.0 / m.shape[0])
+
+
 def _batch_moments(xs: Tensor, groups: int) -> tuple[Tensor, Tensor, Tensor | None]:
     """Biased per-channel moments ``(mu_B, var_B, scratch)``: (C,) each when ``groups == 1``, else (G, C).
 
@@ -83,10 +91,9 @@ def _batch_moments(xs: Tensor, groups: int) -> tuple[Tensor, Tensor, Tensor | No
     length = math.prod(xs.shape[2:])
     if xs.is_contiguous() and length > 1 and xs.numel() >= _GROUP_NORM_MIN_NUMEL:
         scratch, m, rstd = torch.native_group_norm(xs, None, None, n, c, length, c, 0.0)  # (N, C) stats
+        if groups == 1:
+            return *_combine_sample_moments(m, rstd), scratch
         var_n = rstd.pow(-2)
-        if groups == 1:  # mean and biased variance of the N sample means: BN's statistics kernel on (N, C)
-            mu, var_m = torch.batch_norm_update_stats(m, None, None, 0.0)
-            return mu, torch.add(var_m, var_n.sum(dim=0), alpha=1.0 / n), scratch  # Var[mu_n] + E[var_n]
         m = m.view(groups, n // groups, c)  # (N, C) -> (G, g, C)
         mu = m.mean(dim=1)
         dev = m - mu[:, None]
@@ -121,13 +128,14 @@ def _guarded_weight(prior_mean: Tensor, prior_var: Tensor, var_b: Tensor, p: flo
     if torch.compiler.is_compiling():
         fire = terms.mean(dim=-1, keepdim=True) >= guard_ratio  # (1,) or (G, 1)
         return torch.where(fire, 0.0, p).to(var_b.dtype)
-    if check:  # NaN/inf in the mean make the probe NaN (0 * inf = NaN); +inf in var_P makes a sum +inf
-        terms = torch.add(terms, prior_mean, alpha=0.0)
-        probe = float(terms.amin())
-    sums = terms.sum(dim=-1).tolist()  # C * the ratio of each group
-    if var_b.dim() == 1:
-        sums = [sums]
-    if check and not (probe >= 0.0 and all(math.isfinite(s) for s in sums)):
+    # guard and value checks in one host read: sqrt makes a negative var_P NaN, adding 0*mu_P makes a
+    # non-finite mu_P NaN, and the 2-norm of sqrt(var_P / (var_B + eps)) is the root of the ratios' sum
+    roots = terms.sqrt_()
+    if check:
+        roots = roots.add_(prior_mean, alpha=0.0)
+    norms = torch.linalg.vector_norm(roots, dim=-1).tolist()
+    sums = [r * r for r in ([norms] if var_b.dim() == 1 else norms)]  # C * the ratio of each group
+    if check and not all(math.isfinite(s) for s in sums):
         check_prior_values(prior_mean, prior_var)  # raises, unless only a ratio overflowed or x is not finite
     channels = var_b.shape[-1]
     fired = [s / channels >= guard_ratio for s in sums]
@@ -143,12 +151,12 @@ def _update_running(post_mean: Tensor, post_var: Tensor, running_mean: Tensor, r
     """In-place EMA of the grad-free posterior, the arithmetic of ``update_running_stats_reference``."""
     if post_mean.dim() == 2:
         post_mean, post_var = post_mean.mean(dim=0), post_var.mean(dim=0)  # (G, C) -> (C,)
-    if count > 1:  # unbiased: var * M / (M - 1), as var + var / (M - 1) (an alpha, not a second scalar op)
-        post_var = torch.add(post_var, post_var, alpha=1.0 / (count - 1))
     if post_mean.dtype != running_mean.dtype:
         post_mean, post_var = post_mean.to(running_mean.dtype), post_var.to(running_var.dtype)
-    running_mean.lerp_(post_mean, momentum)
-    running_var.lerp_(post_var, momentum)
+    # lerp to var_hat, plus momentum * var_hat / (M - 1): the EMA of the unbiased var_hat * M / (M - 1)
+    torch._foreach_lerp_([running_mean, running_var], [post_mean, post_var], momentum)
+    if count > 1:
+        running_var.add_(post_var, alpha=momentum / (count - 1))
 
 
 class _BatchKalmanNormFn(torch.autograd.Function):
@@ -264,26 +272,15 @@ def _finalize_c(lib: Any, m: Tensor, rstd_n: Tensor, prior_mean: Tensor, prior_v
 def _finalize_torch(m: Tensor, rstd_n: Tensor, prior_mean: Tensor, prior_var: Tensor, weight: Tensor, p: float,
                     eps: float, guard_ratio: float, running: Running | None) -> Finalized:
     """The forward finalize in torch ops: batch moments from the (N, C) moments, guard, mixture, r, EMA."""
-    n, c = m.shape
-    mu_b, var_b = torch.batch_norm_update_stats(m, None, None, 0.0)  # then + E[var_n]: as _batch_moments
-    var_b.add_(rstd_n.pow_(-2).sum(dim=0), alpha=1.0 / n)
+    mu_b, var_b = _combine_sample_moments(m, rstd_n)
     d = mu_b - prior_mean
-    # guard and value checks in one host read: sqrt makes a negative var_P NaN, adding 0*d makes a
-    # non-finite mu_P NaN, and the 2-norm of sqrt(var_P / (var_B + eps)) is sqrt of the ratios' sum
-    roots = torch.div(prior_var, torch.add(var_b, _ONE, alpha=eps)).sqrt_().add_(d, alpha=0.0)
-    ratio_sum = float(torch.linalg.vector_norm(roots)) ** 2
-    if not math.isfinite(ratio_sum):
-        check_prior_values(prior_mean, prior_var)  # raises, unless only a ratio overflowed or x is not finite
-    if ratio_sum / c >= guard_ratio:  # plain BN for this step (the batch moments exactly, whatever d is)
-        p = 0.0
+    p = _guarded_weight(prior_mean, prior_var, var_b, p, eps, guard_ratio, check=True)  # a float: one group
+    if p == 0.0:  # the guard fired: plain BN for this step (the batch moments exactly, whatever d is)
         post_mean, post_var = mu_b, var_b
     else:  # mu_hat = lerp(mu_B, mu_P, p); var_hat = lerp(var_B + p*d**2, var_P, p) = q*var_B + p*var_P + p*q*d**2
         post_mean, post_var = torch._foreach_lerp([mu_b, var_b.addcmul_(d, d, value=p)], [prior_mean, prior_var], p)
-    if running is not None:  # EMA of the unbiased posterior: lerp to var_hat, plus momentum*var_hat/(M - 1)
-        running_mean, running_var, momentum, count = running
-        torch._foreach_lerp_([running_mean, running_var], [post_mean, post_var], momentum)
-        if count > 1:
-            running_var.add_(post_var, alpha=momentum / (count - 1))
+    if running is not None:
+        _update_running(post_mean, post_var, *running)
     rstd = torch.add(post_var, _ONE, alpha=eps).rsqrt_()
     return p, post_mean, post_var, rstd, d, rstd * weight, torch.add(weight, weight, alpha=-p)
 
