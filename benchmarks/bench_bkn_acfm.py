@@ -25,6 +25,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
+
 from benchmarks.bkn_study import (
     NORMS,
     Cell,

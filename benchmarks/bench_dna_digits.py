@@ -39,7 +39,6 @@ from nas.ranking import correlations, evaluate
 from nas.ratings import load_ratings
 
 
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks dna_digits", description=__doc__.split("\n")[0])
     p.add_argument("--norm", choices=("bn", "bkn", "both"), default="both")

@@ -11,7 +11,8 @@ from __future__ import annotations
 import itertools
 import math
 import random
-from typing import Any, Protocol, Sequence
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import numpy as np
 from torch import nn

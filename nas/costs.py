@@ -6,7 +6,7 @@ the block's input resolution (the NAS papers' "FLOPs" convention), measured by f
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

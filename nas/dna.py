@@ -16,9 +16,10 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import yaml
@@ -105,7 +106,7 @@ class DNAConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     @classmethod
-    def from_dict(cls, cfg: dict[str, Any]) -> "DNAConfig":
+    def from_dict(cls, cfg: dict[str, Any]) -> DNAConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(cfg) - known
         if unknown:
@@ -118,7 +119,7 @@ class DNAConfig:
         return cls(**cfg)
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "DNAConfig":
+    def from_yaml(cls, path: str | Path) -> DNAConfig:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"DNA config not found: {path}")

@@ -15,9 +15,10 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 __all__ = ["RatingTable", "RatingTableError", "load_ratings", "save_ratings"]
 
@@ -107,7 +108,7 @@ class RatingTable:
         return out
 
     @classmethod
-    def from_json(cls, data: Any, source: str = "rating table") -> "RatingTable":
+    def from_json(cls, data: Any, source: str = "rating table") -> RatingTable:
         if not isinstance(data, dict) or "block_ratings" not in data:
             raise RatingTableError(f"{source}: expected a JSON object with a 'block_ratings' list")
         data = dict(data)

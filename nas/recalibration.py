@@ -6,7 +6,8 @@ Any module exposing ``running_mean``, ``running_var`` and ``reset_running_stats`
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn

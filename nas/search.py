@@ -11,8 +11,8 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import json
 import importlib
+import json
 import sys
 from dataclasses import replace
 

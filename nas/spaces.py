@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Iterator, Sequence
 
 __all__ = [
     "Candidate",
@@ -142,7 +142,7 @@ class BlockSpec:
         num_layers: int,
         ops: Sequence[OpSpec],
         first_ops: Sequence[OpSpec] | None = None,
-    ) -> "BlockSpec":
+    ) -> BlockSpec:
         """A single-cell block whose layers share ``ops`` (the first layer may differ, e.g. no skip)."""
         first = tuple(first_ops) if first_ops is not None else tuple(ops)
         layers = (LayerSpec(first),) + tuple(LayerSpec(tuple(ops)) for _ in range(num_layers - 1))
@@ -271,7 +271,7 @@ class SearchSpace:
             out.append(tuple(int(i) for i in cand))
         return tuple(out)
 
-    def with_single_op(self, op: OpSpec, num_layers: int | None = None) -> "SearchSpace":
+    def with_single_op(self, op: OpSpec, num_layers: int | None = None) -> SearchSpace:
         """The same stem and block in/out shapes with ``op`` as the only choice (e.g. DNA's teacher):
         one cell per block of ``num_layers`` layers (default: the first cell's layer count)."""
         blocks = tuple(
@@ -281,7 +281,7 @@ class SearchSpace:
         return replace(self, blocks=blocks, name=f"{self.name}-{op.name}")
 
     @classmethod
-    def from_dict(cls, cfg: dict) -> "SearchSpace":
+    def from_dict(cls, cfg: dict) -> SearchSpace:
         """Build from a config mapping (YAML)::
 
             {input_channels, input_size, stem_channels, stem_stride, name,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import random
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

@@ -84,7 +84,7 @@ class BlockDistillSystem(pl.LightningModule):
         self.max_epochs = max_epochs
         self.val_candidates = student.candidates()
 
-    def train(self, mode: bool = True) -> "BlockDistillSystem":
+    def train(self, mode: bool = True) -> BlockDistillSystem:
         super().train(mode)
         self.teacher.eval()  # its statistics are fixed
         return self

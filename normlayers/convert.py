@@ -124,7 +124,7 @@ class Through:
     """``layer(activation(source))``. ``relu`` is kept for ReLU-only callers: ``Through(s, l, relu=True)``
     equals ``Through(s, l, activation="relu")``."""
 
-    source: "Recipe"
+    source: Recipe
     layer: str  # module path of the nn.ConvNd / nn.Linear
     relu: bool = False
     activation: str | None = None  # name in normlayers.transition.ACTIVATIONS; None -> from ``relu``
@@ -137,13 +137,13 @@ class Through:
 
 @dataclass(frozen=True)
 class Activate:
-    source: "Recipe"
+    source: Recipe
     activation: str  # name in normlayers.transition.ACTIVATIONS
 
 
 @dataclass(frozen=True)
 class Merge:
-    parts: tuple["Recipe", ...]
+    parts: tuple[Recipe, ...]
 
 
 Recipe = Union[FromPosterior, FromInput, Through, Activate, Merge]

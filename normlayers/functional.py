@@ -9,13 +9,14 @@ Both backends follow :mod:`normlayers.reference` (the spec; its docstring lists 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from normlayers._cpu import bkn_train, check_prior_values as check_prior_values_exact, hot_train
+from normlayers._cpu import bkn_train, hot_train
+from normlayers._cpu import check_prior_values as check_prior_values_exact
 from normlayers.reference import elements_per_group
 
 __all__ = ["batch_kalman_norm", "validate_inputs", "try_hot_path", "BACKENDS"]

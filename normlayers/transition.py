@@ -20,7 +20,8 @@ differentiable: no stop-gradient). Like the reference they ignore the BN affine 
 from __future__ import annotations
 
 import math
-from typing import Callable, Union
+from collections.abc import Callable
+from typing import Union
 
 import numpy as np
 import torch

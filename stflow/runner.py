@@ -13,15 +13,16 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import Sampler
 from pytorch_lightning.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
+from torch.utils.data import Sampler
 
 __all__ = ["EpochShuffleSampler", "RunConfig", "RunResult", "build_trainer", "fit", "last_checkpoint"]
 
@@ -55,7 +56,7 @@ class RunConfig:
     test: bool = True
     trainer_kwargs: dict[str, Any] = field(default_factory=dict)
 
-    def replace(self, **changes: Any) -> "RunConfig":
+    def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
 
 

@@ -14,8 +14,9 @@ validation split), ``val_rmse``, ``val_mae``...; ``test_loss``, ``test_rmse``, `
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -139,7 +140,7 @@ class ForecastingSystem(pl.LightningModule):
     @classmethod
     def from_datamodule(
         cls, model: str, datamodule: Any, model_kwargs: Mapping[str, Any] | None = None, **options: Any
-    ) -> "ForecastingSystem":
+    ) -> ForecastingSystem:
         """A system for ``model`` (registered name) on a set-up ``datamodule`` (scaler, factor, data keywords)."""
         kwargs = {**data_keywords(datamodule), **dict(model_kwargs or {})}
         return cls(

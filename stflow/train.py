@@ -20,9 +20,10 @@ import math
 import sys
 import time
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import pytorch_lightning as pl
 import yaml
@@ -73,7 +74,7 @@ class TrainConfig:
     limit_train_batches: float | int | None = None
     limit_val_batches: float | int | None = None
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         """Raise ``ValueError`` naming the first impossible value."""
         known = list_models()
         if self.model not in known:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from types import ModuleType
 
 import torch
@@ -163,7 +163,7 @@ def _check_device(x: Tensor) -> None:
         raise ValueError(f"x is on {x.device}: the Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1 on CPU)")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count

@@ -53,7 +53,7 @@ class DatasetSpec:
             object.__setattr__(self, "grid", tuple(int(g) for g in self.grid))
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "DatasetSpec":
+    def from_dict(cls, values: dict[str, Any]) -> DatasetSpec:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(values) - known
         if unknown:
@@ -61,7 +61,7 @@ class DatasetSpec:
         return cls(**values)
 
     @classmethod
-    def from_yaml(cls, path: str | os.PathLike) -> "DatasetSpec":
+    def from_yaml(cls, path: str | os.PathLike) -> DatasetSpec:
         path = Path(path)
         if not path.is_file():
             raise DataFormatError(f"{path}: dataset spec file not found")
@@ -99,7 +99,7 @@ def register_dataset(spec: DatasetSpec, overwrite: bool = False) -> DatasetSpec:
     return spec
 
 
-def get_dataset_spec(dataset: "str | DatasetSpec | os.PathLike") -> DatasetSpec:
+def get_dataset_spec(dataset: str | DatasetSpec | os.PathLike) -> DatasetSpec:
     """A spec by registered name, or from a ``.yaml``/``.yml`` file, or the spec itself."""
     if isinstance(dataset, DatasetSpec):
         return dataset

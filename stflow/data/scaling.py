@@ -25,7 +25,7 @@ class MinMaxScaler:
             raise ValueError(f"MinMaxScaler needs finite min < max, got min={self.min}, max={self.max}")
 
     @classmethod
-    def fit(cls, x: np.ndarray | torch.Tensor) -> "MinMaxScaler":
+    def fit(cls, x: np.ndarray | torch.Tensor) -> MinMaxScaler:
         """The global min and max of ``x``."""
         if isinstance(x, torch.Tensor):
             return cls(float(x.min()), float(x.max()))

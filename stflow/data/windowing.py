@@ -28,7 +28,7 @@ class WindowIndex:
     def __len__(self) -> int:
         return len(self.target)
 
-    def subset(self, rows: slice | np.ndarray) -> "WindowIndex":
+    def subset(self, rows: slice | np.ndarray) -> WindowIndex:
         return WindowIndex(self.target[rows], self.closeness[rows], self.period[rows], self.trend[rows])
 
 

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Literal, Mapping
+from collections.abc import Mapping
+from typing import Literal
 
 import torch
 from torch import Tensor, nn

@@ -29,8 +29,9 @@ Normalisation layers are created ONLY through the ``norm_layer`` constructor arg
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -106,7 +107,7 @@ class ACFMConfig:
             raise ValueError("invalid ACFMConfig: " + "; ".join(problems))
 
     @classmethod
-    def preset(cls, name: str, **overrides: Any) -> "ACFMConfig":
+    def preset(cls, name: str, **overrides: Any) -> ACFMConfig:
         """The authors' ``bikenyc`` / ``taxibj`` settings, with field overrides."""
         if name not in ACFM_PRESETS:
             raise ValueError(f"unknown ACFM preset {name!r}; choose from {sorted(ACFM_PRESETS)}")

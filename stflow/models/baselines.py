@@ -6,7 +6,8 @@ fitted on the training history with :meth:`HistoricalAverage.fit_history` before
 
 from __future__ import annotations
 
-from typing import Any, Literal, Mapping
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd

@@ -7,7 +7,8 @@ are the model's own options. A factory raises ``ValueError`` when the model cann
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from torch import nn
 

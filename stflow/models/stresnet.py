@@ -13,8 +13,9 @@ use it by default because without it the residual stream grows until the tanh sa
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -53,7 +54,7 @@ class STResNetConfig:
             raise ValueError(f"grid_shape must be two positive ints, got {self.grid_shape}")
 
     @classmethod
-    def preset(cls, name: str, **overrides: Any) -> "STResNetConfig":
+    def preset(cls, name: str, **overrides: Any) -> STResNetConfig:
         if name not in STRESNET_PRESETS:
             raise ValueError(f"unknown ST-ResNet preset {name!r}; choose from {sorted(STRESNET_PRESETS)}")
         return cls(**{**STRESNET_PRESETS[name], **overrides})

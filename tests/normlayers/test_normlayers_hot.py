@@ -10,8 +10,16 @@ import shutil
 import pytest
 import torch
 
-from normlayers import BatchKalmanNorm2d, BatchKalmanNorm3d, batch_kalman_norm, batch_kalman_norm_reference
-from normlayers import _cfinalize, _cpu, cpu_finalize, set_cpu_finalize
+from normlayers import (
+    BatchKalmanNorm2d,
+    BatchKalmanNorm3d,
+    _cfinalize,
+    _cpu,
+    batch_kalman_norm,
+    batch_kalman_norm_reference,
+    cpu_finalize,
+    set_cpu_finalize,
+)
 from normlayers._cpu import _BatchKalmanNormFn, hot_train
 from normlayers.reference import update_running_stats_reference
 

@@ -15,7 +15,6 @@ from normlayers import BatchKalmanNorm2d, ConvertError, analytic_prior, convert,
 from normlayers.convert import FromPosterior, Through
 from normlayers.transition import ACTIVATIONS, activation_moments
 
-
 MEANS = torch.tensor([-2.0, -0.5, 0.0, 0.7, 2.5], dtype=torch.float64)
 VARS = torch.tensor([0.05, 0.5, 1.0, 2.0, 3.0], dtype=torch.float64)
 

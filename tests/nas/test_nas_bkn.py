@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 from dataclasses import replace
 
-import pytest
 import torch
 
 from nas.dna import DNAConfig, build_teacher, train_block

@@ -8,7 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-from stflow.models import ACFM, ACFMConfig, ReferenceCheckpointError, load_reference_checkpoint, load_reference_state_dict
+from stflow.models import (
+    ACFM,
+    ACFMConfig,
+    ReferenceCheckpointError,
+    load_reference_checkpoint,
+    load_reference_state_dict,
+)
 from stflow.models.acfm_reference import infer_reference_config
 
 

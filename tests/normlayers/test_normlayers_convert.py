@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torch import nn
 
-from normlayers import BatchKalmanNorm, BatchKalmanNorm2d, ConvertError, convert
+from normlayers import BatchKalmanNorm2d, ConvertError, convert
 from normlayers.convert import FromPosterior, Merge, Through
 
 

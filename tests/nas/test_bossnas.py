@@ -336,7 +336,7 @@ def test_config_errors(tmp_path: Path):
         BossNASConfig(space="hytra", sampling="fair")
     with pytest.raises(ValueError, match="budget must be"):
         BossNASConfig(budget=float("nan"))
-    repo_cfg = Path(__file__).resolve().parent.parent / "configs" / "nas" / "bossnas_digits.yaml"
+    repo_cfg = Path(__file__).resolve().parents[2] / "configs" / "nas" / "bossnas_digits.yaml"
     assert load_config(repo_cfg).space in ("mbconv", "hytra")
 
 

@@ -17,7 +17,7 @@ from stflow.data import CrowdFlowDataModule, generate_synthetic_city, synthetic_
 from stflow.data.datamodule import SYNTHETIC_VERSION
 from stflow.evaluate import evaluate
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
