@@ -2,13 +2,13 @@
 
 ``python -m benchmarks bkn_acfm [--quick] [--seeds 0 1] [--epochs N] [--workers 2]``
 
-ACFM (``acfm_bikenyc``, clean variant) is built with BatchNorm; for BKN its frame encoder (the only part with norm
-layers) becomes a Kalman chain through :class:`KalmanFrameEncoder`, an explicit wiring: ``normlayers.convert``
-chains ReLU nets only, and ACFM's residual units use SELU, so the transitions here push the posterior through SELU
-(Monte Carlo, or closed-form SELU moments for the analytic transition). Same recipe and epoch budget for every cell:
+ACFM (``acfm_bikenyc``, clean variant) is built by ``build_model(..., norm="bn" | "bkn")``; for BKN its frame
+encoder (the only part with norm layers) becomes a Kalman chain (``stflow.models.kalman.KalmanFrameEncoder``:
+transitions through SELU, Monte Carlo or closed-form SELU moments for the analytic one). Same recipe and epoch
+budget for every cell:
 Adam 3e-4, grad-norm clip 0.1 (the reference's), the data module's seeded shuffling, selection of the epoch with
 the lowest val_loss, then the test RMSE per the protocol (test period, original units, x sqrt(128/81)).
-BKN's prior weight follows ``bkn_study.prior_weight_for(batch)`` with the number of SAMPLES in the batch (the
+BKN's prior weight follows ``normlayers.prior_weight_for(batch)`` with the number of SAMPLES in the batch (the
 6 frames of one sample are consecutive hours of the same city, not independent images). Skipped, with a
 message, when the real data is absent.
 """
@@ -16,36 +16,33 @@ message, when the real data is absent.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import time
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
-from torch import Tensor, nn
+from torch import nn
 
 from benchmarks.bkn_study import (
-    NORMS,
     Cell,
-    EpochRecorder,
     aggregate,
     load_result,
-    norm_spec,
     plot_by_batch,
     plot_curves,
-    prior_weight_for,
-    quiet_lightning,
     run_config,
     run_dir,
-    run_tasks,
     save_result,
     timing_note,
 )
 from benchmarks.harness import RESULTS_DIR, report
+from normlayers.select import NORMS, NormOptions, norm_spec, prior_weight_for
+from stflow.callbacks import EpochRecorder
+from stflow.models import build_model
 from stflow.paths import REPO_ROOT, shared_dir
+from stflow.pool import quiet_lightning, run_tasks
 from stflow.runner import fit
+from stflow.system import data_keywords
 
 NAME = "bkn_acfm"
 BATCHES = (4, 64)
@@ -60,126 +57,17 @@ def bikenyc_dir() -> Path | None:
     return path if path is not None and any(path.glob("*.h5")) else None
 
 
-SELU_ALPHA = 1.6732632423543772848170429916717
-SELU_SCALE = 1.0507009873554804934193349852946
-
-
-def _ncdf(z: Tensor) -> Tensor:
-    return 0.5 * (1.0 + torch.erf(z / math.sqrt(2.0)))
-
-
-def selu_gaussian_moments(mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
-    """Mean and variance of ``selu(z)``, ``z ~ N(mean, var)``, in closed form (elementwise, differentiable).
-
-    ``selu(z) = s*z`` for ``z > 0`` and ``s*a*(exp(z) - 1)`` otherwise, so with ``sd = sqrt(var)``,
-    ``P = Phi(mean/sd)``, ``phi`` the normal density at ``mean/sd`` and ``E_k = E[exp(k z) 1{z <= 0}] =
-    exp(k mean + k^2 var / 2) Phi(-(mean + k var)/sd)``:
-    ``E[selu] = s (mean P + sd phi + a (E_1 - (1 - P)))`` and
-    ``E[selu^2] = s^2 ((mean^2 + var) P + mean sd phi + a^2 (E_2 - 2 E_1 + 1 - P))``.
-    """
-    sd = (var.clamp_min(0.0) + 1e-12).sqrt()
-    t = mean / sd
-    p_pos = _ncdf(t)
-    pdf = torch.exp(-0.5 * t * t) / math.sqrt(2.0 * math.pi)
-    # exp(k*mean + k^2 var/2) can overflow for large positive means, but then Phi(.) underflows to 0 faster:
-    # combine them in log space.
-    def e_k(k: float) -> Tensor:
-        z = -(mean + k * var) / sd
-        return torch.exp(k * mean + 0.5 * k * k * var + torch.special.log_ndtr(z))
-
-    e1, e2 = e_k(1.0), e_k(2.0)
-    m1 = SELU_SCALE * (mean * p_pos + sd * pdf + SELU_ALPHA * (e1 - (1.0 - p_pos)))
-    m2 = SELU_SCALE**2 * ((mean * mean + var) * p_pos + mean * sd * pdf + SELU_ALPHA**2 * (e2 - 2.0 * e1 + 1.0 - p_pos))
-    return m1, (m2 - m1 * m1).clamp_min(0.0)
-
-
-def selu_transition(
-    post: tuple[Tensor, Tensor], conv: nn.Conv2d, size: tuple[int, int], transition: str
-) -> tuple[Tensor, Tensor]:
-    """Prior of the norm after ``conv(selu(.))`` from the posterior ``post`` of the norm before (``(G, C_out)``).
-
-    ``monte_carlo``: the reference's recipe with SELU in place of ReLU (one random image per group drawn from
-    N(mean, var) at the conv input's ``size``, SELU, the conv's own weights, spatial moments); ``analytic``:
-    closed-form SELU moments, then ``normlayers.analytic_prior``'s linear conv moments.
-    """
-    from normlayers import analytic_prior
-
-    mean, var = post
-    mean, var = mean.reshape(-1, mean.shape[-1]), var.reshape(-1, var.shape[-1])  # (C,) or (G, C) -> (G, C)
-    if transition == "analytic":
-        return analytic_prior(*selu_gaussian_moments(mean, var), conv, relu=False)
-    sd = (var.clamp_min(0.0) + 1e-12).sqrt()
-    noise = torch.randn(mean.shape[0], mean.shape[1], *size, device=mean.device, dtype=mean.dtype)
-    z = mean[:, :, None, None] + sd[:, :, None, None] * noise  # (G, C) -> (G, C, 1, 1) over (G, C, H, W)
-    out = conv(torch.nn.functional.selu(z))
-    var_o, mean_o = torch.var_mean(out.flatten(2), dim=2, correction=0)  # (G, C_out, H*W) -> (G, C_out)
-    return mean_o, var_o
-
-
-class KalmanFrameEncoder(nn.Module):
-    """ACFM's frame encoder with its BatchNorms as a Kalman chain, wired explicitly (an adapter of this study).
-
-    ``normlayers.convert`` chains ReLU nets only and ACFM uses SELU, so this module re-runs the encoder's own
-    submodules (same names, hence the same state-dict keys) with BatchKalmanNorm2d layers and priors computed by
-    :func:`selu_transition`: unit k's ``norm2`` gets ``norm1``'s posterior through SELU -> ``conv1``; unit k+1's
-    ``norm1`` gets the residual sum: unit k's input statistics (``norm1``'s posterior) plus ``norm2``'s
-    posterior through SELU -> ``conv2``. The first norm (fed by the stem conv of the data) has no prior.
-    Eval: plain BN with running statistics.
-    """
-
-    def __init__(self, encoder: nn.Module, prior_weight: float, transition: str) -> None:
-        super().__init__()
-        from normlayers import BatchKalmanNorm2d
-
-        if transition not in ("monte_carlo", "analytic"):
-            raise ValueError(f"unknown transition {transition!r}; choose 'monte_carlo' or 'analytic'")
-        self.transition = transition
-        self.stem, self.units, self.act, self.head = encoder.stem, encoder.units, encoder.act, encoder.head
-        for unit in self.units:
-            if not isinstance(unit.act, nn.SELU):
-                raise ValueError(f"KalmanFrameEncoder expects SELU residual units, got {type(unit.act).__name__}")
-            for name in ("norm1", "norm2"):
-                bn = getattr(unit, name)
-                bkn = BatchKalmanNorm2d(bn.num_features, eps=bn.eps, momentum=bn.momentum, prior_weight=prior_weight)
-                bkn.load_state_dict(bn.state_dict())
-                setattr(unit, name, bkn)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """x (N, 2, H, W) -> (N, C, H, W); records which norms received a prior in ``self.wired``."""
-        x = self.stem(x)
-        size = tuple(x.shape[2:])
-        prior = None
-        self.wired: list[bool] = []
-        for unit in self.units:
-            chain = self.training
-            h = unit.norm1(x, prior=prior if chain else None)
-            self.wired.append(chain and prior is not None)
-            y = unit.conv1(unit.act(h))
-            prior2 = selu_transition(unit.norm1.posterior, unit.conv1, size, self.transition) if chain else None
-            h2 = unit.norm2(y, prior=prior2)
-            self.wired.append(prior2 is not None)
-            x = x + unit.conv2(unit.act(h2))
-            if chain:  # statistics of the residual sum: the unit's input plus its branch
-                branch = selu_transition(unit.norm2.posterior, unit.conv2, size, self.transition)
-                m1, v1 = unit.norm1.posterior
-                prior = (m1 + branch[0], v1 + branch[1])
-        return self.head(self.act(x))
-
-
 def build_acfm(norm: str, batch_size: int, datamodule: Any) -> tuple[nn.Module, float | None]:
-    """``acfm_bikenyc`` for a set-up data module; BKN = its frame encoder as a Kalman chain."""
-    from stflow.models.registry import build_model
-    from stflow.system import data_keywords
-
+    """``acfm_bikenyc`` for a set-up data module with the study's norm ``norm`` (``bn``, ``bkn_mc``, ``bkn_an``);
+    BKN (the frame encoder as a Kalman chain, ``stflow.models.kalman``) gets ``p = prior_weight_for(batch_size)``."""
     spec = norm_spec(norm)
     if spec.kind == "gn":
         raise ValueError("the ACFM study compares BatchNorm and BKN only")
-    model = build_model("acfm_bikenyc", **data_keywords(datamodule))
     if spec.kind != "bkn":
-        return model, None
+        return build_model("acfm_bikenyc", **data_keywords(datamodule), norm="bn"), None
     p = prior_weight_for(batch_size)
-    model.encoder = KalmanFrameEncoder(model.encoder, prior_weight=p, transition=spec.transition)
-    return model, p
+    options = NormOptions(transition=spec.transition, prior_weight=p)
+    return build_model("acfm_bikenyc", **data_keywords(datamodule), norm="bkn", norm_options=options), p
 
 
 def train_acfm_cell(
@@ -213,7 +101,8 @@ def train_acfm_cell(
     )
     recorder = EpochRecorder(["val_loss", "val_rmse"], ["train_loss_epoch"])
     cfg = run_config(
-        out, epochs, seed, "val_loss", "min", resume, gradient_clip_val=GRAD_CLIP, limit_train_batches=limit_train_batches
+        out, epochs, seed, "val_loss", "min", resume, gradient_clip_val=GRAD_CLIP,
+        limit_train_batches=limit_train_batches,
     )
     t0 = time.perf_counter()
     res = fit(system, dm, cfg, callbacks=[recorder])
@@ -322,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         + timing_note(results, wall, args.workers, args.threads, load0),
         "rmse: test RMSE (original units, x sqrt(128/81)) of the epoch with the lowest val_loss; mean/std over seeds; "
         "d_rmse_vs_bn: minus BatchNorm's at the same batch (negative = BKN better)",
-        "BKN: ACFM's frame encoder as a Kalman chain (KalmanFrameEncoder, SELU transitions); p = prior_weight_for(batch in samples)",
+        "BKN: ACFM's frame encoder as a Kalman chain (KalmanFrameEncoder, SELU transitions); "
+        "p = prior_weight_for(batch in samples)",
         f"epoch_s: median training seconds per epoch; plots: {plot.name}, {curves.name}",
     ]
     columns = ["norm", "batch", "p", "seeds", "rmse", "rmse_std", "rmse_in", "rmse_out", "mae", "d_rmse_vs_bn",

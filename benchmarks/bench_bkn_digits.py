@@ -5,7 +5,7 @@
 A pre-activation ResNet (one block per stage, widths 16/32/64) trained with the reference's CIFAR recipe (SGD
 momentum 0.9, weight decay 2e-4, lr x0.1 at 50% and 75% of the epochs; lr = 0.1 * batch / 128 for EVERY norm) at
 real batches of 2, 4, 8 and 128 (the "large" batch: 1077 training images, 8 steps per epoch), and with ghost
-groups of 2/4/8 inside real batches of 128. BKN's prior weight follows ``bkn_study.prior_weight_for`` (fixed
+groups of 2/4/8 inside real batches of 128. BKN's prior weight follows ``normlayers.prior_weight_for`` (fixed
 before any run). Each run is one ``stflow.runner.fit``; finished runs are kept under ``--runs-dir`` and reused,
 so an interrupted study resumes where it stopped. Writes ``bkn_digits.csv/.json`` and three PNGs to ``--out``.
 """
@@ -20,19 +20,17 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.bkn_study import (
-    NORMS,
     Cell,
     aggregate,
-    norm_spec,
     plot_by_batch,
     plot_curves,
-    quiet_lightning,
-    run_tasks,
     timing_note,
     train_digits_cell,
 )
 from benchmarks.harness import RESULTS_DIR, report
+from normlayers.select import NORMS, norm_spec
 from stflow.paths import REPO_ROOT
+from stflow.pool import quiet_lightning, run_tasks
 
 NAME = "bkn_digits"
 MICRO = (2, 4, 8)

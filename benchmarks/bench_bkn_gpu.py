@@ -4,7 +4,7 @@
 
 1. parity: kernel vs the float64 reference at real shapes (fp32 and bf16, with/without groups and
    channels-last, one case where the guard fires), within 2x torch's own error in that dtype plus a
-   small floor (the rule of tests/test_bkn_triton.py), and bitwise determinism of two runs;
+   small floor (the rule of tests/normlayers/test_bkn_triton.py), and bitwise determinism of two runs;
 2. timings (p20/p50/p80 ms, ``harness.time_fn``) of fwd / bwd / fwd+bwd for ``triton`` (BKN with a
    prior), ``triton_bn`` (the same kernels, no prior), ``cudnn`` (nn.BatchNorm2d), ``reference``
    (normlayers.reference in eager torch) and ``compiled`` (torch.compile of the reference), on CIFAR
@@ -68,7 +68,7 @@ PARITY = [
 
 def _forward_backward(impl: str, case: ParityCase, data: dict, dtype: torch.dtype) -> list[torch.Tensor | None]:
     """Outputs and gradients (float64) of one training step through ``impl`` ("triton" / "torch")."""
-    from normlayers.ops.bkn_triton import batch_kalman_norm_triton
+    from normlayers.ops.triton_backend import batch_kalman_norm_triton
     from normlayers.reference import batch_kalman_norm_reference, elements_per_group, update_running_stats_reference
 
     pdt = torch.float64 if dtype == torch.float64 else torch.float32
@@ -145,7 +145,7 @@ def run_parity(device: torch.device) -> list[dict]:
 
 def _bytes_model(shape: tuple[int, ...], dtype: torch.dtype, group_size: int | None) -> dict:
     """Minimum bytes of the kernel path chosen for this shape (tensor passes x element size)."""
-    from normlayers.ops import bkn_triton as bt
+    from normlayers.ops import triton_backend as bt
 
     x = torch.empty(shape, dtype=dtype, device="meta")
     geo = bt._geometry(x, group_size)
@@ -163,7 +163,7 @@ def _bytes_model(shape: tuple[int, ...], dtype: torch.dtype, group_size: int | N
 
 def _providers(shape, dtype, device, use_compile: bool) -> dict[str, Callable[[torch.Tensor], tuple]]:
     """Each provider maps x to the tensors a loss is taken of (y first); parameters live in the closure."""
-    from normlayers.ops.bkn_triton import batch_kalman_norm_triton
+    from normlayers.ops.triton_backend import batch_kalman_norm_triton
     from normlayers.reference import batch_kalman_norm_reference, elements_per_group, update_running_stats_reference
 
     n, c = shape[:2]
@@ -261,11 +261,11 @@ def run_timings(device: torch.device, warmup: int, repeats: int, use_compile: bo
 
 def interpret_smoke() -> int:
     """One tiny shape through the CPU interpreter: the script's plumbing without a GPU."""
-    if "normlayers.ops._bkn_kernels" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+    if "normlayers.ops.triton_kernels" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
         print("kernels were already imported without TRITON_INTERPRET=1; rerun in a fresh process")
         return 1
     os.environ["TRITON_INTERPRET"] = "1"
-    from normlayers.ops._interpret_compat import patch_interpreter
+    from normlayers.ops.triton_interpret_compat import patch_interpreter
 
     patch_interpreter()
     case = ParityCase((2, 3, 5, 5), torch.float32, "shared", None, 0.5, channels_last=True)
@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("no CUDA device: GPU benchmark skipped")
         return interpret_smoke() if args.interpret_smoke else 0
-    from normlayers.ops.bkn_triton import is_available
+    from normlayers.ops.triton_backend import is_available
 
     if not is_available():
         print("triton is not importable: GPU benchmark skipped")

@@ -1,27 +1,28 @@
 """BossNAS on digits: does the self-supervised block rating rank architectures like stand-alone training?
 
-``python -m benchmarks bossnas_digits [--norm bn|bkn] [--seeds 0 1] [--epochs N] [--variant tuned|plain ...]``
+``python -m benchmarks bossnas_digits [--norm bn|bkn] [--seeds 0 1] [--epochs N] [--variant tuned plain]
+[--search-config bossnas_digits|FILE]``
 
 Same protocol and ground truth as ``benchmarks/bench_dna_digits.py``: the architectures of the
 core's digits MBConv space in ``benchmarks/results/nas_digits_ground_truth.json`` (built with
-``nas.groundtruth`` when absent), Kendall / Spearman / Pearson between the BossNAS architecture
+``nas.search.groundtruth`` when absent), Kendall / Spearman / Pearson between the BossNAS architecture
 score (negated: the rating is a loss) and mean stand-alone accuracy, printed beside the
 seed-vs-seed ceiling, the "more parameters is better" baseline (same run) and DNA's tau (read
 from ``benchmarks/results/dna_digits.json`` when present).
 
-Variants: ``tuned`` = ``configs/nas/bossnas_digits.yaml`` (fair 4-path ensembles, strong views,
+Variants: ``tuned`` = the packaged ``bossnas_digits`` config, ``nas/configs/bossnas_digits.yaml`` (fair 4-path ensembles, strong views,
 batch 256, recalibration); ``plain`` = a straightforward setting (15 epochs per block, 2 random
 paths, batch 64, weak views) for comparison.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import itertools
 import json
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,18 +32,19 @@ from scipy import stats
 from benchmarks.harness import RESULTS_DIR, report
 from benchmarks.nas_digits import (
     GT_PATH,
-    add_ground_truth_arguments,
+    GroundTruthOptions,
     agreement,
     describe_ground_truth,
     ground_truth,
     plot_agreement,
 )
-from nas.bossnas import DEFAULT_CONFIG, load_config, run_search
-from nas.dna import DNAConfig
-from nas.groundtruth import seed_ceiling
-from nas.ranking import correlations, evaluate
-from nas.ratings import load_ratings
-from nas.views import ViewConfig
+from nas.data.views import ViewConfig
+from nas.methods.bossnas import DEFAULT_CONFIG, BossNASConfig, run_search
+from nas.methods.dna import DNAConfig
+from nas.search.groundtruth import seed_ceiling
+from nas.search.ranking import correlations, evaluate
+from nas.search.ratings import load_ratings
+from stflow.config import load_config, parse_cli, run_cli
 
 DNA_RESULTS = RESULTS_DIR / "dna_digits.json"
 
@@ -59,21 +61,38 @@ def dna_tau() -> dict[str, Any] | None:
     return means or None
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks bossnas_digits", description=__doc__.split("\n")[0])
-    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="BossNAS YAML config (the tuned variant)")
-    p.add_argument("--norm", choices=("bn", "bkn"), default="bn")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="BossNAS search seeds")
-    p.add_argument("--epochs", type=int, default=None, help="override epochs per block (tuned variant)")
-    p.add_argument("--variant", nargs="+", choices=("tuned", "plain"), default=["tuned"])
-    add_ground_truth_arguments(p)
-    p.add_argument("--out", default="runs/bench-bossnas-digits", help="search run directories (resumable)")
-    p.add_argument("--fresh", action="store_true", help="delete previous runs in --out first")
-    args = p.parse_args(argv)
+@dataclass
+class BossNASDigitsBench(GroundTruthOptions):
+    """The benchmark's options (fields = flags; ``--out`` is ``--out-dir``)."""
 
+    search_config: str = DEFAULT_CONFIG  # BossNAS config of the tuned variant (packaged name or YAML file)
+    norm: str = "bn"  # bn | bkn
+    seeds: list[int] = field(default_factory=lambda: [0])  # BossNAS search seeds
+    epochs: int | None = None  # override epochs per block (tuned variant)
+    variant: list[str] = field(default_factory=lambda: ["tuned"])  # tuned and/or plain
+    out_dir: str = "runs/bench-bossnas-digits"  # search run directories (resumable)
+    fresh: bool = False  # delete previous runs in --out-dir first
+
+    cli_aliases = {"--out": "--out_dir"}
+
+    def validate(self) -> None:
+        super().validate()
+        if self.norm not in ("bn", "bkn"):
+            raise ValueError(f"norm must be bn or bkn, got {self.norm!r}")
+        if not self.variant or set(self.variant) - {"tuned", "plain"}:
+            raise ValueError(f"variant must be tuned and/or plain, got {self.variant}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    args, _ = parse_cli(BossNASDigitsBench, argv, prog="python -m benchmarks bossnas_digits",
+                        description=__doc__.split("\n")[0], packages=("nas",))
     t_start = time.perf_counter()
     space = DNAConfig().space
-    gt = ground_truth(space, args, p)
+    gt = ground_truth(space, args)
     t_gt = time.perf_counter() - t_start
     encodings = [a["encoding"] for a in gt["architectures"]]
     acc = [a["accuracy"] for a in gt["architectures"]]
@@ -87,10 +106,11 @@ def main(argv: list[str] | None = None) -> int:
         rows += [{"rater": f"DNA mean ({norm}, from dna_digits.json)", "variant": "-", "seed": "all", "kendall": tau}
                  for norm, tau in dna.items()]
 
-    out = Path(args.out)
+    out = Path(args.out_dir)
     if args.fresh and out.exists():
         shutil.rmtree(out)
-    base = load_config(args.config, norm=args.norm, progress_bar=False, space="mbconv")
+    base = load_config(BossNASConfig, args.search_config, packages=("nas",), norm=args.norm, progress=False,
+                       space="mbconv")
     raters: dict[str, list[float]] = {}
     for variant in args.variant:
         cfg = dataclasses.replace(base, **PLAIN) if variant == "plain" else base

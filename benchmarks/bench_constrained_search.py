@@ -12,13 +12,14 @@
 
 from __future__ import annotations
 
-import argparse
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from benchmarks.harness import report, time_fn
-from nas.constrained import brute_force, exact_search, reference_traversal
+from nas.search.constrained import brute_force, exact_search, reference_traversal
+from stflow.config import parse_cli, run_cli
 
 
 def realistic_instance(rng: np.random.Generator, blocks: int, size: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -34,12 +35,22 @@ def budget_at(costs: list[np.ndarray], fraction: float) -> float:
     return lo + fraction * (hi - lo)
 
 
+@dataclass
+class ConstrainedSearchBench:
+    """The benchmark's options (fields = flags)."""
+
+    instances: int = 200
+    sizes: list[int] = field(default_factory=lambda: [3, 6, 10, 30])  # candidates per block (60: ~2 s per instance)
+    seed: int = 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks constrained_search", description=__doc__.split("\n")[0])
-    p.add_argument("--instances", type=int, default=200)
-    p.add_argument("--sizes", type=int, nargs="+", default=[3, 6, 10, 30], help="candidates per block (60: ~2 s per instance)")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    args, _ = parse_cli(ConstrainedSearchBench, argv, prog="python -m benchmarks constrained_search",
+                        description=__doc__.split("\n")[0])
     rng = np.random.default_rng(args.seed)
     rows = []
 

@@ -15,11 +15,10 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,31 +26,46 @@ import numpy as np
 from benchmarks.harness import RESULTS_DIR, report
 from benchmarks.nas_digits import (
     GT_PATH,
-    add_ground_truth_arguments,
+    GroundTruthOptions,
     agreement,
     describe_ground_truth,
     ground_truth,
     plot_agreement,
 )
-from nas.dna import digits_config, run_dna
-from nas.groundtruth import seed_ceiling
-from nas.ranking import correlations, evaluate
-from nas.ratings import load_ratings
+from nas.methods.dna import digits_config, run_dna
+from nas.search.groundtruth import seed_ceiling
+from nas.search.ranking import correlations, evaluate
+from nas.search.ratings import load_ratings
+from stflow.config import parse_cli, run_cli
+
+
+@dataclass
+class DNADigitsBench(GroundTruthOptions):
+    """The benchmark's options (fields = flags; ``--out`` is ``--out-dir``)."""
+
+    norm: str = "both"  # bn | bkn | both
+    bkn_p: list[float] = field(default_factory=lambda: [0.5])  # BKN prior weights to run (bkn rows)
+    seeds: list[int] = field(default_factory=lambda: [0])  # DNA search seeds
+    out_dir: str = "runs/bench-dna-digits"  # DNA run directories (resumable)
+    fresh: bool = False  # delete previous DNA runs in --out-dir first
+
+    cli_aliases = {"--out": "--out_dir"}
+
+    def validate(self) -> None:
+        super().validate()
+        if self.norm not in ("bn", "bkn", "both"):
+            raise ValueError(f"norm must be bn, bkn or both, got {self.norm!r}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks dna_digits", description=__doc__.split("\n")[0])
-    p.add_argument("--norm", choices=("bn", "bkn", "both"), default="both")
-    p.add_argument("--bkn-p", type=float, nargs="+", default=[0.5], help="BKN prior weights to run (bkn rows)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="DNA search seeds")
-    add_ground_truth_arguments(p)
-    p.add_argument("--out", default="runs/bench-dna-digits", help="DNA run directories (resumable)")
-    p.add_argument("--fresh", action="store_true", help="delete previous DNA runs in --out first")
-    args = p.parse_args(argv)
+    return run_cli(_main, argv)
 
+
+def _main(argv: list[str]) -> int:
+    args, _ = parse_cli(DNADigitsBench, argv, prog="python -m benchmarks dna_digits", description=__doc__.split("\n")[0])
     t_start = time.perf_counter()
-    cfg0 = digits_config(progress_bar=False)
-    gt = ground_truth(cfg0.space, args, p)
+    cfg0 = digits_config(progress=False)
+    gt = ground_truth(cfg0.space, args)
     t_gt = time.perf_counter() - t_start
     encodings = [a["encoding"] for a in gt["architectures"]]
     acc = [a["accuracy"] for a in gt["architectures"]]
@@ -65,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     variants = [("bn", None)] if args.norm in ("bn", "both") else []
     if args.norm in ("bkn", "both"):
         variants += [("bkn", weight) for weight in args.bkn_p]
-    out = Path(args.out)
+    out = Path(args.out_dir)
     if args.fresh and out.exists():
         shutil.rmtree(out)
     tables: dict[str, list] = {}

@@ -1,9 +1,10 @@
 """Shared code of the Batch Kalman Normalization studies (``bench_bkn_digits``, ``bench_bkn_acfm``).
 
-What lives here: the norm registry of the study (which normalizations are compared and how each is built), the
-prior-weight rule, a small pre-activation ResNet taking a norm factory, a Lightning classification system, the
-digits data adapter (micro-batches, per-epoch test curve), a callback recording per-epoch metrics and train time,
-seed/run bookkeeping (one ``result.json`` per finished run, so an interrupted study resumes), and the plots.
+What lives here: the study's cells (a norm at a batch setting) and how one is built and trained, seed/run
+bookkeeping (one ``result.json`` per finished run, so an interrupted study resumes), aggregation and the plots.
+What the study uses from the packages: the norm registry and prior-weight rule (``normlayers.select``), the
+pre-activation ResNet (``nas.models``), the classifier system (``nas.systems``), the digits data module
+(``nas.data``), the per-epoch recorder (``stflow.callbacks``) and the process pool (``stflow.pool``).
 
 Every training goes through THE shared runner ``stflow.runner.fit``.
 """
@@ -11,186 +12,28 @@ Every training goes through THE shared runner ``stflow.runner.fit``.
 from __future__ import annotations
 
 import json
-import logging
-import math
 import os
 import shutil
 import time
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
-import torch
-import torch.nn.functional as F
-import torchmetrics
-from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch import nn
 
-from stflow.runner import EpochShuffleSampler, RunConfig, fit
-
-NormFactory = Callable[[int], nn.Module]
-
-# --------------------------------------------------------------------------------------------------------------
-# The prior-weight rule (fixed before any result was seen)
-# --------------------------------------------------------------------------------------------------------------
-
-REFERENCE_PRIOR_WEIGHTS = {2: 0.9, 128: 0.05}  # the authors' settings: micro-batch 2 and batch 128
-
-
-def prior_weight_for(stat_batch: int) -> float:
-    """The prior weight p for a layer whose statistics come from ``stat_batch`` samples.
-
-    Linear in log2(batch) between the reference's two settings (0.9 at 2, 0.05 at 128), clamped outside:
-    2 -> 0.9, 4 -> 0.758, 8 -> 0.617, 16 -> 0.475, 32 -> 0.333, 64 -> 0.192, >= 128 -> 0.05.
-    ``stat_batch`` is the ghost-group size when the batch is split into groups, else the real batch size.
-    """
-    if stat_batch < 1:
-        raise ValueError(f"stat_batch must be >= 1, got {stat_batch}")
-    lo, hi = math.log2(2), math.log2(128)
-    t = min(max((math.log2(stat_batch) - lo) / (hi - lo), 0.0), 1.0)
-    return REFERENCE_PRIOR_WEIGHTS[2] + t * (REFERENCE_PRIOR_WEIGHTS[128] - REFERENCE_PRIOR_WEIGHTS[2])
-
+from nas.data import DigitsDataModule
+from nas.models import PreActResNet
+from nas.systems import ClassifierSystem
+from normlayers.select import base_norm_factory, finalize_norms, norm_spec
+from stflow.callbacks import EpochRecorder
+from stflow.runner import RunConfig, fit
 
 # --------------------------------------------------------------------------------------------------------------
-# The norm registry
+# The study's ResNet with each norm, its training recipe and its data
 # --------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class NormSpec:
-    """One normalization of the study.
-
-    ``kind``: "bn" (torch BatchNorm, or BKN without prior = BatchNorm per ghost group when grouped), "gn"
-    (GroupNorm with ``gn_groups`` groups), "bkn" (BatchNorm layers converted to a Kalman chain with
-    ``normlayers.convert`` and the given ``transition``).
-    """
-
-    name: str
-    kind: str
-    label: str
-    transition: str | None = None
-    gn_groups: int = 4  # the reference's GN baseline uses 4 groups; divides every width of the study nets
-
-
-NORMS: dict[str, NormSpec] = {
-    spec.name: spec
-    for spec in (
-        NormSpec("bn", "bn", "BatchNorm"),
-        NormSpec("gn", "gn", "GroupNorm(4)"),
-        NormSpec("bkn_mc", "bkn", "BKN Monte-Carlo", transition="monte_carlo"),
-        NormSpec("bkn_an", "bkn", "BKN analytic", transition="analytic"),
-    )
-}
-
-
-def norm_spec(name: str) -> NormSpec:
-    if name not in NORMS:
-        raise ValueError(f"unknown norm {name!r}; choose from {sorted(NORMS)}")
-    return NORMS[name]
-
-
-def base_norm_factory(spec: NormSpec, group_size: int | None = None) -> NormFactory:
-    """The factory a model is BUILT with (BKN models are built with BatchNorm, then converted).
-
-    With ``group_size`` (ghost groups) the BatchNorm is ``BatchKalmanNorm2d`` without a prior, i.e. BatchNorm
-    whose statistics are computed per group of ``group_size`` samples (ghost BatchNorm).
-    """
-    if spec.kind == "gn":
-        if group_size is not None:
-            raise ValueError("GroupNorm does not depend on the batch: ghost groups make no sense for it")
-        return lambda c: nn.GroupNorm(spec.gn_groups, c)
-    if group_size is None:
-        return nn.BatchNorm2d
-    from normlayers import BatchKalmanNorm2d
-
-    return lambda c: BatchKalmanNorm2d(c, prior_weight=0.0, group_size=group_size)
-
-
-def finalize_norms(
-    model: nn.Module, spec: NormSpec, stat_batch: int, group_size: int | None = None
-) -> tuple[nn.Module, float | None]:
-    """For BKN specs: convert the model's BatchNorms into a Kalman chain; returns ``(model, prior_weight)``."""
-    if spec.kind != "bkn":
-        return model, None
-    from normlayers import convert
-
-    p = prior_weight_for(stat_batch)
-    return convert(model, prior_weight=p, transition=spec.transition, group_size=group_size), p
-
-
-# --------------------------------------------------------------------------------------------------------------
-# The pre-activation ResNet (the reference's CIFAR net, scaled down to 8x8 digits)
-# --------------------------------------------------------------------------------------------------------------
-
-
-class PreActBlock(nn.Module):
-    """norm -> ReLU -> conv3x3(stride) -> norm -> ReLU -> conv3x3, plus the shortcut.
-
-    The shortcut is the identity, or, when the shape changes, a 1x1 strided conv applied to the pre-activated
-    input (He et al. 2016, "Identity mappings"), so every tensor a norm sees is a sum of conv outputs.
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, stride: int, norm_layer: NormFactory) -> None:
-        super().__init__()
-        self.bn1 = norm_layer(in_channels)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
-        self.bn2 = norm_layer(out_channels)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
-        self.relu = nn.ReLU()
-        self.shortcut: nn.Module | None = None
-        if stride != 1 or in_channels != out_channels:
-            self.shortcut = nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """x (N, C_in, H, W) -> (N, C_out, H / stride, W / stride)."""
-        a = self.relu(self.bn1(x))
-        skip = x if self.shortcut is None else self.shortcut(a)
-        y = self.conv1(a)
-        y = self.conv2(self.relu(self.bn2(y)))
-        return y + skip
-
-
-class PreActResNet(nn.Module):
-    """conv3x3 stem -> stages of pre-activation blocks (stride 2 between stages) -> norm -> ReLU -> pool -> linear.
-
-    ``depth`` blocks per stage; widths (16, 32, 64) as in the reference's CIFAR ResNets; the norm of every layer
-    comes from ``norm_layer`` (channels -> module).
-    """
-
-    def __init__(
-        self,
-        norm_layer: NormFactory = nn.BatchNorm2d,
-        in_channels: int = 1,
-        num_classes: int = 10,
-        widths: Sequence[int] = (16, 32, 64),
-        depth: int = 1,
-    ) -> None:
-        super().__init__()
-        if depth < 1 or not widths:
-            raise ValueError(f"need depth >= 1 and at least one stage, got depth={depth}, widths={widths}")
-        self.stem = nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False)
-        blocks: list[nn.Module] = []
-        c_in = widths[0]
-        for stage, c_out in enumerate(widths):
-            for i in range(depth):
-                stride = 2 if stage > 0 and i == 0 else 1
-                blocks.append(PreActBlock(c_in, c_out, stride, norm_layer))
-                c_in = c_out
-        self.blocks = nn.Sequential(*blocks)
-        self.bn = norm_layer(c_in)
-        self.relu = nn.ReLU()
-        self.fc = nn.Linear(c_in, num_classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """x (N, C_in, H, W) -> logits (N, num_classes)."""
-        y = self.blocks(self.stem(x))
-        y = self.relu(self.bn(y))
-        y = y.mean(dim=(2, 3))  # global average pool: (N, C, H, W) -> (N, C)
-        return self.fc(y)
 
 
 def build_resnet(
@@ -202,168 +45,20 @@ def build_resnet(
     return finalize_norms(model, spec, stat_batch, group_size)
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Classification system and digits data adapter
-# --------------------------------------------------------------------------------------------------------------
+def study_data(batch_size: int, seed: int = 0, eval_batch_size: int = 512) -> DigitsDataModule:
+    """The study's digits data: the fixed 60/20/20 split (split seed 0), seeded epoch shuffling (the runner's
+    ``EpochShuffleSampler``, exact resume), ``drop_last`` (every step has ``batch_size`` samples, so ghost
+    groups divide it) and the test set as a second validation loader (per-epoch test curve)."""
+    if batch_size < 2:
+        raise ValueError(f"batch_size must be >= 2 (batch statistics need two samples), got {batch_size}")
+    return DigitsDataModule(batch_size, seed=0, shuffle_seed=seed, drop_last=True, eval_batch_size=eval_batch_size,
+                            test_in_val=True)
 
 
-class ClassificationSystem(pl.LightningModule):
-    """Cross-entropy training with the reference's CIFAR recipe: SGD momentum, step lr, weight decay.
-
-    ``lr_milestones`` are FRACTIONS of ``max_epochs`` at which the lr is multiplied by 0.1. Validation may have
-    two loaders: index 0 = validation set (``val_loss``, ``val_acc``), index 1 = test set evaluated every epoch
-    (``epoch_test_acc``, for learning curves). ``test_step`` logs ``test_loss`` and ``test_acc``.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        num_classes: int = 10,
-        lr: float = 0.1,
-        momentum: float = 0.9,
-        weight_decay: float = 2e-4,
-        max_epochs: int = 10,
-        lr_milestones: Sequence[float] = (0.5, 0.75),
-    ) -> None:
-        super().__init__()
-        self.save_hyperparameters(ignore=["model"])
-        self.model = model
-        self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
-        self.max_epochs, self.lr_milestones = max_epochs, tuple(lr_milestones)
-        acc = lambda: torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)  # noqa: E731
-        self.train_acc, self.val_acc, self.epoch_test_acc, self.test_acc = acc(), acc(), acc(), acc()
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.model(x)
-
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x, y = batch
-        logits = self.model(x)
-        loss = F.cross_entropy(logits, y)
-        self.train_acc(logits, y)
-        self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=len(y))
-        self.log("train_acc", self.train_acc, on_step=False, on_epoch=True, batch_size=len(y))
-        return loss
-
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        x, y = batch
-        logits = self.model(x)
-        if dataloader_idx == 0:
-            self.val_acc(logits, y)
-            self.log("val_loss", F.cross_entropy(logits, y), batch_size=len(y), add_dataloader_idx=False)
-            self.log("val_acc", self.val_acc, batch_size=len(y), add_dataloader_idx=False)
-        else:
-            self.epoch_test_acc(logits, y)
-            self.log("epoch_test_acc", self.epoch_test_acc, batch_size=len(y), add_dataloader_idx=False)
-
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        x, y = batch
-        logits = self.model(x)
-        self.test_acc(logits, y)
-        self.log("test_loss", F.cross_entropy(logits, y), batch_size=len(y))
-        self.log("test_acc", self.test_acc, batch_size=len(y))
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        opt = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
-        milestones = sorted({max(1, round(f * self.max_epochs)) for f in self.lr_milestones})
-        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
-
-
-class DigitsStudyData(pl.LightningDataModule):
-    """Digits (``nas.data.load_digits_split``: fixed stratified 60/20/20 split, standardized) for the study.
-
-    An adapter over the nas data module's split: seeded epoch shuffling (``EpochShuffleSampler``, exact resume),
-    ``drop_last`` on the training loader (so every step has exactly ``batch_size`` samples and ghost groups divide
-    it), and a second validation loader with the test set for per-epoch test curves.
-    """
-
-    def __init__(self, batch_size: int, seed: int = 0, split_seed: int = 0, eval_batch_size: int = 512) -> None:
-        super().__init__()
-        if batch_size < 2:
-            raise ValueError(f"batch_size must be >= 2 (batch statistics need two samples), got {batch_size}")
-        self.batch_size, self.seed, self.split_seed, self.eval_batch_size = batch_size, seed, split_seed, eval_batch_size
-        self.splits: dict[str, tuple[Tensor, Tensor]] | None = None
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.splits is None:
-            from nas.data import load_digits_split
-
-            self.splits = load_digits_split(seed=self.split_seed)
-            n_train = len(self.splits["train"][1])
-            if self.batch_size > n_train:
-                raise ValueError(f"batch_size {self.batch_size} exceeds the {n_train} training images")
-
-    def _dataset(self, name: str) -> TensorDataset:
-        self.setup()
-        assert self.splits is not None
-        return TensorDataset(*self.splits[name])
-
-    def train_dataloader(self) -> DataLoader:
-        ds = self._dataset("train")
-        return DataLoader(ds, batch_size=self.batch_size, sampler=EpochShuffleSampler(len(ds), self.seed), drop_last=True)
-
-    def val_dataloader(self) -> list[DataLoader]:
-        return [DataLoader(self._dataset(n), batch_size=self.eval_batch_size) for n in ("val", "test")]
-
-    def test_dataloader(self) -> DataLoader:
-        return DataLoader(self._dataset("test"), batch_size=self.eval_batch_size)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Per-epoch recording
-# --------------------------------------------------------------------------------------------------------------
-
-
-class EpochRecorder(pl.Callback):
-    """Records, per epoch, the validation-loop metrics ``val_keys``, the epoch-level ``train_keys`` and the training
-    wall time (without validation).
-
-    The row of an epoch is written at ``on_validation_end``, before the checkpoint callbacks (Lightning runs them
-    last), so every checkpoint holds the history up to its own epoch and a resumed run keeps its earlier epochs.
-    Epoch-level training metrics only exist after validation; they complete the row at ``on_train_epoch_end``.
-    The history is restored from a checkpoint only into an empty recorder: ``trainer.test(ckpt_path=best)`` after
-    ``fit`` must not roll it back to the best epoch.
-    """
-
-    def __init__(self, val_keys: Sequence[str], train_keys: Sequence[str] = ()) -> None:
-        self.val_keys, self.train_keys = tuple(val_keys), tuple(train_keys)
-        self.history: list[dict[str, float]] = []
-        self._t0: float | None = None
-        self._train_s: float = float("nan")
-
-    def _metric(self, trainer: pl.Trainer, key: str) -> float:
-        v = trainer.callback_metrics.get(key)
-        return float(v) if v is not None else float("nan")
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._t0 = time.perf_counter()
-
-    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._t0 is not None and not trainer.sanity_checking:
-            self._train_s = time.perf_counter() - self._t0
-            self._t0 = None
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or trainer.state.fn != "fit":
-            return
-        row = {"epoch": float(trainer.current_epoch), "train_s": self._train_s}
-        row.update({k: self._metric(trainer, k) for k in self.val_keys})
-        self.history.append(row)
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.history or self.history[-1]["epoch"] != trainer.current_epoch:  # no validation this epoch
-            train_s = time.perf_counter() - self._t0 if self._t0 is not None else float("nan")
-            self.history.append({"epoch": float(trainer.current_epoch), "train_s": train_s})
-        self._t0 = None
-        self.history[-1].update({k: self._metric(trainer, k) for k in self.train_keys})
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"history": [dict(h) for h in self.history]}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if not self.history:
-            self.history = [dict(h) for h in state_dict.get("history", [])]
+def study_system(model: nn.Module, lr: float = 0.1, max_epochs: int = 10) -> ClassifierSystem:
+    """The reference's CIFAR recipe: SGD momentum 0.9, weight decay 2e-4, lr x0.1 at 50% and 75% of the epochs."""
+    return ClassifierSystem(model, lr=lr, weight_decay=2e-4, max_epochs=max_epochs, optimizer="sgd", momentum=0.9,
+                            schedule="step", lr_milestones=(0.5, 0.75))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -451,8 +146,8 @@ def train_digits_cell(
     lr = base_lr * cell.batch_size / 128  # linear scaling from the reference's lr 0.1 at batch 128, for every norm
     pl.seed_everything(seed, workers=True, verbose=False)  # same init for every norm at a given seed
     model, p = build_resnet(cell.norm, cell.stat_batch, group_size=cell.group_size, depth=depth)
-    system = ClassificationSystem(model, lr=lr, max_epochs=epochs)
-    data = DigitsStudyData(cell.batch_size, seed=seed)
+    system = study_system(model, lr=lr, max_epochs=epochs)
+    data = study_data(cell.batch_size, seed=seed)
     recorder = EpochRecorder(["val_loss", "val_acc", "epoch_test_acc"], ["train_loss", "train_acc"])
     t0 = time.perf_counter()
     cfg = run_config(out, epochs, seed, "val_loss", "min", resume, limit_train_batches=limit_train_batches)
@@ -478,36 +173,6 @@ def train_digits_cell(
     }
     save_result(out, result, keep_checkpoints)
     return result
-
-
-def quiet_lightning() -> None:
-    """Silence Lightning's per-run info messages and warnings (a study launches dozens of short runs)."""
-    for name in ("pytorch_lightning", "lightning", "lightning.pytorch", "lightning_fabric"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
-
-
-def init_worker(threads: int) -> None:
-    torch.set_num_threads(threads)
-    quiet_lightning()
-
-
-def run_tasks(
-    fn: Callable[..., dict[str, Any]], tasks: Sequence[tuple], workers: int, threads: int, desc: str
-) -> list[dict[str, Any]]:
-    """``fn(*task)`` for every task, in order, or in a pool of ``workers`` spawned processes; with a progress bar."""
-    from tqdm import tqdm
-
-    if workers <= 1:
-        init_worker(threads)
-        return [fn(*t) for t in tqdm(tasks, desc=desc, unit="run")]
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-
-    ctx = mp.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker, initargs=(threads,)) as ex:
-        futures = [ex.submit(fn, *t) for t in tasks]
-        return [f.result() for f in tqdm(futures, desc=desc, unit="run")]
 
 
 # --------------------------------------------------------------------------------------------------------------

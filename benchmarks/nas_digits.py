@@ -1,30 +1,36 @@
-"""What the DNA and BossNAS digits benchmarks share: one ground-truth file and its command-line options."""
+"""What the DNA and BossNAS digits benchmarks share: one ground-truth file and its options (config fields)."""
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from benchmarks.harness import RESULTS_DIR
-from nas.groundtruth import build_ground_truth
-from nas.ranking import architecture_keys, correlations
-from nas.ratings import RatingTable
+from nas.search.groundtruth import build_ground_truth
+from nas.search.ranking import architecture_keys, correlations
+from nas.search.ratings import RatingTable
 from nas.spaces import SearchSpace
 
 GT_PATH = RESULTS_DIR / "nas_digits_ground_truth.json"
 
 
-def add_ground_truth_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--archs", type=int, default=30, help="architectures in the ground truth")
-    parser.add_argument("--gt-seeds", type=int, nargs="+", default=[0, 1, 2], help="stand-alone training seeds")
-    parser.add_argument("--gt-epochs", type=int, default=10)
-    parser.add_argument("--gt-folds", type=int, default=5,
-                        help="cross-validation folds per seed (1 = the fixed 360-image test split)")
-    parser.add_argument("--gt-workers", type=int, default=2, help="parallel stand-alone training processes")
+@dataclass
+class GroundTruthOptions:
+    """The ground truth's options, shared by the digits benchmarks' configs (``--archs``, ``--gt-seeds 0 1 2``, ...)."""
+
+    archs: int = 30  # architectures in the ground truth
+    gt_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # stand-alone training seeds
+    gt_epochs: int = 10
+    gt_folds: int = 5  # cross-validation folds per seed (1 = the fixed 360-image test split)
+    gt_workers: int = 2  # parallel stand-alone training processes
+
+    def validate(self) -> None:
+        if self.archs < 3 or len(self.gt_seeds) < 2:
+            raise ValueError("need >= 3 architectures (--archs) and >= 2 ground-truth seeds (--gt-seeds)")
 
 
 def describe_ground_truth(gt: dict[str, Any]) -> str:
@@ -37,12 +43,11 @@ def describe_ground_truth(gt: dict[str, Any]) -> str:
             f"range {min(acc):.4f}-{max(acc):.4f}")
 
 
-def ground_truth(space: SearchSpace, args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
+def ground_truth(space: SearchSpace, opts: GroundTruthOptions) -> dict[str, Any]:
     """The stand-alone accuracies in GT_PATH (built, or reused when its settings match)."""
-    if args.archs < 3 or len(args.gt_seeds) < 2:
-        parser.error("need >= 3 architectures and >= 2 ground-truth seeds")
-    return build_ground_truth(space, GT_PATH, args.archs, args.gt_seeds, args.gt_epochs, folds=args.gt_folds,
-                              workers=args.gt_workers)
+    opts.validate()
+    return build_ground_truth(space, GT_PATH, opts.archs, opts.gt_seeds, opts.gt_epochs, folds=opts.gt_folds,
+                              workers=opts.gt_workers)
 
 
 def agreement(tables: Sequence[RatingTable], encodings: Sequence[Sequence[Sequence[int]]]) -> list[float]:

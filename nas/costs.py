@@ -11,9 +11,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .export import build_block
-from .ops import NormFactory
-from .spaces import SearchSpace
+from nas.export import build_block
+from nas.ops import NormFactory
+from nas.spaces import SearchSpace
 
 __all__ = ["count_params", "count_flops", "candidate_cost", "block_cost_table", "architecture_cost"]
 

@@ -7,9 +7,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .ops import NormFactory, build_op
-from .spaces import BlockSpec, OpSpec, SearchSpace
-from .supernet import make_stem
+from nas.ops import NormFactory, build_op
+from nas.spaces import BlockSpec, OpSpec, SearchSpace
+from nas.supernet import make_stem
 
 __all__ = [
     "Network",
@@ -115,7 +115,7 @@ def build_network_from_strings(
     norm_layer: NormFactory = nn.BatchNorm2d,
 ) -> Network:
     """A stand-alone network from per-block timm-style strings (the exported form of a search)."""
-    from .ops import ConvNormAct
+    from nas.ops import ConvNormAct
 
     stem = ConvNormAct(input_channels, stem_channels, 3, stem_stride, norm_layer)
     channels = stem_channels

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from .spaces import OpSpec
+from nas.spaces import OpSpec
 
 __all__ = ["NormFactory", "make_norm", "SqueezeExcite", "MBConv", "build_op", "ConvNormAct", "seeded_init"]
 

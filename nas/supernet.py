@@ -21,8 +21,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .ops import ConvNormAct, NormFactory, build_op
-from .spaces import BlockSpec, Candidate, SearchSpace
+from nas.ops import ConvNormAct, NormFactory, build_op
+from nas.spaces import BlockSpec, Candidate, SearchSpace
 
 __all__ = ["BlockSupernet", "Supernet", "make_stem"]
 

@@ -1,112 +1,99 @@
-"""Lightning systems wrapping plain modules: a classifier, and DNA's block-wise distillation."""
+"""The one Lightning classifier system: cross-entropy training of any plain classifier module.
+
+Two recipes, chosen by arguments: ``optimizer="adamw", schedule="cosine"`` (the NAS default: teachers,
+retraining, ground truth) and ``optimizer="sgd", schedule="step"`` (the reference CIFAR recipe of the BKN
+study: SGD momentum, lr times 0.1 at fractions ``lr_milestones`` of ``max_epochs``).
+
+Metrics: ``train_loss``/``train_acc`` per epoch; validation may have two loaders: index 0 = validation set
+(``val_loss``, ``val_acc``), index 1 = test set evaluated every epoch (``epoch_test_acc``, for learning curves);
+``test_step`` logs ``test_loss`` and ``test_acc``. Accuracies are exact counts (torchmetrics).
+"""
 
 from __future__ import annotations
 
-import random
+from collections.abc import Sequence
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from torch import nn
+import torchmetrics
+from torch import Tensor, nn
 
-from .export import Network
-from .supernet import BlockSupernet
+__all__ = ["ClassifierSystem"]
 
-__all__ = ["ClassifierSystem", "BlockDistillSystem", "teacher_features"]
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("cosine", "step")
 
 
 class ClassifierSystem(pl.LightningModule):
-    """Cross-entropy training of any classifier; logs ``val_loss``, ``val_acc``, ``test_acc``."""
+    """Cross-entropy training of ``model`` (x (B, C, H, W) -> logits (B, num_classes))."""
 
-    def __init__(self, model: nn.Module, lr: float = 3e-3, weight_decay: float = 1e-4, max_epochs: int = 20) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 3e-3,
+        weight_decay: float = 1e-4,
+        max_epochs: int = 20,
+        num_classes: int = 10,
+        optimizer: str = "adamw",
+        momentum: float = 0.9,
+        schedule: str = "cosine",
+        lr_milestones: Sequence[float] = (0.5, 0.75),
+    ) -> None:
         super().__init__()
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        self.save_hyperparameters(ignore=["model"])
         self.model = model
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.max_epochs = max_epochs
+        self.lr, self.weight_decay, self.max_epochs = lr, weight_decay, max_epochs
+        self.optimizer_name, self.momentum = optimizer, momentum
+        self.schedule, self.lr_milestones = schedule, tuple(lr_milestones)
+        acc = lambda: torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)  # noqa: E731
+        self.train_acc, self.val_acc, self.epoch_test_acc, self.test_acc = acc(), acc(), acc(), acc()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, C, H, W) -> (B, classes)
+    def forward(self, x: Tensor) -> Tensor:  # x: (B, C, H, W) -> (B, classes)
         return self.model(x)
 
-    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
         logits = self.model(x)
         loss = F.cross_entropy(logits, y)
-        acc = (logits.argmax(1) == y).float().mean()
-        self.log(f"{stage}_loss", loss, prog_bar=stage != "train", batch_size=len(y))
-        self.log(f"{stage}_acc", acc, prog_bar=stage != "train", batch_size=len(y))
+        self.train_acc(logits, y)
+        self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=len(y))
+        self.log("train_acc", self.train_acc, on_step=False, on_epoch=True, batch_size=len(y))
         return loss
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        x, y = batch
+        logits = self.model(x)
+        if dataloader_idx == 0:
+            self.val_acc(logits, y)
+            self.log("val_loss", F.cross_entropy(logits, y), prog_bar=True, batch_size=len(y), add_dataloader_idx=False)
+            self.log("val_acc", self.val_acc, prog_bar=True, batch_size=len(y), add_dataloader_idx=False)
+        else:
+            self.epoch_test_acc(logits, y)
+            self.log("epoch_test_acc", self.epoch_test_acc, batch_size=len(y), add_dataloader_idx=False)
 
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._step(batch, "val")
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        logits = self.model(x)
+        self.test_acc(logits, y)
+        self.log("test_loss", F.cross_entropy(logits, y), batch_size=len(y))
+        self.log("test_acc", self.test_acc, batch_size=len(y))
 
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._step(batch, "test")
-
-    def configure_optimizers(self) -> Any:
-        opt = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.max_epochs))
-        return {"optimizer": opt, "lr_scheduler": sched}
-
-
-@torch.no_grad()
-def teacher_features(teacher: Network, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input, target) of block ``k``: the teacher's block k-1 output (stem output for k=0) and block k output."""
-    outs = teacher.block_outputs(x)
-    return outs[k], outs[k + 1]
-
-
-class BlockDistillSystem(pl.LightningModule):
-    """DNA block training: the student block supernet maps the teacher's block k-1 output to its block k
-    output (MSE), one uniformly random path per step. The frozen teacher stays in eval mode.
-
-    The path of step t is drawn from ``random.Random(seed * 1_000_003 + t)``, so a resumed run
-    samples exactly the paths the uninterrupted run would have.
-    """
-
-    def __init__(
-        self, teacher: Network, student: BlockSupernet, k: int, lr: float = 2e-3, seed: int = 0, max_epochs: int = 20
-    ) -> None:
-        super().__init__()
-        if not 0 <= k < len(teacher.blocks):
-            raise ValueError(f"block index {k} out of range for a {len(teacher.blocks)}-block teacher")
-        self.teacher = teacher.eval()
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
-        self.student = student
-        self.k = k
-        self.lr = lr
-        self.seed = seed
-        self.max_epochs = max_epochs
-        self.val_candidates = student.candidates()
-
-    def train(self, mode: bool = True) -> BlockDistillSystem:
-        super().train(mode)
-        self.teacher.eval()  # its statistics are fixed
-        return self
-
-    def step_candidate(self, step: int) -> tuple[int, ...]:
-        return self.student.sample(random.Random(self.seed * 1_000_003 + step))
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
-        x_in, target = teacher_features(self.teacher, batch[0], self.k)
-        cand = self.step_candidate(self.global_step)
-        loss = F.mse_loss(self.student(x_in, cand), target)
-        self.log("train_loss", loss, batch_size=len(x_in))
-        # an all-skip path has no weights: nothing to learn this step (Lightning skips a None loss)
-        return loss if loss.requires_grad else None
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        # A fixed rotation of candidates so val_loss is comparable across epochs (train-mode-free: eval stats).
-        x_in, target = teacher_features(self.teacher, batch[0], self.k)
-        cand = self.val_candidates[batch_idx % len(self.val_candidates)]
-        self.log("val_loss", F.mse_loss(self.student(x_in, cand), target), prog_bar=True, batch_size=len(x_in))
-
-    def configure_optimizers(self) -> Any:
-        opt = torch.optim.Adam(self.student.parameters(), lr=self.lr)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.max_epochs))
-        return {"optimizer": opt, "lr_scheduler": sched}
+    def configure_optimizers(self) -> dict[str, Any]:
+        if self.optimizer_name == "sgd":
+            opt: torch.optim.Optimizer = torch.optim.SGD(
+                self.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
+            )
+        else:
+            opt = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        if self.schedule == "step":
+            milestones = sorted({max(1, round(f * self.max_epochs)) for f in self.lr_milestones})
+            sched: Any = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
+        else:
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.max_epochs))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}

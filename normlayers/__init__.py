@@ -3,9 +3,10 @@
 BKN (Wang et al., 2018) estimates each norm layer's statistics by combining its micro-batch moments
 with a prior propagated from the previous layer's estimate, like a Kalman filter along depth:
 ``mu_hat = p*mu_P + (1-p)*mu_B``, ``var_hat = p*var_P + (1-p)*var_B + p*(1-p)*(mu_B-mu_P)**2``.
-Spec: ``../shared/docs/bkn.md``; executable spec: :mod:`normlayers.reference`.
+Background (equations, guard, transition, ghost groups): ``docs/background/bkn.md``; executable spec:
+:mod:`normlayers.reference`; which function implements which formula in each backend: ``docs/normlayers.md``.
 
-Decisions where the spec leaves a choice (tested in tests/test_normlayers_*.py):
+Decisions where the method leaves a choice (tested in tests/normlayers/):
 
 * No prior, or ``prior_weight == 0``: BatchNorm exactly (train and eval, same buffers).
 * Guard: one scalar per ghost group (the whole layer when ungrouped),
@@ -26,15 +27,18 @@ Decisions where the spec leaves a choice (tested in tests/test_normlayers_*.py):
 * ``convert`` chains through ReLU, ReLU6, SiLU, GELU, Hardswish, Sigmoid and Tanh; squeeze-excite gates,
   SELU, pooling and concatenation are not wired (``ConvertError``, or un-chained with ``strict=False``).
 * Prior validation (shape always; NaN/inf/negative variance outside ``torch.compile``) raises ValueError.
+* Choosing a norm by name (``bn``/``gn``/``bkn``/``none``, :class:`NormOptions`, the prior-weight rule
+  :func:`prior_weight_for`): :mod:`normlayers.select`.
 * CPU hot path: the per-channel finalize is one C call compiled on first use with the system compiler
-  (``normlayers._cfinalize``; torch ops without a compiler or with ``set_cpu_finalize("torch")``).
+  (``normlayers.ops.cfinalize``; torch ops without a compiler or with ``set_cpu_finalize("torch")``).
 """
 
-from normlayers._cfinalize import cpu_finalize, set_cpu_finalize
 from normlayers.convert import ConvertError, KalmanChain, convert
 from normlayers.functional import batch_kalman_norm
 from normlayers.modules import BatchKalmanNorm, BatchKalmanNorm1d, BatchKalmanNorm2d, BatchKalmanNorm3d
+from normlayers.ops.cfinalize import cpu_finalize, set_cpu_finalize
 from normlayers.reference import batch_kalman_norm_reference, update_running_stats_reference
+from normlayers.select import NORM_KINDS, NORMS, NormOptions, NormSpec, norm_spec, prior_weight_for
 from normlayers.transition import analytic_prior, monte_carlo_prior, pad_channels, residual_merge
 
 __all__ = [
@@ -44,13 +48,19 @@ __all__ = [
     "BatchKalmanNorm3d",
     "ConvertError",
     "KalmanChain",
+    "NORMS",
+    "NORM_KINDS",
+    "NormOptions",
+    "NormSpec",
     "analytic_prior",
     "batch_kalman_norm",
     "batch_kalman_norm_reference",
     "convert",
     "cpu_finalize",
     "monte_carlo_prior",
+    "norm_spec",
     "pad_channels",
+    "prior_weight_for",
     "residual_merge",
     "set_cpu_finalize",
     "update_running_stats_reference",

@@ -45,7 +45,7 @@ import functools
 import operator
 import warnings
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import torch
 import torch.fx
@@ -146,7 +146,7 @@ class Merge:
     parts: tuple[Recipe, ...]
 
 
-Recipe = Union[FromPosterior, FromInput, Through, Activate, Merge]
+Recipe = FromPosterior | FromInput | Through | Activate | Merge
 
 
 class _Unsupported(Exception):

@@ -1,10 +1,11 @@
 """Functional Batch Kalman Normalization: validation, backend dispatch and running statistics.
 
 ``batch_kalman_norm`` is to :class:`normlayers.BatchKalmanNorm` what ``F.batch_norm`` is to
-``nn.BatchNorm2d``. Backends: ``"torch"`` (the fast CPU path in :mod:`normlayers._cpu`, any device),
-``"triton"`` (``normlayers.ops.bkn_triton.batch_kalman_norm_triton``, imported lazily, same
+``nn.BatchNorm2d``. Backends: ``"torch"`` (the fast CPU path in :mod:`normlayers.ops.torch_backend`, any device),
+``"triton"`` (``normlayers.ops.triton_backend.batch_kalman_norm_triton``, imported lazily, same
 signature minus ``backend``), ``"auto"`` = triton when ``x.is_cuda`` and triton imports, else torch.
-Both backends follow :mod:`normlayers.reference` (the spec; its docstring lists the decisions).
+Both backends follow :mod:`normlayers.reference` (the spec; its docstring lists the decisions); which function
+implements which formula in each backend: the table in ``docs/normlayers.md``.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from normlayers._cpu import bkn_train, hot_train
-from normlayers._cpu import check_prior_values as check_prior_values_exact
+from normlayers.ops.torch_backend import bkn_train, hot_train
+from normlayers.ops.torch_backend import check_prior_values as check_prior_values_exact
 from normlayers.reference import elements_per_group
 
 __all__ = ["batch_kalman_norm", "validate_inputs", "try_hot_path", "BACKENDS"]
@@ -45,7 +46,7 @@ def validate_inputs(
     """Check shapes and values; return ``G`` (number of ghost groups). Raises ``ValueError``/``TypeError``.
 
     ``check_prior_values=False`` leaves the NaN/inf/negative-variance checks of the prior to the
-    caller (the torch path does them in the guard's host sync, see :func:`normlayers._cpu.bkn_train`).
+    caller (the torch path does them in the guard's host sync, see :func:`normlayers.ops.torch_backend.bkn_train`).
     """
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise TypeError(f"batch_kalman_norm expects a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
@@ -90,13 +91,13 @@ def validate_inputs(
 def _triton_impl(must_run: bool) -> Callable[..., tuple[Tensor, Tensor | None, Tensor | None]] | None:
     """The Triton launcher (None if it does not import, or, with ``must_run``, cannot run here)."""
     try:
-        from normlayers.ops import bkn_triton
+        from normlayers.ops import triton_backend
     except ImportError:
         return None
-    is_available = getattr(bkn_triton, "is_available", None)
+    is_available = getattr(triton_backend, "is_available", None)
     if must_run and is_available is not None and not is_available():
         return None
-    return bkn_triton.batch_kalman_norm_triton
+    return triton_backend.batch_kalman_norm_triton
 
 
 def try_hot_path(
@@ -115,7 +116,7 @@ def try_hot_path(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor] | None:
     """The layer's common case (training with a prior, no ghost groups, torch backend) in few Python
-    lines: ``(y, post_mean (C,), post_var (C,))`` from :func:`normlayers._cpu.hot_train`, or ``None``
+    lines: ``(y, post_mean (C,), post_var (C,))`` from :func:`normlayers.ops.torch_backend.hot_train`, or ``None``
     when it does not apply (then :func:`batch_kalman_norm`'s general path validates and runs)."""
     if (training and prior is not None and group_size is None and isinstance(x, Tensor) and x.dim() > 2
             and (backend == "torch" or backend == "auto" and not x.is_cuda)):
@@ -159,7 +160,7 @@ def batch_kalman_norm(
     if backend == "triton" or (backend == "auto" and x.is_cuda):
         impl = _triton_impl(must_run=backend == "auto")
         if impl is None and backend == "triton":
-            raise ImportError("backend='triton' needs normlayers.ops.bkn_triton (and the triton package)")
+            raise ImportError("backend='triton' needs normlayers.ops.triton_backend (and the triton package)")
     # the torch training path checks the prior's values in the same host sync as its guard
     fused_checks = impl is None and prior_weight > 0.0 and (
         training or running_mean is None or running_var is None

@@ -1,7 +1,7 @@
 """Plain-torch reference of Batch Kalman Normalization: this file IS the spec (autograd through it).
 
-Every fast path (``normlayers.functional`` on CPU, ``normlayers.ops.bkn_triton`` on GPU) is tested
-against these two functions. Notation follows ../shared/docs/bkn.md.
+Every fast path (``normlayers.functional`` on CPU, ``normlayers.ops.triton_backend`` on GPU) is tested
+against these two functions. Notation and background: docs/background/bkn.md.
 
 Decisions (each one is also stated in ``normlayers/__init__.py``):
 

@@ -1,4 +1,4 @@
-"""Transitions: how layer k-1's posterior becomes layer k's prior (bkn.md, "The transition").
+"""Transitions: how layer k-1's posterior becomes layer k's prior (docs/background/bkn.md, "The transition").
 
 Both transitions take the posterior ``(mean, var)`` of a BKN input, ``(C_in,)`` or ``(G, C_in)``,
 apply an elementwise activation (ReLU by default; see :data:`ACTIVATIONS`) and the next conv/linear
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Union
 
 import numpy as np
 import torch
@@ -42,7 +41,7 @@ __all__ = [
 ]
 
 Prior = tuple[Tensor, Tensor]
-Activation = Union[str, Callable[[Tensor], Tensor], None]
+Activation = str | Callable[[Tensor], Tensor] | None
 LINEAR_SAMPLES = 64  # Monte-Carlo samples per group through an nn.Linear (it has no spatial extent)
 QUADRATURE_NODES = 32  # Gauss-Hermite nodes for the analytic moments of smooth activations
 _SQRT_EPS = 1e-12  # keeps d sqrt(var)/d var finite for a constant channel (var = 0)

@@ -92,10 +92,28 @@ def _normalise_flags(argv: Sequence[str], aliases: Mapping[str, str]) -> list[st
     return out
 
 
-def _one_line(err: BaseException) -> str:
+def _one_line(err: BaseException | str) -> str:
+    """jsonargparse's multi-line messages as one line that names the key and the expected type."""
     text = " ".join(str(err).split())
-    text = re.sub(r"<class '([\w.]+)'>", r"\1", text)  # "Expected a <class 'int'>" -> "Expected a int"
-    return text.replace('Parser key "', 'key "').replace("Expected a int", "Expected an int")
+    text = re.sub(r"<class '([\w.]+)'>", r"\1", text)  # "<class 'int'>" -> "int"
+    text = text.replace("NoneType", "None")
+    text = re.sub(r"typing\.Literal\[(.*?)\]", lambda m: "one of " + m.group(1).replace(", ", "|"), text)
+    union = re.search(r'Parser key "([^"]+)": Does not validate against any of the Union subtypes '
+                      r"Subtypes: \[(.*?)\] Errors: .*Given value: (.*)$", text)
+    if union:
+        key, types, value = union.groups()
+        return f'key "{key}": expected {types.replace(", ", " or ")}, got {value!r}'
+    single = re.search(r'Parser key "([^"]+)": Expected an? (.*?)\. Got value: (.*)$', text)
+    if single:
+        key, expected, value = single.groups()
+        return f'key "{key}": expected {expected}, got {value!r}'
+    option = re.search(r"Option '([^']+)' is not accepted", text)
+    if option:
+        return f'unknown key "{option.group(1)}"'
+    group = re.search(r"Group '([^']+)' does not accept option '([^']+)'", text)
+    if group:
+        return f'unknown key "{group.group(1)}.{group.group(2)}"'
+    return text
 
 
 def _bool_keys(cls: type, prefix: str = "") -> set[str]:
@@ -111,13 +129,47 @@ def _bool_keys(cls: type, prefix: str = "") -> set[str]:
     return keys
 
 
+def _list_keys(cls: type, prefix: str = "") -> set[str]:
+    """Dotted keys of fields that take a list or tuple (so ``--seeds 0 1 2`` means ``--seeds [0, 1, 2]``)."""
+    keys: set[str] = set()
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints.get(f.name)
+        if dataclasses.is_dataclass(hint):
+            keys |= _list_keys(hint, f"{prefix}{f.name}.")
+        elif any(typing.get_origin(h) in (list, tuple) for h in (hint, *typing.get_args(hint))):
+            keys.add(prefix + f.name)
+    return keys
+
+
+def _join_lists(argv: Sequence[str], list_flags: set[str]) -> list[str]:
+    """``--seeds 0 1 2`` -> ``--seeds [0, 1, 2]`` for list fields (a YAML list, ``[0,1]``, passes unchanged)."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        out.append(argv[i])
+        if argv[i] in list_flags:
+            j = i + 1
+            while j < len(argv) and not argv[j].startswith("--"):
+                j += 1
+            values = argv[i + 1 : j]
+            if len(values) > 1 or (len(values) == 1 and not values[0].lstrip().startswith(("[", "("))):
+                out.append("[" + ", ".join(values) + "]")
+            else:
+                out += values
+            i = j
+            continue
+        i += 1
+    return out
+
+
 def _parser(cls: type, prog: str | None, description: str | None, packages: Sequence[str]):
     from jsonargparse import ActionConfigFile, ArgumentParser
 
     parser = ArgumentParser(prog=prog, description=description, exit_on_error=False, env_prefix=None,
                             default_env=False)
-    parser.add_argument("--config", action=ActionConfigFile,
-                        help=f"YAML config file, or a packaged config name ({', '.join(packaged_configs(packages[0]))})")
+    names = ", ".join(packaged_configs(packages[0]))
+    parser.add_argument("--config", action=ActionConfigFile, help=f"YAML config file, or a packaged config ({names})")
     parser.add_class_arguments(cls, nested_key=None, as_group=False, fail_untyped=True)
     return parser
 
@@ -156,6 +208,7 @@ def parse_cli(
     bool_flags = {"--" + key for key in _bool_keys(cls)}
     argv = [token for i, flag in enumerate(argv) for token in (
         [flag, "true"] if flag in bool_flags and (i + 1 == len(argv) or argv[i + 1].startswith("--")) else [flag])]
+    argv = _join_lists(argv, {"--" + key for key in _list_keys(cls)})
     for i, token in enumerate(argv):  # --config NAME -> a real path (packaged configs by name)
         if token == "--config" and i + 1 < len(argv):
             argv[i + 1] = str(resolve_config(argv[i + 1], packages))
@@ -247,7 +300,8 @@ def run_cli(main: Callable[[list[str]], int | None], argv: Sequence[str] | None 
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     try:
-        return int(main(argv) or 0)
+        result = main(argv)
+        return result if isinstance(result, int) else 0
     except (ValueError, FileNotFoundError, KeyError) as err:
         if debug:
             raise

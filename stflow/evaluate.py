@@ -15,9 +15,10 @@ Prints RMSE, inflow/outflow RMSE and MAE in original units per the protocol (``-
 
 from __future__ import annotations
 
-import argparse
+import copy
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
+from stflow.config import parse_cli, run_cli
 from stflow.paths import shared_dir
 from stflow.plots import write_evaluation_plots
 from stflow.system import ForecastingSystem
@@ -33,15 +35,19 @@ from stflow.train import CHECKPOINT_DATA_KEY, SHARED_DATA_DIRS, format_metrics
 __all__ = ["REFERENCE_DATA", "evaluate", "load_checkpoint", "main"]
 
 # Data settings under which the authors' checkpoints were trained (see ../shared/docs/acfm.md).
+# Plain data-module arguments (``CrowdFlowDataModule.from_arguments``).
 REFERENCE_DATA: dict[str, dict[str, Any]] = {
     "acfm_reference_bikenyc": dict(
-        dataset="bikenyc", len_closeness=4, len_period=2, len_trend=0, features="acfm",
-        compat_weekend_bug=True, scale_min=0.0, scale_max=267.0,
+        dataset="bikenyc", data_dir=None,
+        options=dict(len_closeness=4, len_period=2, len_trend=0, features="acfm", compat_weekend_bug=True,
+                     scale_min=0.0, scale_max=267.0),
     ),
 }
 
 
-def load_checkpoint(path: str | Path, model: str | None = None) -> tuple[ForecastingSystem | torch.nn.Module, dict[str, Any]]:
+def load_checkpoint(
+    path: str | Path, model: str | None = None
+) -> tuple[ForecastingSystem | torch.nn.Module, dict[str, Any]]:
     """(system or bare reference model, data module arguments) from a checkpoint file."""
     path = Path(path)
     if not path.is_file():
@@ -58,7 +64,8 @@ def load_checkpoint(path: str | Path, model: str | None = None) -> tuple[Forecas
             raise ValueError(f"{path}: the system was built from an nn.Module, not a registered name; load it in code")
         system = ForecastingSystem.load_from_checkpoint(path, map_location="cpu", weights_only=False)
         data = dict(raw.get(CHECKPOINT_DATA_KEY, {}))
-        data.update(scale_min=float(system.hparams.scaler_min), scale_max=float(system.hparams.scaler_max))
+        data["options"] = {**dict(data.get("options") or {}), "scale_min": float(system.hparams.scaler_min),
+                           "scale_max": float(system.hparams.scaler_max)}
         return system, data
     if model is None:
         raise ValueError(
@@ -69,18 +76,23 @@ def load_checkpoint(path: str | Path, model: str | None = None) -> tuple[Forecas
         raise ValueError(f"a plain state dict can only be loaded as {sorted(REFERENCE_DATA)}, got --model {model!r}")
     from stflow.models import load_reference_checkpoint
 
-    return load_reference_checkpoint(path), dict(REFERENCE_DATA[model])
+    return load_reference_checkpoint(path), copy.deepcopy(REFERENCE_DATA[model])
 
 
-def _datamodule(data: dict[str, Any]) -> Any:
+def _datamodule(data: dict[str, Any], overrides: dict[str, Any]) -> Any:
     from stflow.data import CrowdFlowDataModule
 
-    if data.get("data_dir") is None and data.get("dataset") in SHARED_DATA_DIRS:
+    data = {**data}
+    if "dataset" in overrides and "data_dir" not in overrides:
+        data["data_dir"] = None  # another dataset: its own default location
+    if overrides.get("data_dir", data.get("data_dir")) is None and overrides.get("dataset", data.get("dataset")) in \
+            SHARED_DATA_DIRS:
         shared = shared_dir()
+        dataset = overrides.get("dataset", data.get("dataset"))
         if shared is None:
-            raise FileNotFoundError(f"--data-dir is required for {data['dataset']!r} (no shared data folder here)")
-        data["data_dir"] = str(shared / SHARED_DATA_DIRS[data["dataset"]])
-    return CrowdFlowDataModule(**data)
+            raise FileNotFoundError(f"--data-dir is required for {dataset!r} (no shared data folder here)")
+        overrides = {**overrides, "data_dir": str(shared / SHARED_DATA_DIRS[dataset])}
+    return CrowdFlowDataModule.from_arguments(data, **overrides)
 
 
 def evaluate(
@@ -96,18 +108,15 @@ def evaluate(
     ``test_mae``, ``test_samples``), plus ``plots`` (written PNG paths) when ``plots_dir`` is given."""
     loaded, data = load_checkpoint(checkpoint, model)
     overrides = {k: v for k, v in (data_overrides or {}).items() if v is not None}
-    if "dataset" in overrides and "data_dir" not in overrides:
-        data.pop("data_dir", None)  # another dataset: its own default location
-    data.update(overrides)
-    datamodule = _datamodule(data)
+    datamodule = _datamodule(data, overrides)
     datamodule.setup("test")
     if isinstance(loaded, ForecastingSystem):
         system = loaded
     else:
         system = ForecastingSystem(
             loaded,
-            scaler_min=float(data["scale_min"]),
-            scaler_max=float(data["scale_max"]),
+            scaler_min=float(datamodule.scaler.min),
+            scaler_max=float(datamodule.scaler.max),
             metric_factor=float(datamodule.metric_factor),
             num_slots=len(datamodule.timestamps),
         )
@@ -119,7 +128,7 @@ def evaluate(
     out: dict[str, Any] = {
         "checkpoint": str(checkpoint),
         "model": model or system.hparams.get("model"),
-        "dataset": data.get("dataset"),
+        "dataset": datamodule.hparams["dataset"],
         **{k: float(v) for k, v in results[0].items()},
     }
     if plots_dir is not None:
@@ -135,27 +144,40 @@ def evaluate(
     return out
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m stflow.evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, help="a stflow .ckpt, or the authors' .pt with --model")
-    p.add_argument("--model", help="for the authors' state dict: " + ", ".join(REFERENCE_DATA))
-    p.add_argument("--dataset")
-    p.add_argument("--data-dir", dest="data_dir")
-    p.add_argument("--batch-size", dest="batch_size", type=int)
-    p.add_argument("--test-days", dest="test_days", type=int)
-    p.add_argument("--accelerator", default="auto")
-    p.add_argument("--plots", help="write PNG figures into this folder")
-    p.add_argument("--hour", help='flow-map hour, e.g. "2014-09-25 08:00" (default: the busiest test hour)')
-    p.add_argument("--json", action="store_true", help="print one JSON object only")
-    return p
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """``python -m stflow.evaluate`` options (also YAML keys through ``--config``)."""
+
+    checkpoint: str  # a stflow .ckpt, or the authors' .pt with --model
+    model: str | None = None  # for the authors' state dict: acfm_reference_bikenyc
+    dataset: str | None = None  # evaluate on another dataset than the checkpoint's
+    data_dir: str | None = None
+    batch_size: int | None = None
+    test_days: int | None = None
+    accelerator: str = "auto"
+    plots: str | None = None  # write PNG figures into this folder
+    hour: str | None = None  # flow-map hour, e.g. "2014-09-25 08:00" (default: the busiest test hour)
+
+    def validate(self) -> None:
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.test_days is not None and self.test_days < 1:
+            raise ValueError(f"test_days must be >= 1, got {self.test_days}")
+
+
+def _json_flag(parser: Any) -> None:
+    parser.add_argument("--json", action="store_true", help="print one JSON object only")
 
 
 def main(args: list[str] | None = None) -> dict[str, Any]:
     """Parse ``args`` (``sys.argv[1:]`` when None), evaluate, print; return the metrics dict."""
-    ns = _parser().parse_args(list(sys.argv[1:] if args is None else args))
-    overrides = {k: getattr(ns, k) for k in ("dataset", "data_dir", "batch_size", "test_days")}
-    result = evaluate(ns.checkpoint, ns.model, overrides, ns.plots, ns.hour, ns.accelerator, progress_bar=not ns.json)
-    if not ns.json:
+    cfg, extras = parse_cli(EvaluateConfig, args, prog="python -m stflow.evaluate",
+                            description=__doc__.split("\n\n")[0], extra=_json_flag)
+    json_only = bool(extras.get("json"))
+    overrides = {k: getattr(cfg, k) for k in ("dataset", "data_dir", "batch_size", "test_days")}
+    result = evaluate(cfg.checkpoint, cfg.model, overrides, cfg.plots, cfg.hour, cfg.accelerator,
+                      progress_bar=not json_only)
+    if not json_only:
         print(f"\n{result['model']} on {result['dataset']} ({result['checkpoint']}): original units, acfm.md protocol")
         print(format_metrics(result))
         for path in result.get("plots", []):
@@ -165,4 +187,4 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -31,12 +31,12 @@ __all__ = ["EpochShuffleSampler", "RunConfig", "RunResult", "build_trainer", "fi
 class RunConfig:
     """Everything about *how* to run; the *what* lives in the system and the data module."""
 
-    out_dir: str = "runs/default"
-    max_epochs: int = 10
+    out_dir: str | None = None  # None: runs/default (stflow.train derives one from model and dataset)
+    max_epochs: int | None = None  # None: 10 (stflow.train uses a per-dataset default)
     max_steps: int = -1
     seed: int | None = 777
     accelerator: str = "auto"
-    devices: int | str | list[int] = "auto"
+    devices: int | list[int] | str = "auto"
     strategy: str = "auto"
     num_nodes: int = 1
     precision: str = "32-true"
@@ -46,18 +46,26 @@ class RunConfig:
     early_stopping_patience: int | None = None
     resume: bool | str = False  # True / "last": out_dir/checkpoints/last.ckpt; or a path
     progress_bar: bool = True
-    loggers: Sequence[str] = ("csv", "tensorboard")
+    loggers: tuple[str, ...] = ("csv", "tensorboard")
     log_every_n_steps: int = 10
     checkpoint: bool = True
     deterministic: bool | str = False
-    limit_train_batches: float | int | None = None
-    limit_val_batches: float | int | None = None
+    limit_train_batches: int | float | None = None  # an int counts batches, a float is a fraction (Lightning)
+    limit_val_batches: int | float | None = None
     num_sanity_val_steps: int = 0
     test: bool = True
     trainer_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
+
+    @property
+    def resolved_out_dir(self) -> str:
+        return self.out_dir or "runs/default"
+
+    @property
+    def resolved_max_epochs(self) -> int:
+        return 10 if self.max_epochs is None else self.max_epochs
 
 
 @dataclass
@@ -87,9 +95,9 @@ def _loggers(cfg: RunConfig) -> list[Logger] | bool:
             try:
                 import tensorboard  # noqa: F401
             except ImportError:  # tensorboardX/tensorboard missing: keep the CSV log only
-                warnings.warn("tensorboard is not installed; skipping the TensorBoard logger")
+                warnings.warn("tensorboard is not installed; skipping the TensorBoard logger", stacklevel=2)
                 continue
-        loggers.append(known[name](save_dir=cfg.out_dir, name="logs", version=""))
+        loggers.append(known[name](save_dir=cfg.resolved_out_dir, name="logs", version=""))
     return loggers
 
 
@@ -138,7 +146,8 @@ class EpochSeeder(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if batch_idx == 0:
-            pl.seed_everything(self.seed + 1000 * trainer.current_epoch + trainer.global_rank, workers=True, verbose=False)
+            seed = self.seed + 1000 * trainer.current_epoch + trainer.global_rank
+            pl.seed_everything(seed, workers=True, verbose=False)
 
 
 def build_trainer(cfg: RunConfig, callbacks: Sequence[Callback] = ()) -> pl.Trainer:
@@ -147,7 +156,7 @@ def build_trainer(cfg: RunConfig, callbacks: Sequence[Callback] = ()) -> pl.Trai
     if cfg.seed is not None:
         all_callbacks.append(EpochSeeder(cfg.seed))
     if cfg.checkpoint:
-        ckpt_dir = str(Path(cfg.out_dir) / "checkpoints")
+        ckpt_dir = str(Path(cfg.resolved_out_dir) / "checkpoints")
         # The best epoch on the monitored metric...
         all_callbacks.append(
             ModelCheckpoint(
@@ -171,8 +180,8 @@ def build_trainer(cfg: RunConfig, callbacks: Sequence[Callback] = ()) -> pl.Trai
             EarlyStopping(monitor=cfg.monitor, mode=cfg.monitor_mode, patience=cfg.early_stopping_patience)
         )
     kwargs: dict[str, Any] = dict(
-        default_root_dir=cfg.out_dir,
-        max_epochs=cfg.max_epochs,
+        default_root_dir=cfg.resolved_out_dir,
+        max_epochs=cfg.resolved_max_epochs,
         max_steps=cfg.max_steps,
         accelerator=cfg.accelerator,
         devices=cfg.devices,
@@ -200,7 +209,7 @@ def build_trainer(cfg: RunConfig, callbacks: Sequence[Callback] = ()) -> pl.Trai
 def _resume_path(cfg: RunConfig) -> str | None:
     if cfg.resume in (False, None, ""):
         return None
-    path = last_checkpoint(cfg.out_dir) if cfg.resume in (True, "last") else Path(str(cfg.resume))
+    path = last_checkpoint(cfg.resolved_out_dir) if cfg.resume in (True, "last") else Path(str(cfg.resume))
     if not path.is_file():
         raise FileNotFoundError(f"cannot resume: no checkpoint at {path}")
     return str(path)
@@ -219,14 +228,14 @@ def fit(
     """Seed, fit (resuming if asked), then test with the best checkpoint when there is one."""
     if cfg.seed is not None:
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+    Path(cfg.resolved_out_dir).mkdir(parents=True, exist_ok=True)
     trainer = build_trainer(cfg, callbacks)
     trainer.fit(system, datamodule=datamodule, ckpt_path=_resume_path(cfg))
     val_metrics = _floats(trainer.callback_metrics)
     best = last = None
     if cfg.checkpoint and trainer.checkpoint_callback is not None:
         best = trainer.checkpoint_callback.best_model_path or None  # the first ModelCheckpoint: the best one
-        last_path = last_checkpoint(cfg.out_dir)
+        last_path = last_checkpoint(cfg.resolved_out_dir)
         last = str(last_path) if last_path.is_file() else None
     test_metrics: dict[str, float] = {}
     if cfg.test and _has_test(system, datamodule):

@@ -35,6 +35,7 @@ from .hdf5 import (
     write_flow_file,
     write_meteorology,
 )
+from .options import CrowdFlowOptions
 from .scaling import MinMaxScaler
 from .synthetic import RAINY_WEATHER, SyntheticCity, generate_synthetic_city, synthetic_file_names
 from .windowing import WindowIndex, build_windows, frame_offsets
@@ -42,6 +43,7 @@ from .windowing import WindowIndex, build_windows, frame_offsets
 __all__ = [
     "CrowdFlowData",
     "CrowdFlowDataModule",
+    "CrowdFlowOptions",
     "CrowdFlowWindows",
     "DATASETS",
     "DataFormatError",

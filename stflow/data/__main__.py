@@ -2,43 +2,44 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
+from ..config import parse_cli, run_cli
 from .datamodule import ensure_synthetic_city, load_crowd_flow
-from .features import FEATURE_KINDS
-from .hdf5 import DataFormatError
+from .options import CrowdFlowOptions
 from .synthetic import generate_synthetic_city
 
+_WINDOW_FLAGS = ("len_closeness", "len_period", "len_trend", "period_interval", "trend_interval", "test_days",
+                 "val_fraction", "features", "compat_weekend_bug", "compat_meteorology_bug", "scale_min", "scale_max")
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m stflow.data", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    info = sub.add_parser("info", help="slots kept/removed, sample counts, test period, scaler, features")
-    info.add_argument("--dataset", default="synthetic", help="registered name or a .yaml spec")
-    info.add_argument("--data-dir", default=None, help="data directory (default for synthetic: the user cache)")
-    info.add_argument("--len-closeness", type=int, default=4)
-    info.add_argument("--len-period", type=int, default=2)
-    info.add_argument("--len-trend", type=int, default=0)
-    info.add_argument("--period-interval", type=int, default=1)
-    info.add_argument("--trend-interval", type=int, default=7)
-    info.add_argument("--test-days", type=int, default=None)
-    info.add_argument("--val-fraction", type=float, default=0.1)
-    info.add_argument("--features", choices=FEATURE_KINDS, default="acfm")
-    info.add_argument("--compat-weekend-bug", action="store_true")
-    info.add_argument("--compat-meteorology-bug", action="store_true")
-    info.add_argument("--scale-min", type=float, default=None)
-    info.add_argument("--scale-max", type=float, default=None)
-    info.add_argument("--seed", type=int, default=0, help="synthetic city seed when --data-dir is absent")
-    info.add_argument("--json", action="store_true", help="print JSON instead of text")
-    syn = sub.add_parser("synthetic", help="write a synthetic city in the DeepST layout")
-    syn.add_argument("--out", required=True)
-    syn.add_argument("--seed", type=int, default=0)
-    syn.add_argument("--days", type=int, default=60)
-    syn.add_argument("--grid", type=int, nargs=2, default=(16, 8), metavar=("H", "W"))
-    return parser
+
+@dataclass(frozen=True)
+class InfoConfig:
+    """``python -m stflow.data info``: slots kept/removed, sample counts, test period, scaler, features."""
+
+    dataset: str = "synthetic"  # registered name, packaged spec name (taxinyc) or a .yaml spec
+    data_dir: str | None = None  # default for synthetic: the user cache
+    data: CrowdFlowOptions = field(default_factory=CrowdFlowOptions)
+    seed: int = 0  # synthetic city seed when --data-dir is absent
+
+    cli_aliases: ClassVar[dict[str, str]] = {f"--{name}": f"--data.{name}" for name in _WINDOW_FLAGS}
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """``python -m stflow.data synthetic``: write a synthetic city in the DeepST layout."""
+
+    out: str
+    seed: int = 0
+    days: int = 60
+    grid: tuple[int, int] = (16, 8)
+
+    def validate(self) -> None:
+        if self.days < 1 or min(self.grid) < 1:
+            raise ValueError(f"days and grid must be >= 1, got days={self.days}, grid={self.grid}")
 
 
 def _text(info: dict[str, Any]) -> str:
@@ -62,31 +63,31 @@ def _text(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+USAGE = "usage: python -m stflow.data {info,synthetic} [options]   (--help after the command for its options)"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.command == "synthetic":
-        city = generate_synthetic_city(args.out, seed=args.seed, days=args.days, grid=tuple(args.grid))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in ("info", "synthetic"):
+        print(USAGE, file=sys.stdout if argv[:1] in (["-h"], ["--help"]) else sys.stderr)
+        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+    command, rest = argv[0], argv[1:]
+    json_flag = lambda p: p.add_argument("--json", action="store_true", help="print JSON instead of text")  # noqa: E731
+    if command == "synthetic":
+        syn, _ = parse_cli(SyntheticConfig, rest, prog="python -m stflow.data synthetic")
+        city = generate_synthetic_city(syn.out, seed=syn.seed, days=syn.days, grid=tuple(syn.grid))
         print(f"wrote {city.flow}, {city.meteorology}, {city.holidays}")
         return 0
-    data_dir = args.data_dir
+    cfg, extras = parse_cli(InfoConfig, rest, prog="python -m stflow.data info", extra=json_flag)
+    data_dir = cfg.data_dir
     if data_dir is None:
-        if args.dataset != "synthetic":
-            print(f"error: --data-dir is required for dataset {args.dataset!r}", file=sys.stderr)
-            return 2
-        data_dir = ensure_synthetic_city(args.seed)
-    try:
-        data = load_crowd_flow(
-            args.dataset, data_dir, args.len_closeness, args.len_period, args.len_trend, args.period_interval,
-            args.trend_interval, args.test_days, args.val_fraction, args.features, args.compat_weekend_bug,
-            args.compat_meteorology_bug, args.scale_min, args.scale_max,
-        )
-    except DataFormatError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    info = data.info()
-    print(json.dumps(info, indent=2) if args.json else _text(info))
+        if cfg.dataset != "synthetic":
+            raise ValueError(f"--data-dir is required for dataset {cfg.dataset!r}")
+        data_dir = ensure_synthetic_city(cfg.seed)
+    info = load_crowd_flow(cfg.dataset, data_dir, cfg.data).info()
+    print(json.dumps(info, indent=2) if extras.get("json") else _text(info))
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main))

@@ -29,8 +29,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..runner import EpochShuffleSampler
 from .datasets import DatasetSpec, get_dataset_spec, resolve_file
-from .features import FEATURE_KINDS, external_features
+from .features import external_features
 from .hdf5 import DataFormatError, read_flow_file, read_holidays, read_meteorology, remove_incomplete_days
+from .options import CrowdFlowOptions
 from .scaling import MinMaxScaler
 from .synthetic import generate_synthetic_city
 from .windowing import WindowIndex, build_windows
@@ -195,28 +196,18 @@ def _external(
 def load_crowd_flow(
     dataset: str | DatasetSpec,
     data_dir: str | os.PathLike,
-    len_closeness: int = 4,
-    len_period: int = 2,
-    len_trend: int = 0,
-    period_interval: int = 1,
-    trend_interval: int = 7,
-    test_days: int | None = None,
-    val_fraction: float = 0.1,
-    features: str = "acfm",
-    compat_weekend_bug: bool = False,
-    compat_meteorology_bug: bool = False,
-    scale_min: float | None = None,
-    scale_max: float | None = None,
+    options: CrowdFlowOptions | None = None,
+    **changes: Any,
 ) -> CrowdFlowData:
-    """Read, clean, window, split and scale one dataset (see the module docstring)."""
+    """Read, clean, window, split and scale one dataset (see the module docstring).
+
+    ``options`` (default :class:`CrowdFlowOptions`) with ``changes`` applied, e.g. ``len_closeness=3``.
+    """
     spec = get_dataset_spec(dataset)
-    if features not in FEATURE_KINDS:
-        raise ValueError(f"unknown features {features!r}; choose from {FEATURE_KINDS}")
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    test_days = spec.test_days if test_days is None else test_days
-    if test_days < 0:
-        raise ValueError(f"test_days must be >= 0, got {test_days}")
+    opts = (options or CrowdFlowOptions()).replace(**changes)
+    len_closeness, len_period, len_trend = opts.len_closeness, opts.len_period, opts.len_trend
+    period_interval, trend_interval, val_fraction = opts.period_interval, opts.trend_interval, opts.val_fraction
+    test_days = spec.test_days if opts.test_days is None else opts.test_days
     data_dir = Path(data_dir)
     T = spec.slots_per_day
 
@@ -270,6 +261,7 @@ def load_crowd_flow(
         train_slot_mask = np.asarray(timestamps < timestamps[windows.target[n_train]])
     else:
         train_slot_mask = np.ones(len(flows), dtype=bool)
+    scale_min, scale_max = opts.scale_min, opts.scale_max
     overridden = [name for name, value in (("min", scale_min), ("max", scale_max)) if value is not None]
     if len(overridden) < 2:
         fitted = MinMaxScaler.fit(flows[train_slot_mask])
@@ -281,18 +273,14 @@ def load_crowd_flow(
     scaler = MinMaxScaler(float(scale_min), float(scale_max))
 
     ext_frame, ext_target = _external(
-        spec, data_dir, timestamps, windows, features, compat_weekend_bug, compat_meteorology_bug
+        spec, data_dir, timestamps, windows, opts.features, opts.compat_weekend_bug, opts.compat_meteorology_bug
     )
     if spec.metric_factor == "active_cells":
         active = int((flows != 0).any(axis=(0, 1)).sum())
         metric_factor = math.sqrt(grid[0] * grid[1] / max(active, 1))
     else:
         metric_factor = float(spec.metric_factor)
-    options = dict(
-        len_closeness=len_closeness, len_period=len_period, len_trend=len_trend, period_interval=period_interval,
-        trend_interval=trend_interval, test_days=test_days, val_fraction=val_fraction, features=features,
-        compat_weekend_bug=compat_weekend_bug, compat_meteorology_bug=compat_meteorology_bug,
-    )
+    options = {**opts.as_dict(), "test_days": test_days}
     return CrowdFlowData(
         spec, data_dir, files, flows, timestamps, file_ids, slots_read, removed, windows, n_train, n_val, n_test,
         train_slot_mask, scaler, source, ext_frame, ext_target, metric_factor, options,
@@ -345,39 +333,56 @@ class CrowdFlowDataModule(pl.LightningDataModule):
         self,
         dataset: str | DatasetSpec = "synthetic",
         data_dir: str | None = None,
-        len_closeness: int = 4,
-        len_period: int = 2,
-        len_trend: int = 0,
-        period_interval: int = 1,
-        trend_interval: int = 7,
-        test_days: int | None = None,
-        val_fraction: float = 0.1,
+        options: CrowdFlowOptions | None = None,
         batch_size: int = 64,
-        features: str = "acfm",
-        compat_weekend_bug: bool = False,
-        compat_meteorology_bug: bool = False,
-        scale_min: float | None = None,
-        scale_max: float | None = None,
         num_workers: int = 0,
         seed: int = 0,
         shuffle_train: bool = True,
+        **changes: Any,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
         self.spec = get_dataset_spec(dataset)
         if data_dir is None and self.spec.name != "synthetic":
             raise ValueError(f"dataset {self.spec.name!r} needs data_dir (only 'synthetic' can be generated)")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.options = (options or CrowdFlowOptions()).replace(**changes)
+        self.save_hyperparameters({"dataset": self.spec.name if isinstance(dataset, DatasetSpec) else dataset,
+                                   "data_dir": data_dir, "options": self.options.as_dict(), "batch_size": batch_size,
+                                   "num_workers": num_workers, "seed": seed, "shuffle_train": shuffle_train})
         self.data_dir = data_dir
-        self.len_closeness, self.len_period, self.len_trend = len_closeness, len_period, len_trend
-        self.period_interval, self.trend_interval = period_interval, trend_interval
-        self.test_days, self.val_fraction = test_days, val_fraction
         self.batch_size, self.num_workers, self.seed, self.shuffle_train = batch_size, num_workers, seed, shuffle_train
-        self.features = features
-        self.compat_weekend_bug, self.compat_meteorology_bug = compat_weekend_bug, compat_meteorology_bug
-        self.scale_min, self.scale_max = scale_min, scale_max
         self.data: CrowdFlowData | None = None
+
+    @property
+    def len_closeness(self) -> int:
+        return self.options.len_closeness
+
+    @property
+    def len_period(self) -> int:
+        return self.options.len_period
+
+    @property
+    def len_trend(self) -> int:
+        return self.options.len_trend
+
+    def arguments(self) -> dict[str, Any]:
+        """Plain (JSON-able) arguments that rebuild this data module with :meth:`from_arguments`."""
+        data_dir = None if self.data_dir is None else str(Path(self.data_dir).resolve())
+        return {"dataset": self.hparams["dataset"], "data_dir": data_dir, "options": self.options.as_dict(),
+                "batch_size": self.batch_size, "seed": self.seed}
+
+    @classmethod
+    def from_arguments(cls, arguments: dict[str, Any], **changes: Any) -> CrowdFlowDataModule:
+        """The data module :meth:`arguments` describe; ``changes`` replace arguments or single options."""
+        arguments = {**arguments, "options": dict(arguments.get("options") or {})}
+        for key, value in changes.items():
+            if key in arguments and key != "options":
+                arguments[key] = value
+            else:
+                arguments["options"][key] = value
+        options = CrowdFlowOptions().replace(**arguments.pop("options"))
+        return cls(options=options, **arguments)
 
     def _resolved_dir(self) -> Path:
         return Path(self.data_dir) if self.data_dir is not None else synthetic_cache_dir(self.seed)
@@ -391,11 +396,7 @@ class CrowdFlowDataModule(pl.LightningDataModule):
             return
         if self.data_dir is None:
             ensure_synthetic_city(self.seed)
-        data = load_crowd_flow(
-            self.spec, self._resolved_dir(), self.len_closeness, self.len_period, self.len_trend,
-            self.period_interval, self.trend_interval, self.test_days, self.val_fraction, self.features,
-            self.compat_weekend_bug, self.compat_meteorology_bug, self.scale_min, self.scale_max,
-        )
+        data = load_crowd_flow(self.spec, self._resolved_dir(), self.options)
         self.data = data
         self.scaler = data.scaler
         self.timestamps = data.timestamps

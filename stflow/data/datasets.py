@@ -8,6 +8,7 @@ name ("bikenyc", "taxibj", "synthetic"); :func:`register_dataset` adds more and
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import math
 import os
 from dataclasses import dataclass
@@ -100,17 +101,37 @@ def register_dataset(spec: DatasetSpec, overwrite: bool = False) -> DatasetSpec:
 
 
 def get_dataset_spec(dataset: str | DatasetSpec | os.PathLike) -> DatasetSpec:
-    """A spec by registered name, or from a ``.yaml``/``.yml`` file, or the spec itself."""
+    """A spec by registered name, a packaged spec name (``taxinyc``: ``stflow/configs/data/taxinyc.yaml``), a
+    ``.yaml``/``.yml`` file, or the spec itself."""
     if isinstance(dataset, DatasetSpec):
         return dataset
     text = str(dataset)
     if text.endswith((".yaml", ".yml")):
-        return DatasetSpec.from_yaml(text)
-    try:
+        if not Path(text).is_file() and _packaged_spec(Path(text).stem) is not None:
+            text = Path(text).stem  # configs/data/taxinyc.yaml of a source checkout -> the packaged copy
+        else:
+            return DatasetSpec.from_yaml(text)
+    if text.lower() in DATASETS:
         return DATASETS[text.lower()]
-    except KeyError:
-        known = sorted(DATASETS)
-        raise DataFormatError(f"unknown dataset {text!r}; registered: {known} (or pass a .yaml spec)") from None
+    packaged = _packaged_spec(text)
+    if packaged is not None:
+        return packaged
+    known = sorted(DATASETS) + [name for name in packaged_dataset_specs() if name not in DATASETS]
+    raise DataFormatError(f"unknown dataset {text!r}; known: {known} (or pass a .yaml spec)")
+
+
+def packaged_dataset_specs() -> list[str]:
+    """Names of the dataset specs shipped under ``stflow/configs/data/``."""
+    root = importlib.resources.files("stflow") / "configs" / "data"
+    return sorted(p.name[: -len(".yaml")] for p in root.iterdir() if p.name.endswith(".yaml")) if root.is_dir() else []
+
+
+def _packaged_spec(name: str) -> DatasetSpec | None:
+    resource = importlib.resources.files("stflow") / "configs" / "data" / f"{name}.yaml"
+    if not resource.is_file():
+        return None
+    with importlib.resources.as_file(resource) as path:
+        return DatasetSpec.from_yaml(path)
 
 
 register_dataset(

@@ -1,9 +1,12 @@
-"""Forecasting models (ACFM, ST-ResNet, baselines), all built by name through :func:`build_model`."""
+"""Forecasting models (ACFM, ST-ResNet, baselines), all built by name through :func:`build_model`, with any norm
+(``norm="bn"|"gn"|"bkn"|"none"``, :class:`NormOptions`; the BKN wiring is :mod:`stflow.models.kalman`)."""
 
+from normlayers.select import NORM_KINDS, NormOptions
 from stflow.models import zoo  # noqa: F401  (registers the named factories)
 from stflow.models.acfm import ACFM, ACFMConfig
 from stflow.models.acfm_reference import ReferenceCheckpointError, load_reference_checkpoint, load_reference_state_dict
 from stflow.models.baselines import HistoricalAverage, Persistence
+from stflow.models.kalman import KalmanFrameEncoder, kalman_acfm, kalman_stresnet
 from stflow.models.registry import build_model, list_models, register_model
 from stflow.models.stresnet import STResNet, STResNetConfig
 
@@ -11,11 +14,16 @@ __all__ = [
     "ACFM",
     "ACFMConfig",
     "HistoricalAverage",
+    "KalmanFrameEncoder",
+    "NORM_KINDS",
+    "NormOptions",
     "Persistence",
     "ReferenceCheckpointError",
     "STResNet",
     "STResNetConfig",
     "build_model",
+    "kalman_acfm",
+    "kalman_stresnet",
     "list_models",
     "load_reference_checkpoint",
     "load_reference_state_dict",

@@ -3,14 +3,21 @@
 Every factory is called as ``factory(*, grid_shape, ext_dim, len_closeness, len_period, len_trend, slots_per_day,
 **model_kwargs)``: the six data keywords come from the data module (a factory may ignore some), ``model_kwargs``
 are the model's own options. A factory raises ``ValueError`` when the model cannot work with its arguments.
+
+The normalization is chosen by name: ``build_model(name, ..., norm="bkn", norm_options=NormOptions(...))`` with
+``norm`` in ``normlayers.NORM_KINDS`` ("bn", "gn", "bkn", "none"; None = the model's default) and
+:class:`normlayers.NormOptions` (a mapping of its fields is accepted too). Both are handed to the factory only when
+given, so a factory without norm layers need not know them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from torch import nn
+
+from normlayers.select import NormOptions, check_norm_kind
 
 __all__ = ["register_model", "build_model", "list_models", "DATA_KEYWORDS"]
 
@@ -40,11 +47,24 @@ def list_models() -> list[str]:
     return sorted(_FACTORIES)
 
 
-def build_model(name: str, **kwargs: Any) -> nn.Module:
-    """Build the registered model ``name`` (see the module docstring for the keywords)."""
+def build_model(
+    name: str,
+    *,
+    norm: str | None = None,
+    norm_options: NormOptions | Mapping[str, Any] | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """Build the registered model ``name`` (see the module docstring for the keywords, ``norm`` and
+    ``norm_options``); an unknown ``norm`` is a ValueError naming the choices."""
     _ensure_builtin_models()
     if name not in _FACTORIES:
         raise KeyError(f"unknown model {name!r}; registered models: {', '.join(sorted(_FACTORIES))}")
+    if norm is not None:
+        kwargs["norm"] = check_norm_kind(norm)
+    if norm_options is not None:
+        kwargs["norm_options"] = (
+            norm_options if isinstance(norm_options, NormOptions) else NormOptions(**dict(norm_options))
+        )
     missing = [k for k in DATA_KEYWORDS if k not in kwargs]
     if missing:
         raise TypeError(f"build_model({name!r}) needs the data keywords {missing} (from the data module)")

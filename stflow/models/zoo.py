@@ -3,11 +3,17 @@
 Every factory takes the data keywords of :mod:`stflow.models.registry` plus its model's own options:
 
 - ``acfm_*``: any :class:`ACFMConfig` field except the data-given ones (e.g. ``res_units``, ``lstm_dropout``,
-  ``cell``) and ``norm_layer``; ``acfm_reference_*`` also fix ``variant="reference"`` and need the authors'
+  ``cell``); ``acfm_reference_*`` also fix ``variant="reference"`` and need the authors'
   external vector (33 dims BikeNYC, 77 TaxiBJ);
-- ``stresnet*``: any :class:`STResNetConfig` field except the data-given ones, and ``norm_layer`` (default ``nn.BatchNorm2d``; ``None`` gives DeepST's un-normalized network, which
-  collapses into tanh saturation within one epoch on BikeNYC with torch's default init, measured at lr 2e-4 and 1e-3);
+- ``stresnet*``: any :class:`STResNetConfig` field except the data-given ones (``norm="none"`` gives DeepST's
+  un-normalized network, which collapses into tanh saturation within one epoch on BikeNYC with torch's default
+  init, measured at lr 2e-4 and 1e-3);
 - ``persistence``: ``mode`` ("last" or "week"); ``historical_average``: no option (fit with ``fit_history``).
+
+The trainable models also take ``norm`` ("bn", "gn", "bkn" or "none"; None = the model's default, BatchNorm) and
+``norm_options`` (:class:`normlayers.NormOptions`): "gn" is GroupNorm(``gn_groups``); "bkn" builds the model
+with BatchNorm, then chains its norms along the network (:mod:`stflow.models.kalman`) with the prior weight
+``norm_options.prior_weight_value()`` and ``norm_options.transition``. The baselines accept only None or "none".
 """
 
 from __future__ import annotations
@@ -17,8 +23,10 @@ from typing import Any
 
 from torch import nn
 
-from stflow.models.acfm import ACFM, ACFM_PRESETS, ACFMConfig, NormLayer
+from normlayers.select import NormFactory, NormOptions, check_norm_kind
+from stflow.models.acfm import ACFM, ACFM_PRESETS, ACFMConfig
 from stflow.models.baselines import HistoricalAverage, Persistence
+from stflow.models.kalman import kalman_acfm, kalman_stresnet
 from stflow.models.registry import register_model
 from stflow.models.stresnet import STResNet, STResNetConfig
 
@@ -31,6 +39,24 @@ def _check_options(model: str, options: dict[str, Any], allowed: set[str]) -> No
         raise ValueError(f"{model}: unknown option(s) {unknown}; allowed: {sorted(allowed)}")
 
 
+def _base_norm(model: str, norm: str, options: NormOptions) -> NormFactory | None:
+    """The norm factory the model is BUILT with (BKN models are built with BatchNorm, then chained)."""
+    try:
+        check_norm_kind(norm)
+    except ValueError as err:
+        raise ValueError(f"{model}: {err}") from err
+    if norm == "none":
+        return None
+    if norm == "gn":
+        return options.group_norm
+    return nn.BatchNorm2d
+
+
+def _check_baseline_norm(model: str, norm: str | None) -> None:
+    if norm not in (None, "none"):
+        raise ValueError(f"{model} has no norm layers: norm must be None or 'none', got {norm!r}")
+
+
 def _acfm(
     preset: str,
     variant: str,
@@ -41,7 +67,8 @@ def _acfm(
     len_period: int,
     len_trend: int,
     slots_per_day: int,
-    norm_layer: NormLayer = nn.BatchNorm2d,
+    norm: str | None = None,
+    norm_options: NormOptions | None = None,
     **options: Any,
 ) -> ACFM:
     name = f"acfm_{'reference_' if variant == 'reference' else ''}{preset}"
@@ -59,7 +86,14 @@ def _acfm(
         )
     except ValueError as err:
         raise ValueError(f"{name}: {err}") from err
-    return ACFM(config, norm_layer=norm_layer)
+    norm, norm_options = norm or "bn", norm_options or NormOptions()
+    base = _base_norm(name, norm, norm_options)
+    if base is None:  # ACFM's residual units always call their norms: "none" is an identity layer
+        base = lambda c: nn.Identity()  # noqa: E731
+    model = ACFM(config, norm_layer=base)
+    if norm == "bkn":
+        model = kalman_acfm(model, norm_options.prior_weight_value(), norm_options.transition)
+    return model
 
 
 def _stresnet(
@@ -71,7 +105,8 @@ def _stresnet(
     len_period: int,
     len_trend: int,
     slots_per_day: int,
-    norm_layer: NormLayer | None = nn.BatchNorm2d,
+    norm: str | None = None,
+    norm_options: NormOptions | None = None,
     **options: Any,
 ) -> STResNet:
     own = {f.name for f in dataclasses.fields(STResNetConfig)} - _DATA_FIELDS
@@ -83,7 +118,11 @@ def _stresnet(
         )
     except ValueError as err:
         raise ValueError(f"stresnet ({preset}): {err}") from err
-    return STResNet(config, norm_layer=norm_layer)
+    norm, norm_options = norm or "bn", norm_options or NormOptions()
+    model = STResNet(config, norm_layer=_base_norm(f"stresnet ({preset})", norm, norm_options))
+    if norm == "bkn":
+        model = kalman_stresnet(model, norm_options.prior_weight_value(), norm_options.transition)
+    return model
 
 
 @register_model("acfm_bikenyc")
@@ -121,8 +160,9 @@ def stresnet_taxibj(**kwargs: Any) -> STResNet:
 @register_model("persistence")
 def persistence(
     *, grid_shape: tuple[int, int], ext_dim: int, len_closeness: int, len_period: int, len_trend: int,
-    slots_per_day: int, **options: Any,
+    slots_per_day: int, norm: str | None = None, norm_options: NormOptions | None = None, **options: Any,
 ) -> Persistence:
+    _check_baseline_norm("persistence", norm)
     _check_options("persistence", options, {"mode"})
     mode = options.get("mode", "last")
     if mode == "last" and len_closeness < 1:
@@ -135,7 +175,8 @@ def persistence(
 @register_model("historical_average")
 def historical_average(
     *, grid_shape: tuple[int, int], ext_dim: int, len_closeness: int, len_period: int, len_trend: int,
-    slots_per_day: int, **options: Any,
+    slots_per_day: int, norm: str | None = None, norm_options: NormOptions | None = None, **options: Any,
 ) -> HistoricalAverage:
+    _check_baseline_norm("historical_average", norm)
     _check_options("historical_average", options, set())
     return HistoricalAverage(slots_per_day, (2, *grid_shape))

@@ -14,28 +14,16 @@ from torch import nn
 
 from benchmarks import bench_bkn_digits
 from benchmarks.bkn_study import (
-    NORMS,
     Cell,
     ClassificationSystem,
     DigitsStudyData,
     EpochRecorder,
     build_resnet,
-    prior_weight_for,
     quiet_lightning,
     run_config,
 )
+from normlayers.select import NORMS, prior_weight_for
 from stflow.runner import RunConfig, fit
-
-
-def test_prior_weight_rule_hits_the_reference_points_and_is_monotone():
-    assert prior_weight_for(2) == pytest.approx(0.9)
-    assert prior_weight_for(128) == pytest.approx(0.05)
-    assert prior_weight_for(1077) == pytest.approx(0.05)  # clamped
-    ps = [prior_weight_for(b) for b in (2, 4, 8, 16, 32, 64, 128)]
-    assert np.all(np.diff(ps) < 0)
-    assert np.allclose(np.diff(ps), np.diff(ps)[0])  # linear in log2(batch)
-    with pytest.raises(ValueError, match="stat_batch must be >= 1"):
-        prior_weight_for(0)
 
 
 @pytest.mark.parametrize("norm", sorted(NORMS))
@@ -175,52 +163,3 @@ def test_quick_digits_study_writes_one_row_per_norm_and_batch(tmp_path):
     before = (out / "bkn_digits.csv").read_text()
     assert bench_bkn_digits.main(argv) == 0
     assert (out / "bkn_digits.csv").read_text() == before
-
-
-def test_selu_gaussian_moments_match_sampling():
-    from benchmarks.bench_bkn_acfm import selu_gaussian_moments
-
-    mean = torch.tensor([-4.0, -1.0, 0.0, 0.7, 3.0, 40.0], dtype=torch.float64)
-    var = torch.tensor([0.05, 1.0, 2.0, 0.3, 4.0, 9.0], dtype=torch.float64)
-    m, v = selu_gaussian_moments(mean, var)
-    rng = np.random.default_rng(0)
-    z = mean.numpy() + np.sqrt(var.numpy()) * rng.standard_normal((250_000, 6))
-    s = 1.0507009873554805 * np.where(z > 0, z, 1.6732632423543772 * np.expm1(z))  # SELU, written out
-    se_mean = s.std(0) / 500.0  # standard error of the sample mean
-    assert np.all(np.abs(m.numpy() - s.mean(0)) < 5 * se_mean + 1e-12)
-    assert np.allclose(v.numpy(), s.var(0), rtol=2e-2)
-    assert torch.isfinite(m).all() and torch.isfinite(v).all()  # no overflow of exp(mean) at mean = 40
-
-
-def _tiny_acfm():
-    from stflow.models.registry import build_model
-
-    return build_model("acfm_bikenyc", grid_shape=(4, 3), ext_dim=5, len_closeness=4, len_period=2, len_trend=0,
-                       slots_per_day=24)
-
-
-@pytest.mark.parametrize("transition", ["monte_carlo", "analytic"])
-def test_kalman_frame_encoder_wiring_and_batchnorm_equivalence(transition):
-    import copy
-
-    from benchmarks.bench_bkn_acfm import KalmanFrameEncoder
-
-    torch.manual_seed(0)
-    encoder = _tiny_acfm().encoder
-    x = torch.randn(6, 2, 4, 3)
-    bn_out = copy.deepcopy(encoder)(x)
-    drop_in = KalmanFrameEncoder(copy.deepcopy(encoder), prior_weight=0.0, transition=transition)
-    assert torch.allclose(drop_in(x), bn_out, atol=1e-5)  # p = 0: BatchNorm exactly
-    assert set(drop_in.state_dict()) == set(encoder.state_dict())  # same keys: checkpoints move across
-    kalman = KalmanFrameEncoder(copy.deepcopy(encoder), prior_weight=0.8, transition=transition)
-    out = kalman(x)
-    assert kalman.wired == [False, True, True, True]  # every norm but the first gets a prior
-    assert not torch.allclose(out, bn_out, atol=1e-3)
-    out.square().mean().backward()
-    conv1 = kalman.units[0].conv1.weight.grad  # reaches the priors' transitions too
-    assert conv1 is not None and torch.isfinite(conv1).all()
-    kalman.eval()
-    kalman(x)
-    assert kalman.wired == [False] * 4  # inference: plain BN with running statistics
-    with pytest.raises(ValueError, match="unknown transition 'kalman'"):
-        KalmanFrameEncoder(copy.deepcopy(encoder), prior_weight=0.5, transition="kalman")

@@ -15,7 +15,9 @@ import pytest
 import torch
 from torch import nn
 
-from nas.bossnas import (
+from nas import cli
+from nas.data.views import ViewConfig
+from nas.methods.bossnas import (
     BossNASBlockSystem,
     BossNASConfig,
     SiameseSupernet,
@@ -23,18 +25,16 @@ from nas.bossnas import (
     candidate_outputs,
     ema_update,
     ensemble_target,
-    load_config,
-    main,
     momentum_at,
     population_center,
     rate_block,
     run_search,
 )
-from nas.bossnas_spaces import HyTraAdapter, MBConvAdapter, fair_paths
-from nas.constrained import brute_force
-from nas.hytra import HyTraBlock, HyTraSpace, build_hytra_network, hytra_digits, hytra_imagenet
-from nas.ratings import RatingTable
-from nas.views import ViewConfig
+from nas.methods.bossnas_adapters import HyTraAdapter, MBConvAdapter, fair_paths
+from nas.search.constrained import brute_force
+from nas.search.ratings import RatingTable
+from nas.spaces.hytra import HyTraBlock, HyTraSpace, build_hytra_network, hytra_digits, hytra_imagenet
+from stflow.config import load_config
 
 
 def tiny_hytra(layers=(2, 1), width=8) -> HyTraSpace:
@@ -96,7 +96,7 @@ def test_bootstrap_losses_use_the_ensemble_over_sampled_paths():
     paths = random.Random(1).sample(system.candidates, 3)
     losses = system.bootstrap_losses(x, paths, torch.Generator().manual_seed(3), backward=False)
 
-    from nas.views import make_view
+    from nas.data.views import make_view
 
     gen = torch.Generator().manual_seed(3)
     views = [torch.cat([make_view(x, cfg.views, gen), make_view(x, cfg.views, gen)]) for _ in paths]
@@ -137,7 +137,7 @@ def test_fair_sampling_covers_every_op_once_per_layer():
             assert set(column) == set(range(m))
             if m == max(sizes):
                 assert sorted(column) == list(range(m))
-    from nas.dna import DNAConfig
+    from nas.methods.dna import DNAConfig
 
     adapter = MBConvAdapter(DNAConfig().space)
     for k in range(adapter.num_blocks):
@@ -326,24 +326,24 @@ def test_hytra_constrained_search_equals_brute_force_over_legal_architectures():
 def test_config_errors(tmp_path: Path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("epochs_per_blok: 3\n")
-    with pytest.raises(ValueError, match=r"bad\.yaml.*unknown BossNAS config key"):
-        load_config(bad)
+    with pytest.raises(ValueError, match=r"bad\.yaml: .*'epochs_per_blok'"):
+        load_config(BossNASConfig, bad, packages=("nas",))
     with pytest.raises(FileNotFoundError, match="missing.yaml"):
-        load_config(tmp_path / "missing.yaml")
+        load_config(BossNASConfig, tmp_path / "missing.yaml", packages=("nas",))
     with pytest.raises(ValueError, match="sampling must be"):
         BossNASConfig(sampling="greedy")
     with pytest.raises(ValueError, match="use sampling: random"):
         BossNASConfig(space="hytra", sampling="fair")
     with pytest.raises(ValueError, match="budget must be"):
         BossNASConfig(budget=float("nan"))
-    repo_cfg = Path(__file__).resolve().parents[2] / "configs" / "nas" / "bossnas_digits.yaml"
-    assert load_config(repo_cfg).space in ("mbconv", "hytra")
+    assert load_config(BossNASConfig, "bossnas_digits", packages=("nas",)).space == "mbconv"
+    assert load_config(BossNASConfig, "bossnas_hytra_digits", packages=("nas",)).space == "hytra"
 
 
 def _tiny_cfg(out: Path, **changes) -> BossNASConfig:
     base = dict(space="hytra", sampling="random", num_paths=2, hytra_layers=(1, 1), hytra_width=8, out_dir=str(out),
                 epochs_per_block=1, batch_size=64, limit_train_batches=2, limit_val_batches=1, recal_batches=1,
-                rate_views=1, proj_hidden=16, proj_dim=8, progress_bar=False)
+                rate_views=1, proj_hidden=16, proj_dim=8, progress=False)
     base.update(changes)
     return BossNASConfig(**base)
 
@@ -379,7 +379,7 @@ def test_cli_runs_hytra_from_a_config(tmp_path: Path, capsys):
     cfg = _tiny_cfg(tmp_path / "cli").to_json()
     cfg.pop("out_dir")
     cfg_file.write_text(json.dumps(cfg))  # JSON is valid YAML
-    rc = main(["--config", str(cfg_file), "--space", "hytra", "--out", str(tmp_path / "cli"), "--no-progress",
+    rc = cli.main(["bossnas", "--config", str(cfg_file), "--space", "hytra", "--out-dir", str(tmp_path / "cli"), "--no-progress",
                "--budget", "1e9"])
     assert rc == 0
     arch = json.loads((tmp_path / "cli" / "architecture.json").read_text())

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nas.views import ViewConfig, make_view, make_views, random_crop, random_cutout, random_noise, random_rotate
+from nas.data.views import ViewConfig, make_view, make_views, random_crop, random_cutout, random_noise, random_rotate
 
 
 def _gen(seed: int) -> torch.Generator:

@@ -7,11 +7,10 @@ from dataclasses import replace
 
 import torch
 
-from nas.dna import DNAConfig, build_teacher, train_block
+from nas.methods.dna import BlockDistillSystem, DNAConfig, build_teacher, train_block
 from nas.ops import make_norm
 from nas.spaces import SearchSpace
 from nas.supernet import BlockSupernet
-from nas.systems import BlockDistillSystem
 from normlayers import BatchKalmanNorm
 
 SPACE = {
@@ -91,7 +90,7 @@ def test_dna_train_block_with_bkn_uses_priors(tmp_path, monkeypatch):
     """train_block (the DNA stage, through the shared runner) trains a chained BKN supernet."""
     cfg = replace(
         DNAConfig(space=SearchSpace.from_dict(SPACE)), norm="bkn", teacher_layers=1, block_epochs=1, batch_size=128,
-        progress_bar=False,
+        progress=False,
     )
     torch.manual_seed(0)
     teacher = build_teacher(cfg)

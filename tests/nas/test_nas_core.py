@@ -13,8 +13,8 @@ from torch import nn
 from nas.costs import block_cost_table, candidate_cost, count_flops, count_params
 from nas.export import block_strings, build_block, build_network, build_network_from_strings, parse_layer_string
 from nas.ops import MBConv, make_norm, seeded_init
-from nas.ratings import RatingTable, RatingTableError, load_ratings, save_ratings
 from nas.recalibration import norm_layers, recalibrate_norm_stats
+from nas.search.ratings import RatingTable, RatingTableError, load_ratings, save_ratings
 from nas.spaces import SKIP, BlockSpec, CellSpec, LayerSpec, SearchSpace, mbconv, parse_candidate_key
 from nas.supernet import BlockSupernet, Supernet
 

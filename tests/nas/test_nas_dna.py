@@ -11,15 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-import nas.dna as dna
-from nas import search
-from nas.dna import DNAConfig, build_teacher, rate_block, run_dna
+import nas.methods.dna as dna
+from nas import cli
+from nas.methods import base
+from nas.methods.dna import BlockDistillSystem, DNAConfig, build_teacher, rate_block, run_dna
 from nas.ops import make_norm
-from nas.ratings import load_ratings
 from nas.recalibration import recalibrate_norm_stats
+from nas.search.ratings import load_ratings
 from nas.spaces import SearchSpace
 from nas.supernet import BlockSupernet
-from nas.systems import BlockDistillSystem
+from stflow.config import ConfigError, load_config
 
 TINY_SPACE = {
     "name": "tiny-digits",
@@ -42,7 +43,7 @@ def tiny_cfg(**changes) -> DNAConfig:
         retrain_epochs=1,
         batch_size=256,
         recal_batches=2,
-        progress_bar=False,
+        progress=False,
     )
     return replace(cfg, **changes)
 
@@ -151,28 +152,28 @@ def test_dna_end_to_end_resume_and_cli(tmp_path, monkeypatch, capsys):
             {"space": TINY_SPACE, "teacher_layers": 1, "teacher_epochs": 1, "block_epochs": 1, "batch_size": 256, "recal_batches": 2}
         )
     )
-    assert search.main(["dna", "--config", str(cfg_path), "--out", str(out), "--no-retrain", "--no-progress"]) == 0
+    assert cli.main(["dna", "--config", str(cfg_path), "--out-dir", str(out), "--retrain", "false", "--no-progress"]) == 0
     assert trained == []
     assert json.loads(capsys.readouterr().out)["encoding"] == arch["encoding"]
 
 
 def test_config_errors_and_default_yaml(tmp_path):
-    from stflow.paths import REPO_ROOT
-
-    assert DNAConfig.from_yaml(REPO_ROOT / "configs" / "nas" / "dna_digits.yaml") == DNAConfig()
+    assert load_config(DNAConfig, "dna_digits", packages=("nas",)) == DNAConfig()  # the packaged config = defaults
     with pytest.raises(ValueError, match="rating_metric must be one of"):
         DNAConfig(rating_metric="l2")
     bad = tmp_path / "bad.yaml"
     bad.write_text("block_epoch: 3\n")
-    with pytest.raises(ValueError, match=r"bad.yaml: unknown DNA config key\(s\) \['block_epoch'\]"):
-        DNAConfig.from_yaml(bad)
-    with pytest.raises(FileNotFoundError, match="DNA config not found"):
-        DNAConfig.from_yaml(tmp_path / "none.yaml")
+    with pytest.raises(ConfigError, match=r"bad.yaml: .*'block_epoch'"):
+        load_config(DNAConfig, bad, packages=("nas",))
+    with pytest.raises(ConfigError, match="config not found"):
+        load_config(DNAConfig, tmp_path / "none.yaml", packages=("nas",))
     with pytest.raises(ValueError, match="block 7 out of range"):
         run_dna(tiny_cfg(), tmp_path / "x", blocks=[7])
 
 
 def test_bossnas_dispatch_reports_a_missing_module(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "nas.bossnas", None)  # import now fails
-    assert search.main(["bossnas"]) == 2
-    assert "BossNAS is unavailable" in capsys.readouterr().err
+    monkeypatch.setattr(base, "_REGISTRY", {k: v for k, v in base._REGISTRY.items() if k != "bossnas"})
+    monkeypatch.setitem(sys.modules, "nas.methods.bossnas", None)  # import now fails
+    assert cli.main(["bossnas"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: search method 'bossnas' is unavailable") and err.count("\n") == 1

@@ -12,7 +12,7 @@ pytest.importorskip("sklearn")
 
 from nas import groundtruth  # noqa: E402
 from nas.data import digits_split_indices, load_digits_split  # noqa: E402
-from nas.dna import digits_config  # noqa: E402
+from nas.methods.dna import digits_config  # noqa: E402
 
 
 def test_folds_partition_every_image_once_and_stay_stratified():

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from nas import constrained, ranking
-from nas.constrained import brute_force, exact_search, reference_traversal, search_table
-from nas.ranking import correlations, evaluate, load_ground_truth
-from nas.ratings import RatingTable, load_ratings, save_ratings
+from nas.search.constrained import brute_force, exact_search, reference_traversal, search_table
+from nas.search.ranking import correlations, evaluate, load_ground_truth
+from nas.search.ratings import RatingTable, load_ratings, save_ratings
 
 # nas.md's fixture (candidates sorted by loss; budget: total cost < 25)
 LOSS = [[0.198, 0.523, 1.033], [0.077, 0.156, 0.174], [0.104, 0.279, 0.458], [0.169, 0.313, 0.983], [0.095, 0.109, 0.458]]

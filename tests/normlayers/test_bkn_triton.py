@@ -19,9 +19,9 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton", reason="triton is not installed: the fused BKN kernels cannot be tested")
 
-from normlayers.ops import bkn_triton  # noqa: E402
-from normlayers.ops._interpret_compat import patch_interpreter  # noqa: E402
-from normlayers.ops.bkn_triton import KernelConfig, batch_kalman_norm_triton  # noqa: E402
+from normlayers.ops import triton_backend  # noqa: E402
+from normlayers.ops.triton_backend import KernelConfig, batch_kalman_norm_triton  # noqa: E402
+from normlayers.ops.triton_interpret_compat import patch_interpreter  # noqa: E402
 from normlayers.reference import (  # noqa: E402
     batch_kalman_norm_reference,
     elements_per_group,
@@ -289,9 +289,9 @@ def test_bad_inputs_are_rejected(monkeypatch):
 
 
 def test_module_imports_without_triton(monkeypatch):
-    """A fresh copy of bkn_triton loads with triton unimportable; using it raises a clear ImportError."""
+    """A fresh copy of triton_backend loads with triton unimportable; using it raises a clear ImportError."""
     monkeypatch.setitem(sys.modules, "triton", None)
-    spec = importlib.util.spec_from_file_location("_bkn_triton_copy", bkn_triton.__file__)
+    spec = importlib.util.spec_from_file_location("_triton_backend_copy", triton_backend.__file__)
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up
     spec.loader.exec_module(module)
@@ -304,7 +304,7 @@ _COMPILE_ALL = """
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from normlayers.ops import _bkn_kernels as kernels
+from normlayers.ops import triton_kernels as kernels
 
 floats = {"p", "q", "pq", "eps", "momentum", "momentum_var", "guard_ratio"}
 ints = {"C", "L", "S", "G", "M", "CHUNK"}

@@ -38,9 +38,12 @@ def test_quadrature_moments_match_monte_carlo_and_numerical_integration(name):
     if fn is not None:
         for m, v, q1, q2 in zip(MEANS.tolist(), VARS.tolist(), qm.tolist(), qv.tolist()):
             s = math.sqrt(v)
-            pdf = lambda t: math.exp(-0.5 * ((t - m) / s) ** 2) / (s * math.sqrt(2 * math.pi))  # noqa: E731
-            e1 = integrate.quad(lambda t: fn(t) * pdf(t), m - 12 * s, m + 12 * s, epsabs=1e-12)[0]
-            e2 = integrate.quad(lambda t: (fn(t) - e1) ** 2 * pdf(t), m - 12 * s, m + 12 * s, epsabs=1e-12)[0]
+            def pdf(t, m=m, s=s):
+                return math.exp(-0.5 * ((t - m) / s) ** 2) / (s * math.sqrt(2 * math.pi))
+
+            e1 = integrate.quad(lambda t, pdf=pdf: fn(t) * pdf(t), m - 12 * s, m + 12 * s, epsabs=1e-12)[0]
+            e2 = integrate.quad(lambda t, pdf=pdf, e1=e1: (fn(t) - e1) ** 2 * pdf(t), m - 12 * s, m + 12 * s,
+                                epsabs=1e-12)[0]
             assert q1 == pytest.approx(e1, abs=tol) and q2 == pytest.approx(e2, abs=tol)
 
 

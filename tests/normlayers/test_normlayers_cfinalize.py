@@ -8,18 +8,19 @@ import shutil
 import pytest
 import torch
 
-from normlayers import BatchKalmanNorm2d, _cfinalize, cpu_finalize, set_cpu_finalize
+from normlayers import BatchKalmanNorm2d, cpu_finalize, set_cpu_finalize
+from normlayers.ops import cfinalize
 
 
 @pytest.fixture
 def fresh_loader(monkeypatch, tmp_path):
     """A loader that has not tried yet, caching into tmp_path; restored afterwards."""
-    saved = (_cfinalize._lib, _cfinalize._tried, _cfinalize._mode)
+    saved = (cfinalize._lib, cfinalize._tried, cfinalize._mode)
     monkeypatch.setenv("NORMLAYERS_CACHE", str(tmp_path))
-    _cfinalize._reset_for_tests()
-    _cfinalize._mode = "auto"
+    cfinalize._reset_for_tests()
+    cfinalize._mode = "auto"
     yield tmp_path
-    _cfinalize._lib, _cfinalize._tried, _cfinalize._mode = saved
+    cfinalize._lib, cfinalize._tried, cfinalize._mode = saved
 
 
 needs_cc = pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None, reason="no C compiler")
@@ -31,15 +32,15 @@ def test_builds_once_then_reuses_the_cached_library(fresh_loader, monkeypatch):
     built = list(fresh_loader.glob("bkn_finalize-*.so"))
     assert len(built) == 1 and not list(fresh_loader.glob(".bkn_finalize-*"))  # no partial file left
     stamp = built[0].stat().st_mtime_ns
-    _cfinalize._reset_for_tests()
-    monkeypatch.setattr(_cfinalize.subprocess, "run", lambda *a, **k: pytest.fail("recompiled a cached library"))
+    cfinalize._reset_for_tests()
+    monkeypatch.setattr(cfinalize.subprocess, "run", lambda *a, **k: pytest.fail("recompiled a cached library"))
     assert cpu_finalize() == "c"
     assert built[0].stat().st_mtime_ns == stamp
 
 
 def test_falls_back_to_torch_ops_without_a_compiler(fresh_loader, monkeypatch):
     monkeypatch.setenv("CC", str(fresh_loader / "no-such-compiler"))
-    assert _cfinalize.load() is None and cpu_finalize() == "torch"
+    assert cfinalize.load() is None and cpu_finalize() == "torch"
     bkn = BatchKalmanNorm2d(8, backend="torch")
     x = torch.randn(2, 8, 48, 48, requires_grad=True)
     y = bkn(x, prior=(torch.zeros(8), torch.ones(8)))  # the hot path still runs, with the torch finalize
@@ -52,10 +53,10 @@ def test_falls_back_to_torch_ops_without_a_compiler(fresh_loader, monkeypatch):
 def test_a_broken_source_is_reported_and_not_loaded(fresh_loader, monkeypatch):
     broken = fresh_loader / "broken.c"
     broken.write_text("this is not C\n")
-    monkeypatch.setattr(_cfinalize, "_SOURCE", broken)
+    monkeypatch.setattr(cfinalize, "_SOURCE", broken)
     with pytest.raises(OSError, match="failed"):
-        _cfinalize._compile(fresh_loader, os.environ.get("CC", "cc"), "test")
-    assert _cfinalize.load() is None
+        cfinalize._compile(fresh_loader, os.environ.get("CC", "cc"), "test")
+    assert cfinalize.load() is None
     assert not list(fresh_loader.glob("bkn_finalize-*.so")) and not list(fresh_loader.glob(".bkn_finalize-*"))
 
 
@@ -70,7 +71,7 @@ def test_unwritable_cache_falls_back_to_a_private_temporary_directory(fresh_load
     blocker.write_text("")
     monkeypatch.delenv("NORMLAYERS_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))  # <file>/normlayers cannot be created
-    lib = _cfinalize.load()
+    lib = cfinalize.load()
     assert lib is not None and cpu_finalize() == "c"
     built = os.path.dirname(lib._name)
     assert os.path.basename(built).startswith("normlayers-") and (os.stat(built).st_mode & 0o077) == 0

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from normlayers import BatchKalmanNorm2d, batch_kalman_norm, batch_kalman_norm_reference
-from normlayers._cpu import bkn_train
+from normlayers.ops.torch_backend import bkn_train
 
 
 def _make(shape, dtype, group_size, prior_kind, seed=0, channels_last=False):

@@ -1,4 +1,4 @@
-"""The layer's hot path (normlayers._cpu._NchwPriorFn via hot_train): taken when it should be, same
+"""The layer's hot path (normlayers.ops.torch_backend._NchwPriorFn via hot_train): taken when it should be, same
 numbers and gradients as the reference and the general Function, the guard and the value checks.
 Every test runs with both per-channel finalizes: the C call and the torch ops."""
 
@@ -13,14 +13,13 @@ import torch
 from normlayers import (
     BatchKalmanNorm2d,
     BatchKalmanNorm3d,
-    _cfinalize,
-    _cpu,
     batch_kalman_norm,
     batch_kalman_norm_reference,
     cpu_finalize,
     set_cpu_finalize,
 )
-from normlayers._cpu import _BatchKalmanNormFn, hot_train
+from normlayers.ops import cfinalize, torch_backend
+from normlayers.ops.torch_backend import _BatchKalmanNormFn, hot_train
 from normlayers.reference import update_running_stats_reference
 
 HOT_SHAPE = (2, 8, 48, 48)  # 36,864 elements: above _GROUP_NORM_MIN_NUMEL, like the layer's CIFAR-size calls
@@ -29,7 +28,7 @@ HOT_SHAPE = (2, 8, 48, 48)  # 36,864 elements: above _GROUP_NORM_MIN_NUMEL, like
 @pytest.fixture(params=["c", "torch"], autouse=True)
 def finalize(request):
     """Run the test with the C finalize (skipped without a C compiler) and with the torch ops."""
-    saved = _cfinalize._mode
+    saved = cfinalize._mode
     if request.param == "c":
         if shutil.which(os.environ.get("CC", "cc")) is None:
             pytest.skip("no C compiler: the C finalize cannot be built here")
@@ -39,7 +38,7 @@ def finalize(request):
         set_cpu_finalize("torch")
         assert cpu_finalize() == "torch"
     yield request.param
-    _cfinalize._mode = saved
+    cfinalize._mode = saved
 
 
 def _inputs(shape, dtype=torch.float64, seed=0, prior_scale=1.0):
@@ -141,7 +140,7 @@ def test_hot_path_equals_the_general_function(dtype, tol):
 @pytest.mark.parametrize("fire_guard", [False, True])
 def test_gradcheck_float64_through_the_hot_function(monkeypatch, fire_guard):
     """gradcheck on small tensors: the size threshold is lowered so the hot path takes them."""
-    monkeypatch.setattr(_cpu, "_GROUP_NORM_MIN_NUMEL", 1)
+    monkeypatch.setattr(torch_backend, "_GROUP_NORM_MIN_NUMEL", 1)
     x, w, b, pm, pv = _inputs((3, 4, 3, 5), seed=7, prior_scale=1e4 if fire_guard else 1.0)
 
     def y_only(x, w, b, pm, pv):  # the fused backward

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 from stflow.data import CrowdFlowDataModule, load_crowd_flow
+from stflow.config import run_cli
 from stflow.data.__main__ import main
 
 
@@ -61,8 +62,10 @@ def test_cli_info_json(bikenyc_dir: Path, capsys: pytest.CaptureFixture[str]) ->
     assert info["ext_dim"] == 33 and info["grid"] == [16, 8] and info["slots_per_day"] == 24
     assert main(argv[:-1]) == 0  # the text report
     assert "1321 total" in capsys.readouterr().out
-    assert main(["info", "--dataset", "bikenyc", "--data-dir", str(bikenyc_dir), "--len-trend", "9"]) == 1
-    assert "leaves no samples" in capsys.readouterr().err
+    bad = ["info", "--dataset", "bikenyc", "--data-dir", str(bikenyc_dir), "--len-trend", "9"]
+    assert run_cli(main, bad) == 2  # one line on stderr, no traceback
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "leaves no samples" in err and len(err.strip().splitlines()) == 1
 
 
 def test_datamodule_with_authors_scaling(bikenyc_dir: Path) -> None:

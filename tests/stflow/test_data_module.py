@@ -112,6 +112,7 @@ def test_bad_configuration(city_dir: Path) -> None:
         CrowdFlowDataModule("bikenyc")
     with pytest.raises(DataFormatError, match="unknown dataset 'nyc'"):
         CrowdFlowDataModule("nyc", str(city_dir))
-    module = CrowdFlowDataModule("synthetic", str(city_dir), features="fancy")
-    with pytest.raises(ValueError, match="unknown features 'fancy'"):
-        module.setup()
+    with pytest.raises(ValueError, match="unknown features 'fancy'"):  # refused before any file is read
+        CrowdFlowDataModule("synthetic", str(city_dir), features="fancy")
+    with pytest.raises(ValueError, match=r"unknown data option\(s\) \['len_closness'\]"):
+        CrowdFlowDataModule("synthetic", str(city_dir), len_closness=3)

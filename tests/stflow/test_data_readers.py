@@ -219,7 +219,7 @@ def test_window_that_leaves_no_samples(tmp_path: Path) -> None:
 
 
 def test_unknown_dataset_name() -> None:
-    with pytest.raises(DataFormatError, match=r"unknown dataset 'taxiparis'; registered: \['bikenyc'"):
+    with pytest.raises(DataFormatError, match=r"unknown dataset 'taxiparis'; known: \['bikenyc', 'synthetic', 'taxibj', 'taxinyc'\]"):
         get_dataset_spec("taxiparis")
 
 
@@ -237,9 +237,7 @@ def test_custom_spec_from_yaml(tmp_path: Path) -> None:
 
 
 def test_shipped_custom_spec_reads_real_taxinyc_weather(shared: Path, tmp_path: Path) -> None:
-    from stflow.paths import REPO_ROOT
-
-    spec = DatasetSpec.from_yaml(REPO_ROOT / "configs" / "data" / "taxinyc.yaml")
+    spec = get_dataset_spec("taxinyc")  # the packaged spec, found by name through importlib.resources
     assert (spec.slots_per_day, spec.grid, spec.test_days) == (48, (15, 5), 28)
     # A short flow file next to the real TaxiNYC weather and holidays: 77-dim ACFM vectors.
     ts = pd.date_range("2014-07-01", periods=30 * 48, freq="30min")

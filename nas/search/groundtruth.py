@@ -1,7 +1,7 @@
 """Stand-alone ground truth for rank-correlation benchmarks: sample architectures, train each
 from scratch with several seeds (through the shared runner), and store mean accuracies.
 
-File format (shared with the BossNAS benchmark and ``python -m nas.ranking``)::
+File format (shared with the BossNAS benchmark and ``python -m nas.search.ranking``)::
 
     {"architectures": [{"encoding": [[...], ...], "accuracy": mean, "accuracies": [per seed],
                         "params": n}, ...], "space": name, "seeds": [...], "epochs": n, "folds": k}
@@ -10,28 +10,24 @@ File format (shared with the BossNAS benchmark and ``python -m nas.ranking``)::
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import random
 import tempfile
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from nas.costs import count_params
+from nas.data import DigitsDataModule
+from nas.export import build_network
+from nas.ops import NormFactory, seeded_init
+from nas.spaces import Candidate, SearchSpace
+from nas.systems import ClassifierSystem
+from stflow.pool import run_tasks
 from stflow.runner import RunConfig, fit
-
-from .costs import count_params
-from .data import DigitsDataModule
-from .export import build_network
-from .ops import NormFactory, seeded_init
-from .spaces import Candidate, SearchSpace
-from .systems import ClassifierSystem
 
 __all__ = ["sample_architectures", "train_standalone", "build_ground_truth", "seed_ceiling"]
 
@@ -115,20 +111,10 @@ def build_ground_truth(
     fold_ids: list[int | None] = list(range(folds)) if folds > 1 else [None]
     jobs = [(a, s, f) for a in range(len(archs)) for s in seeds if s not in done for f in fold_ids]
     if jobs:
-        results: dict[tuple[int, int, int | None], tuple[float, int]] = {}
-        bar = tqdm(total=len(jobs), desc="ground truth (stand-alone runs)", disable=not progress)
-        if workers > 1:
-            ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(workers, mp_context=ctx, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-                futures = {pool.submit(_fold_job, space, archs[a], s, epochs, f, folds): (a, s, f) for a, s, f in jobs}
-                for fut in as_completed(futures):
-                    results[futures[fut]] = fut.result()
-                    bar.update()
-        else:
-            for a, s, f in jobs:
-                results[(a, s, f)] = _fold_job(space, archs[a], s, epochs, f, folds)
-                bar.update()
-        bar.close()
+        tasks = [(space, archs[a], s, epochs, f, folds) for a, s, f in jobs]
+        threads = 1 if workers > 1 else None  # one thread per worker; the main process keeps its own count
+        outcomes = run_tasks(_fold_job, tasks, workers, threads, "ground truth (stand-alone runs)", progress)
+        results: dict[tuple[int, int, int | None], tuple[float, int]] = dict(zip(jobs, outcomes))
         for s in dict.fromkeys(s for _, s, _ in jobs):
             done[s] = []
             for a in range(len(archs)):

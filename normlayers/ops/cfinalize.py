@@ -5,7 +5,7 @@ the prior's gradients) cost as much as BatchNorm2d's whole step, because each ru
 x-sized kernel with cold caches (~5 us each). One C loop over the channels does the same arithmetic
 in a few microseconds: the forward finalize, the prior's gradients when only ``y`` has a gradient,
 and the per-channel part of the backward when the posterior has gradients too (a Kalman chain). The
-torch ops in :mod:`normlayers._cpu` stay the reference and the fallback; tests hold the two to the
+torch ops in :mod:`normlayers.ops.torch_backend` stay the reference and the fallback; tests hold the two to the
 same numbers.
 
 How: the source is compiled once per machine with the system C compiler (``$CC``, else ``cc``;
@@ -73,7 +73,8 @@ def _compile(directory: Path, compiler: str, key: str) -> Path:
     library = directory / f"bkn_finalize-{key}.so"
     if not library.exists():
         directory.mkdir(parents=True, exist_ok=True)
-        partial = directory / f".bkn_finalize-{key}.{os.getpid()}.so"  # renamed into place: no half-written file is loaded
+        # renamed into place: no half-written file is loaded
+        partial = directory / f".bkn_finalize-{key}.{os.getpid()}.so"
         cmd = [compiler, "-O2", "-shared", "-fPIC", "-o", str(partial), str(_SOURCE), "-lm"]
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)

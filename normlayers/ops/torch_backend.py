@@ -4,7 +4,7 @@ Forward: batch moments (see ``_batch_moments``), the prior checks and the guard 
 (``_guarded_weight``), an O(G*C) finalize (mixture), one fused normalize pass. Backward: BN's two
 per-channel reductions S1 = sum(g), S2 = sum(g*xh) (``aten.native_batch_norm_backward``), O(G*C)
 work, then ``dx = A*g + B*x + D`` per channel. The posterior (mean, var) is a differentiable
-output; its gradients add to dx and to the prior (see ../shared/docs/bkn.md, "Backward",
+output; its gradients add to dx and to the prior (see docs/background/bkn.md, "Backward in closed form",
 extended with d mu_B/dx = 1/M and d var_B/dx = 2 (x - mu_B)/M).
 
 With ``dL/dmu_hat = gm - r*S1h`` =: Gm and ``dL/dvar_hat = gv - r**2*S2h/2`` =: Gv
@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import increment_version as _increment_version
 
-from normlayers import _cfinalize
+from normlayers.ops import cfinalize
 from normlayers.reference import stats_dtype
 
 __all__ = ["bkn_train", "check_prior_values", "hot_train"]
@@ -246,7 +246,7 @@ Finalized = tuple[float, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]  # p us
 
 def _finalize_c(lib: Any, m: Tensor, rstd_n: Tensor, prior_mean: Tensor, prior_var: Tensor, weight: Tensor,
                 p: float, eps: float, guard_ratio: float, running: Running | None) -> Finalized:
-    """The forward finalize in one C call (``csrc/bkn_finalize.c``; same arithmetic as :func:`_finalize_torch`)."""
+    """The forward finalize in one C call (``ops/csrc/bkn_finalize.c``; same arithmetic as :func:`_finalize_torch`)."""
     n, c = m.shape
     dtype = m.dtype
     post_mean, post_var = torch.empty(c, dtype=dtype), torch.empty(c, dtype=dtype)
@@ -264,7 +264,7 @@ def _finalize_c(lib: Any, m: Tensor, rstd_n: Tensor, prior_mean: Tensor, prior_v
     if p_used < 0.0:  # a NaN/inf or a negative variance in the prior
         check_prior_values(prior_mean, prior_var)
         raise ValueError("prior rejected by the C finalize")  # (check_prior_values raises first)
-    if running is not None:  # written through raw pointers: tell autograd's saved-tensor checks, as an in-place op would
+    if running is not None:  # written through raw pointers: tell autograd's saved-tensor checks, as in-place ops do
         _increment_version([running[0], running[1]])
     return p_used, post_mean, post_var, rstd, d, a, w_bn
 
@@ -297,7 +297,8 @@ def _chain_backward_c(lib: Any, x: Tensor, weight: Tensor, post_mean: Tensor, rs
     k2, shift = torch.empty(2, c, dtype=dtype).unbind(0)
     lib.bkn_backward_chain_finalize(
         dtype is torch.float64, c, x.numel() // c, s1.data_ptr(), s2.data_ptr(), a.data_ptr(), rstd.data_ptr(),
-        d.data_ptr(), post_mean.data_ptr(), None if gm is None else gm.data_ptr(), None if gv is None else gv.data_ptr(),
+        d.data_ptr(), post_mean.data_ptr(), None if gm is None else gm.data_ptr(),
+        None if gv is None else gv.data_ptr(),
         p, dpm.data_ptr(), dpv.data_ptr(), k2.data_ptr(), shift.data_ptr(),
     )
     shape = (-1,) + (1,) * (x.dim() - 2)  # (C,) -> (C, 1, ..., 1) to broadcast over (N, C, *)
@@ -315,7 +316,7 @@ class _NchwPriorFn(torch.autograd.Function):
     normalize, BN's fused backward, one elementwise pass) together cost about what BatchNorm2d's
     whole step costs, and each of the ~20 per-channel ops of the general path runs with caches the
     kernels just flushed, at ~5 us. Here the per-channel work is one call each way: the C finalize
-    (:mod:`normlayers._cfinalize`) when it is available, else :func:`_finalize_torch` (straight-line
+    (:mod:`normlayers.ops.cfinalize`) when it is available, else :func:`_finalize_torch` (straight-line
     torch ops: in-place where possible, ``_foreach`` lerps, one host read for guard and value checks).
     With posterior gradients (a chain) the backward's per-channel part is one C call as well
     (:func:`_chain_backward_c`); without the C library, or with a non-contiguous ``gy`` or no input
@@ -337,7 +338,7 @@ class _NchwPriorFn(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor, Tensor]:
         n, c = x.shape[0], x.shape[1]
         scratch, m, rstd_n = torch.native_group_norm(x, None, None, n, c, x.numel() // (n * c), c, 0.0)  # (N, C)
-        lib = _cfinalize.load()
+        lib = cfinalize.load()
         if lib is not None:
             finalized = _finalize_c(lib, m, rstd_n, prior_mean, prior_var, weight, p, eps, guard_ratio, running)
         else:

@@ -9,43 +9,50 @@ Pipeline (each stage resumable from ``out_dir``):
    recalibrating its normalization statistics (``block_<k>/ratings.json`` marks the block done);
 3. rating table (``ratings.json``) with computed costs, exact constrained search;
 4. the winner retrained stand-alone (``retrain/``); ``architecture.json`` and ``report.md``.
+
+``python -m nas.search dna [--config dna_digits|FILE] [--out-dir DIR] [--norm bkn] [--blocks '[1]'] [--retrain false]``;
+the method class :class:`DNA` implements :class:`nas.methods.base.SearchMethod`.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import pytorch_lightning as pl
 import torch
-import yaml
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from nas.costs import block_cost_table, count_flops, count_params
+from nas.data import DigitsDataModule
+from nas.export import Network, block_strings, build_network
+from nas.methods.base import SearchMethod, register
+from nas.ops import make_norm, seeded_init
+from nas.recalibration import recalibrate_norm_stats
+from nas.search.constrained import search_table
+from nas.search.ratings import RatingTable, save_ratings
+from nas.spaces import OpSpec, SearchSpace, op_from_dict
+from nas.supernet import BlockSupernet
+from nas.systems import ClassifierSystem
 from stflow.runner import RunConfig, fit, last_checkpoint
 
-from .constrained import search_table
-from .costs import block_cost_table, count_flops, count_params
-from .data import DigitsDataModule
-from .export import Network, block_strings, build_network
-from .ops import make_norm, seeded_init
-from .ratings import RatingTable, save_ratings
-from .recalibration import recalibrate_norm_stats
-from .spaces import OpSpec, SearchSpace, mbconv, op_from_dict
-from .supernet import BlockSupernet
-from .systems import BlockDistillSystem, ClassifierSystem, teacher_features
-
 __all__ = [
+    "DNA",
     "DNAConfig",
+    "BlockDistillSystem",
+    "teacher_features",
     "digits_config",
     "build_teacher",
     "train_teacher",
     "train_block",
     "rate_block",
-    "run_block",
     "run_dna",
     "block_score",
 ]
@@ -53,26 +60,28 @@ __all__ = [
 RATING_METRICS = ("relative_l1", "mse")
 
 
-def _digits_space() -> SearchSpace:
+def _digits_space() -> dict[str, Any]:
     ops = [{"kind": "skip"}, {"kernel": 3, "expansion": 1}, {"kernel": 3, "expansion": 4}, {"kernel": 5, "expansion": 4}]
     blocks = [
         {"out_channels": 16, "stride": 1, "layers": 2},
         {"out_channels": 24, "stride": 2, "layers": 2},
         {"out_channels": 32, "stride": 2, "layers": 2},
     ]
-    return SearchSpace.from_dict(
-        {"name": "digits-mbconv", "input_channels": 1, "input_size": 8, "stem_channels": 8, "ops": ops, "blocks": blocks}
-    )
+    return {"name": "digits-mbconv", "input_channels": 1, "input_size": 8, "stem_channels": 8, "ops": ops,
+            "blocks": blocks}
 
 
 @dataclass
 class DNAConfig:
-    """Everything a DNA search needs (defaults: the small digits search of configs/nas/dna_digits.yaml)."""
+    """Everything a DNA search needs (defaults: the small digits search of the packaged ``dna_digits`` config).
 
-    space: SearchSpace = field(default_factory=_digits_space)
+    ``space`` and ``teacher`` are given as mappings (YAML) and become a :class:`SearchSpace` and an :class:`OpSpec`.
+    """
+
+    space: Any = field(default_factory=_digits_space)  # a SearchSpace, or its mapping (SearchSpace.from_dict)
     norm: str = "bn"  # normalization inside the block supernets: "bn" | "bkn"
     bkn_prior_weight: float = 0.5  # BKN's prior weight p inside the supernets (see nas.ops.make_norm)
-    teacher: OpSpec = field(default_factory=lambda: mbconv(3, 6))
+    teacher: Any = field(default_factory=lambda: {"kernel": 3, "expansion": 6})  # an OpSpec, or its mapping
     teacher_layers: int | None = 3
     teacher_epochs: int = 15
     teacher_lr: float = 3e-3
@@ -88,9 +97,19 @@ class DNAConfig:
     retrain_lr: float = 3e-3
     seed: int = 0
     data_seed: int = 0
-    progress_bar: bool = True
+    out_dir: str = "runs/dna-digits"
+    progress: bool = True
+    resume: bool = True
+    blocks: list[int] | None = None  # train and rate only these blocks (parallel workers); no search
+    retrain: bool = True  # retrain the searched architecture stand-alone
 
     def __post_init__(self) -> None:
+        if isinstance(self.space, dict):
+            self.space = SearchSpace.from_dict(self.space)
+        if isinstance(self.teacher, dict):
+            self.teacher = op_from_dict(self.teacher)
+        if not isinstance(self.space, SearchSpace) or not isinstance(self.teacher, OpSpec):
+            raise ValueError("space and teacher must be mappings (or a SearchSpace and an OpSpec)")
         if self.rating_metric not in RATING_METRICS:
             raise ValueError(f"rating_metric must be one of {RATING_METRICS}, got {self.rating_metric!r}")
         if self.norm not in ("bn", "bkn"):
@@ -105,35 +124,9 @@ class DNAConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
-    @classmethod
-    def from_dict(cls, cfg: dict[str, Any]) -> DNAConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(cfg) - known
-        if unknown:
-            raise ValueError(f"unknown DNA config key(s) {sorted(unknown)}; known: {sorted(known)}")
-        cfg = dict(cfg)
-        if "space" in cfg:
-            cfg["space"] = SearchSpace.from_dict(cfg["space"])
-        if "teacher" in cfg:
-            cfg["teacher"] = op_from_dict(cfg["teacher"])
-        return cls(**cfg)
-
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> DNAConfig:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"DNA config not found: {path}")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping at the top level")
-        try:
-            return cls.from_dict(data)
-        except (ValueError, TypeError) as exc:
-            raise ValueError(f"{path}: {exc}") from None
-
 
 def digits_config(**changes: Any) -> DNAConfig:
-    """The default digits search (mirrored by configs/nas/dna_digits.yaml) with ``changes``."""
+    """The default digits search (the packaged ``dna_digits`` config) with ``changes``."""
     return replace(DNAConfig(), **changes)
 
 
@@ -148,6 +141,65 @@ def build_teacher(cfg: DNAConfig, num_classes: int = 10) -> Network:
     return build_network(tspace, encoding, num_classes)
 
 
+@torch.no_grad()
+def teacher_features(teacher: Network, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input, target) of block ``k``: the teacher's block k-1 output (stem output for k=0) and block k output."""
+    outs = teacher.block_outputs(x)
+    return outs[k], outs[k + 1]
+
+
+class BlockDistillSystem(pl.LightningModule):
+    """DNA block training: the student block supernet maps the teacher's block k-1 output to its block k
+    output (MSE), one uniformly random path per step. The frozen teacher stays in eval mode.
+
+    The path of step t is drawn from ``random.Random(seed * 1_000_003 + t)``, so a resumed run
+    samples exactly the paths the uninterrupted run would have.
+    """
+
+    def __init__(
+        self, teacher: Network, student: BlockSupernet, k: int, lr: float = 2e-3, seed: int = 0, max_epochs: int = 20
+    ) -> None:
+        super().__init__()
+        if not 0 <= k < len(teacher.blocks):
+            raise ValueError(f"block index {k} out of range for a {len(teacher.blocks)}-block teacher")
+        self.teacher = teacher.eval()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.student = student
+        self.k = k
+        self.lr = lr
+        self.seed = seed
+        self.max_epochs = max_epochs
+        self.val_candidates = student.candidates()
+
+    def train(self, mode: bool = True) -> BlockDistillSystem:
+        super().train(mode)
+        self.teacher.eval()  # its statistics are fixed
+        return self
+
+    def step_candidate(self, step: int) -> tuple[int, ...]:
+        return self.student.sample(random.Random(self.seed * 1_000_003 + step))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
+        x_in, target = teacher_features(self.teacher, batch[0], self.k)
+        cand = self.step_candidate(self.global_step)
+        loss = F.mse_loss(self.student(x_in, cand), target)
+        self.log("train_loss", loss, batch_size=len(x_in))
+        # an all-skip path has no weights: nothing to learn this step (Lightning skips a None loss)
+        return loss if loss.requires_grad else None
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        # A fixed rotation of candidates so val_loss is comparable across epochs (train-mode-free: eval stats).
+        x_in, target = teacher_features(self.teacher, batch[0], self.k)
+        cand = self.val_candidates[batch_idx % len(self.val_candidates)]
+        self.log("val_loss", F.mse_loss(self.student(x_in, cand), target), prog_bar=True, batch_size=len(x_in))
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.Adam(self.student.parameters(), lr=self.lr)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.max_epochs))
+        return {"optimizer": opt, "lr_scheduler": sched}
+
+
 def _run_cfg(cfg: DNAConfig, out_dir: Path, epochs: int, **changes: Any) -> RunConfig:
     resume = last_checkpoint(out_dir).is_file()
     return RunConfig(
@@ -155,7 +207,7 @@ def _run_cfg(cfg: DNAConfig, out_dir: Path, epochs: int, **changes: Any) -> RunC
         max_epochs=epochs,
         seed=cfg.seed,
         resume=resume,
-        progress_bar=cfg.progress_bar,
+        progress_bar=cfg.progress,
         loggers=("csv",),
         **changes,
     )
@@ -248,25 +300,6 @@ def _rating_inputs(cfg: DNAConfig, dm: DigitsDataModule) -> tuple[list[torch.Ten
     return recal, val
 
 
-def run_block(
-    cfg: DNAConfig, teacher: Network, k: int, out_dir: str | Path, datamodule: DigitsDataModule | None = None
-) -> dict[str, float]:
-    """Train then rate block ``k``; a block whose ``ratings.json`` exists is skipped (resume)."""
-    done = Path(out_dir) / f"block_{k}" / "ratings.json"
-    if done.is_file():
-        return json.loads(done.read_text())["ratings"]
-    dm = datamodule or _datamodule(cfg)
-    t0 = time.perf_counter()
-    student = train_block(cfg, teacher, k, out_dir, dm)
-    recal, val = _rating_inputs(cfg, dm)
-    ratings = rate_block(teacher, student, k, recal, val, cfg.rating_metric, progress=cfg.progress_bar)
-    payload = {"block": k, "metric": cfg.rating_metric, "seconds": time.perf_counter() - t0, "ratings": ratings}
-    tmp = done.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    tmp.replace(done)
-    return ratings
-
-
 def _budget(cfg: DNAConfig, costs: list[dict[str, dict[str, int]]]) -> float:
     if cfg.budget is not None:
         return float(cfg.budget)
@@ -295,44 +328,108 @@ def retrain(cfg: DNAConfig, encoding: Sequence[Sequence[int]], out_dir: str | Pa
 
 
 def run_dna(
-    cfg: DNAConfig, out_dir: str | Path, blocks: Sequence[int] | None = None, do_retrain: bool = True
+    cfg: DNAConfig, out_dir: str | Path | None = None, blocks: Sequence[int] | None = None, do_retrain: bool | None = None
 ) -> dict[str, Any]:
-    """The whole DNA search; with ``blocks`` only those blocks are trained and rated (parallel workers)."""
-    out = Path(out_dir)
-    todo = range(len(cfg.space.blocks)) if blocks is None else blocks
-    for k in todo:
-        if not 0 <= k < len(cfg.space.blocks):
-            raise ValueError(f"block {k} out of range: the space has {len(cfg.space.blocks)} blocks")
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    dm = _datamodule(cfg)
-    teacher, teacher_info = train_teacher(cfg, out, dm)
-    ratings = {k: run_block(cfg, teacher, k, out, dm) for k in todo}
+    """The whole DNA search (``out_dir``, ``blocks``, ``do_retrain`` default to the config's ``out_dir``,
+    ``blocks``, ``retrain``); with ``blocks`` only those blocks are trained and rated (parallel workers)."""
+    changes: dict[str, Any] = {}
+    if out_dir is not None:
+        changes["out_dir"] = str(out_dir)
     if blocks is not None:
-        return {"blocks": sorted(ratings), "out_dir": str(out)}
-    table = build_rating_table(cfg, [ratings[k] for k in range(len(cfg.space.blocks))])
-    save_ratings(table, out / "ratings.json")
-    budget = _budget(cfg, table.block_costs or [])
-    found = search_table(table, budget, cfg.budget_cost, "exact")
-    net = build_network(cfg.space, found.encoding, DigitsDataModule.num_classes)
-    shape = (cfg.space.input_channels, cfg.space.input_size, cfg.space.input_size)
-    arch = {
-        "encoding": found.encoding,
-        "keys": found.keys,
-        "block_strings": block_strings(cfg.space, found.encoding),
-        "score": found.score,
-        "budget": budget,
-        "budget_cost": cfg.budget_cost,
-        "params": count_params(net),
-        "flops": count_flops(net, shape),
-        "searched_blocks_cost": found.cost,
-    }
-    if do_retrain:
-        arch["retrain"] = retrain(cfg, found.encoding, out, dm)
-    arch["seconds"] = time.perf_counter() - t0
-    (out / "architecture.json").write_text(json.dumps(arch, indent=1))
-    (out / "report.md").write_text(_report(cfg, teacher_info, table, arch))
-    return arch
+        changes["blocks"] = list(blocks)
+    if do_retrain is not None:
+        changes["retrain"] = do_retrain
+    return DNA(replace(cfg, **changes)).search()
+
+
+@register
+class DNA(SearchMethod):
+    """DNA behind the method interface: teacher, then every block independently (train, rate), then the search."""
+
+    name = "dna"
+    config_class = DNAConfig
+    description = "DNA: block-wise supervised search by distilling a teacher's blocks"
+
+    def __init__(self, cfg: DNAConfig) -> None:
+        super().__init__(cfg)
+        self.cfg: DNAConfig = cfg
+        self.datamodule = _datamodule(cfg)
+        self.teacher: Network | None = None
+        self.teacher_info: dict[str, Any] = {}
+        self.supernets: dict[int, BlockSupernet] = {}
+        self._t0 = time.perf_counter()
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.cfg.space.blocks)
+
+    def prepare(self) -> Network:
+        """The trained teacher (trained once, then loaded from ``out_dir/teacher``)."""
+        if self.teacher is None:
+            self.teacher, self.teacher_info = train_teacher(self.cfg, self.out_dir, self.datamodule)
+        return self.teacher
+
+    def train_block(self, k: int) -> None:
+        self.supernets[k] = train_block(self.cfg, self.prepare(), k, self.out_dir, self.datamodule)
+
+    def rate_block(self, k: int) -> dict[str, float]:
+        recal, val = _rating_inputs(self.cfg, self.datamodule)
+        return rate_block(self.prepare(), self.supernets[k], k, recal, val, self.cfg.rating_metric,
+                          progress=self.cfg.progress)
+
+    def run_block(self, k: int) -> dict[str, float]:
+        """Train then rate block ``k``; a block whose ``ratings.json`` exists is skipped (resume)."""
+        done = self.out_dir / f"block_{k}" / "ratings.json"
+        if done.is_file():
+            return json.loads(done.read_text())["ratings"]
+        t0 = time.perf_counter()
+        self.train_block(k)
+        ratings = self.rate_block(k)
+        payload = {"block": k, "metric": self.cfg.rating_metric, "seconds": time.perf_counter() - t0, "ratings": ratings}
+        tmp = done.with_suffix(".tmp")
+        tmp.write_text(json.dumps(payload, indent=1))
+        tmp.replace(done)
+        return ratings
+
+    def search(self) -> dict[str, Any]:
+        cfg = self.cfg
+        todo = range(self.num_blocks) if cfg.blocks is None else cfg.blocks
+        for k in todo:
+            if not 0 <= k < self.num_blocks:
+                raise ValueError(f"block {k} out of range: the space has {self.num_blocks} blocks")
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._t0 = time.perf_counter()
+        self.prepare()
+        ratings = {k: self.run_block(k) for k in todo}
+        if cfg.blocks is not None:
+            return {"blocks": sorted(ratings), "out_dir": str(self.out_dir)}
+        return self.report([ratings[k] for k in range(self.num_blocks)])
+
+    def report(self, ratings: Sequence[dict[str, float]]) -> dict[str, Any]:
+        cfg, out = self.cfg, self.out_dir
+        table = build_rating_table(cfg, list(ratings))
+        save_ratings(table, out / "ratings.json")
+        budget = _budget(cfg, table.block_costs or [])
+        found = search_table(table, budget, cfg.budget_cost, "exact")
+        net = build_network(cfg.space, found.encoding, DigitsDataModule.num_classes)
+        shape = (cfg.space.input_channels, cfg.space.input_size, cfg.space.input_size)
+        arch = {
+            "encoding": found.encoding,
+            "keys": found.keys,
+            "block_strings": block_strings(cfg.space, found.encoding),
+            "score": found.score,
+            "budget": budget,
+            "budget_cost": cfg.budget_cost,
+            "params": count_params(net),
+            "flops": count_flops(net, shape),
+            "searched_blocks_cost": found.cost,
+        }
+        if cfg.retrain:
+            arch["retrain"] = retrain(cfg, found.encoding, out, self.datamodule)
+        arch["seconds"] = time.perf_counter() - self._t0
+        (out / "architecture.json").write_text(json.dumps(arch, indent=1))
+        (out / "report.md").write_text(_report(cfg, self.teacher_info, table, arch))
+        return arch
 
 
 def _report(cfg: DNAConfig, teacher_info: dict, table: RatingTable, arch: dict) -> str:

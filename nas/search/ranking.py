@@ -1,11 +1,11 @@
 """Rank correlation between rating-table architecture scores and ground-truth accuracy.
 
 Ground truth JSON: ``{"architectures": [{"encoding": [[ops of block 0], ...], "<metric>": value}, ...]}``.
-An architecture's score is the sum of its blocks' ratings (see :class:`nas.ratings.RatingTable`).
+An architecture's score is the sum of its blocks' ratings (see :class:`nas.search.ratings.RatingTable`).
 
 CLI::
 
-    python -m nas.ranking --ratings R.json --ground-truth G.json [--metric top1] [--json]
+    python -m nas.search.ranking --ratings R.json --ground-truth G.json [--metric top1] [--json]
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from .ratings import RatingTable, load_ratings
-from .spaces import candidate_key
+from nas.search.ratings import RatingTable, load_ratings
+from nas.spaces import candidate_key
 
 __all__ = ["correlations", "load_ground_truth", "architecture_keys", "evaluate", "main"]
 
@@ -94,7 +94,7 @@ def evaluate(table: RatingTable, encodings: Sequence[Sequence[Sequence[int]]], v
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m nas.ranking", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m nas.search.ranking", description=__doc__.split("\n")[0])
     p.add_argument("--ratings", required=True, help="rating table JSON")
     p.add_argument("--ground-truth", required=True, help="ground truth JSON")
     p.add_argument("--metric", default=None, help="ground-truth field (default: the only numeric one)")

@@ -1,4 +1,9 @@
-"""scikit-learn's 8x8 handwritten digits as a LightningDataModule (real images, no download)."""
+"""scikit-learn's 8x8 handwritten digits as THE LightningDataModule of every digits run (real images, no download).
+
+NAS (DNA, BossNAS, ground truth) shuffles with a plain ``shuffle=True`` loader (its published numbers were made
+so); the BKN digits study passes ``shuffle_seed`` (the runner's exact-resume ``EpochShuffleSampler``),
+``drop_last=True``, ``eval_batch_size=512`` and ``test_in_val=True`` (a per-epoch test curve).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,8 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
+
+from stflow.runner import EpochShuffleSampler
 
 __all__ = ["DigitsDataModule", "digits_split_indices", "load_digits_split"]
 
@@ -74,7 +81,14 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
 
 class DigitsDataModule(pl.LightningDataModule):
     """Digits with a fixed stratified split (or cross-validation fold ``fold`` of ``num_folds``, see
-    :func:`digits_split_indices`); batches are ``(x (B, 1, 8, 8), y (B,))``."""
+    :func:`digits_split_indices`, all fixed by ``seed``); batches are ``(x (B, 1, 8, 8), y (B,))``.
+
+    Training order: ``shuffle_seed=None`` a ``shuffle=True`` loader (torch's global RNG); else
+    ``EpochShuffleSampler(n, shuffle_seed)``, an order fixed by (seed, epoch), so a resumed run sees exactly the
+    batches of the uninterrupted one. ``drop_last``: every training step has ``batch_size`` samples.
+    ``eval_batch_size``: validation/test batch (default ``batch_size``). ``test_in_val``: a second validation
+    loader with the test set (per-epoch test accuracy).
+    """
 
     num_classes = 10
     input_shape = (1, 8, 8)
@@ -87,11 +101,17 @@ class DigitsDataModule(pl.LightningDataModule):
         test_fraction: float = 0.2,
         fold: int | None = None,
         num_folds: int = 5,
+        shuffle_seed: int | None = None,
+        drop_last: bool = False,
+        eval_batch_size: int | None = None,
+        test_in_val: bool = False,
     ) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = batch_size
+        self.shuffle_seed, self.drop_last, self.test_in_val = shuffle_seed, drop_last, test_in_val
+        self.eval_batch_size = eval_batch_size or batch_size
         self.seed = seed
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
@@ -102,17 +122,27 @@ class DigitsDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.splits is None:
             self.splits = load_digits_split(self.seed, self.val_fraction, self.test_fraction, self.fold, self.num_folds)
+            n_train = len(self.splits["train"][1])
+            if self.drop_last and self.batch_size > n_train:
+                raise ValueError(f"batch_size {self.batch_size} exceeds the {n_train} training images")
 
-    def _loader(self, name: str, shuffle: bool) -> DataLoader:
+    def _dataset(self, name: str) -> TensorDataset:
         self.setup()
         assert self.splits is not None
-        return DataLoader(TensorDataset(*self.splits[name]), batch_size=self.batch_size, shuffle=shuffle)
+        return TensorDataset(*self.splits[name])
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True)
+        ds = self._dataset("train")
+        if self.shuffle_seed is None:
+            return DataLoader(ds, batch_size=self.batch_size, shuffle=True, drop_last=self.drop_last)
+        sampler = EpochShuffleSampler(len(ds), self.shuffle_seed)
+        return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, drop_last=self.drop_last)
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", False)
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        val = DataLoader(self._dataset("val"), batch_size=self.eval_batch_size)
+        if not self.test_in_val:
+            return val
+        return [val, DataLoader(self._dataset("test"), batch_size=self.eval_batch_size)]
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", False)
+        return DataLoader(self._dataset("test"), batch_size=self.eval_batch_size)

@@ -11,7 +11,7 @@ strict: total cost < budget.
 
 CLI::
 
-    python -m nas.constrained --ratings R.json --budget 30000 [--cost params|flops] [--method exact|reference]
+    python -m nas.search.constrained --ratings R.json --budget 30000 [--cost params|flops] [--method exact|reference]
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .ratings import RatingTable, RatingTableError, load_ratings
-from .spaces import parse_candidate_key
+from nas.search.ratings import RatingTable, RatingTableError, load_ratings
+from nas.spaces import parse_candidate_key
 
 __all__ = ["SearchResult", "exact_search", "reference_traversal", "brute_force", "search_table", "main"]
 
@@ -223,7 +223,7 @@ def search_table(table: RatingTable, budget: float, cost: str = "params", method
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m nas.constrained", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m nas.search.constrained", description=__doc__.split("\n")[0])
     p.add_argument("--ratings", required=True, help="rating table JSON with block_costs")
     p.add_argument("--budget", required=True, type=float, help="strict upper bound on the total cost")
     p.add_argument("--cost", default="params", help="cost field: params | flops")

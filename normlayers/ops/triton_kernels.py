@@ -1,4 +1,4 @@
-"""Triton kernels for Batch Kalman Normalization; imported lazily by :mod:`normlayers.ops.bkn_triton`.
+"""Triton kernels for Batch Kalman Normalization; imported lazily by :mod:`normlayers.ops.triton_backend`.
 
 Indexing convention shared by every kernel: the input is viewed as ``(N, C, L)`` (``L`` = product of
 the spatial sizes) with element strides ``(sN, sC, sL)``, so NCHW (``sL == 1``) and channels-last
@@ -12,7 +12,7 @@ registers: single pass) or ``(cdiv(C, BLOCK_C), G, S)`` (slice split into ``S`` 
 elements). Cross-program results go through ``(G, C)`` / ``(G, C, S)`` fp32 buffers that are reduced
 in a fixed order: no atomics anywhere, so results are bitwise reproducible.
 
-The maths (the shared spec docs/bkn.md; ``normlayers.reference`` is the executable spec): with ``p`` the prior weight,
+The maths (docs/background/bkn.md; ``normlayers.reference`` is the executable spec): with ``p`` the prior weight,
 ``q = 1 - p``, ``d = mu_B - mu_P``:
 ``mu_hat = p*mu_P + q*mu_B``, ``var_hat = p*var_P + q*var_B + p*q*d**2``, ``r = 1/sqrt(var_hat + eps)``,
 ``y = x*a + b`` with ``a = gamma*r``, ``b = beta - mu_hat*a``.

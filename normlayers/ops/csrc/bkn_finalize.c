@@ -1,8 +1,8 @@
 /* The per-channel O(C) work of Batch Kalman Normalization's CPU hot path, as one call each way.
  *
- * normlayers/_cfinalize.py compiles this file on first use (cc -O2 -shared) and calls it through
- * ctypes from normlayers/_cpu.py (_NchwPriorFn); the torch-ops finalize in that file is the same
- * arithmetic and the fallback. Spec: ../shared/docs/bkn.md. Tensors are contiguous (C,) or (N, C)
+ * normlayers/ops/cfinalize.py compiles this file on first use (cc -O2 -shared) and calls it through
+ * ctypes from normlayers/ops/torch_backend.py (_NchwPriorFn); the torch-ops finalize in that file is the same
+ * arithmetic and the fallback. Background: docs/background/bkn.md. Tensors are contiguous (C,) or (N, C)
  * arrays of float32 or float64 (is_double); the arithmetic runs in double and rounds once on store.
  */
 #include <math.h>
@@ -83,7 +83,7 @@ double bkn_forward_finalize(int is_double, int64_t n, int64_t c, const void *m, 
 }
 
 /* Backward finalize: the prior's gradients from BN's reductions S1 = sum(g), S2 = sum(g * xh):
- * dvar_P = -p/2 * a*r * S2, dmu_P = -p * a * S1 - 2*(1 - p) * d * dvar_P (bkn.md, "Backward"). */
+ * dvar_P = -p/2 * a*r * S2, dmu_P = -p * a * S1 - 2*(1 - p) * d * dvar_P (docs/background/bkn.md, "Backward in closed form"). */
 void bkn_backward_finalize(int is_double, int64_t c, const void *s1, const void *s2, const void *a,
                            const void *rstd, const void *d, double p, void *grad_prior_mean, void *grad_prior_var) {
     double q = 1.0 - p;

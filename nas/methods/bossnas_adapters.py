@@ -17,14 +17,14 @@ from typing import Any, Protocol
 import numpy as np
 from torch import nn
 
-from .constrained import exact_search
-from .costs import candidate_cost, count_flops, count_params
-from .export import block_strings
-from .hytra import HyTraSpace, HyTraSupernet, build_path
-from .ops import NormFactory
-from .ratings import RatingTable
-from .spaces import Candidate, SearchSpace, candidate_key, parse_candidate_key
-from .supernet import Supernet
+from nas.costs import candidate_cost, count_flops, count_params
+from nas.export import block_strings
+from nas.ops import NormFactory
+from nas.search.constrained import exact_search
+from nas.search.ratings import RatingTable
+from nas.spaces import Candidate, SearchSpace, candidate_key, parse_candidate_key
+from nas.spaces.hytra import HyTraSpace, HyTraSupernet, build_path
+from nas.supernet import Supernet
 
 __all__ = ["SpaceAdapter", "MBConvAdapter", "HyTraAdapter", "fair_paths"]
 

@@ -16,25 +16,23 @@ Pipeline (one block at a time, earlier blocks fixed to their searched best path)
 4. The ratings form the shared rating-table JSON; the core's exact constrained search picks the
    architecture; the core's ranking code evaluates it against ground truth (benchmark).
 
-CLI: ``python -m nas.search bossnas [--config configs/nas/bossnas_digits.yaml] [--space hytra|mbconv]
-[--norm bn|bkn] [--out DIR]`` (also ``python -m nas.bossnas``). Blocks checkpoint through the
-shared runner; a finished block is skipped on resume and an interrupted one continues from its
-``last.ckpt``.
+CLI: ``python -m nas.search bossnas [--config bossnas_digits|bossnas_hytra_digits|FILE] [--space hytra|mbconv]
+[--norm bn|bkn] [--out-dir DIR]`` (the packaged ``bossnas_digits`` config by default, ``bossnas_hytra_digits``
+with ``--space hytra``); the method class :class:`BossNAS` implements :class:`nas.methods.base.SearchMethod`.
+Blocks checkpoint through the shared runner; a finished block is skipped on resume and an interrupted one
+continues from its ``last.ckpt``.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
 import math
 import random
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -43,20 +41,21 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from nas.data import DigitsDataModule
+from nas.data.views import ViewConfig, make_view
+from nas.methods.base import SearchMethod, register
+from nas.methods.bossnas_adapters import HyTraAdapter, MBConvAdapter, SpaceAdapter
+from nas.ops import make_norm
+from nas.recalibration import recalibrate_norm_stats
+from nas.search.ratings import RatingTable, save_ratings
+from nas.spaces import Candidate
+from nas.spaces.hytra import hytra_digits
+from stflow.config import load_config
 from stflow.runner import RunConfig, fit
 
-from .bossnas_spaces import HyTraAdapter, MBConvAdapter, SpaceAdapter
-from .data import DigitsDataModule
-from .hytra import hytra_digits
-from .ops import make_norm
-from .ratings import RatingTable, save_ratings
-from .recalibration import recalibrate_norm_stats
-from .spaces import Candidate
-from .views import ViewConfig, make_view
-
 __all__ = [
+    "BossNAS",
     "BossNASConfig",
-    "load_config",
     "momentum_at",
     "ema_update",
     "byol_loss",
@@ -68,11 +67,10 @@ __all__ = [
     "BossNASBlockSystem",
     "rate_block",
     "run_search",
-    "main",
 ]
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "nas" / "bossnas_digits.yaml"
-HYTRA_CONFIG = DEFAULT_CONFIG.with_name("bossnas_hytra_digits.yaml")
+DEFAULT_CONFIG = "bossnas_digits"  # packaged configs (nas/configs/), found through importlib.resources
+HYTRA_CONFIG = "bossnas_hytra_digits"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,7 +78,7 @@ HYTRA_CONFIG = DEFAULT_CONFIG.with_name("bossnas_hytra_digits.yaml")
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class BossNASConfig:
-    """Everything a BossNAS search needs; YAML files under ``configs/nas/`` set these fields."""
+    """Everything a BossNAS search needs; YAML files (the packaged ``nas/configs/bossnas_*.yaml``) set these fields."""
 
     space: str = "mbconv"  # "mbconv" (the core's digits space) | "hytra"
     norm: str = "bn"  # "bn" | "bkn"
@@ -105,8 +103,9 @@ class BossNASConfig:
     cost: str = "params"
     hytra_layers: tuple[int, ...] = (3, 3, 3)
     hytra_width: int = 16
-    mbconv_config: str | None = None  # the core's DNA digits config holding the MBConv space
-    progress_bar: bool = True
+    mbconv_config: str | None = None  # a DNA config (packaged name or file) holding the MBConv space
+    progress: bool = True
+    resume: bool = True
     limit_train_batches: int | None = None
     limit_val_batches: int | None = 2
 
@@ -140,30 +139,6 @@ class BossNASConfig:
         out = dataclasses.asdict(self)
         out["hytra_layers"] = list(self.hytra_layers)
         return out
-
-
-def load_config(path: str | Path | None = None, **overrides: Any) -> BossNASConfig:
-    """Config from a YAML file (unknown keys rejected, naming the file), then ``overrides``."""
-    import yaml
-
-    values: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"BossNAS config not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ValueError(f"{path}: invalid YAML ({exc})") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping of BossNASConfig fields")
-        known = {f.name for f in dataclasses.fields(BossNASConfig)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"{path}: unknown BossNAS config key(s) {unknown}")
-        values.update(data)
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return BossNASConfig(**values)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -489,16 +464,10 @@ def rating_data(
 def make_adapter(cfg: BossNASConfig) -> SpaceAdapter:
     if cfg.space == "hytra":
         return HyTraAdapter(hytra_digits(cfg.hytra_layers, cfg.hytra_width))
-    from .dna import DNAConfig  # the core's digits MBConv space: the one DNA and the ground truth use
+    from nas.methods.dna import DNAConfig  # the core's digits MBConv space: the one DNA and the ground truth use
 
-    dna = DNAConfig.from_yaml(_resolve(cfg.mbconv_config)) if cfg.mbconv_config else DNAConfig()
+    dna = load_config(DNAConfig, cfg.mbconv_config, packages=("nas",)) if cfg.mbconv_config else DNAConfig()
     return MBConvAdapter(dna.space)
-
-
-def _resolve(path: str) -> Path:
-    """A config path as given, else relative to the repository root (configs/...)."""
-    p = Path(path)
-    return p if p.is_absolute() or p.exists() else DEFAULT_CONFIG.parent.parent.parent / p
 
 
 def _prepare_prefix(model: SiameseSupernet, prefix: Sequence[Candidate], images: Sequence[torch.Tensor]) -> None:
@@ -515,74 +484,125 @@ def _prepare_prefix(model: SiameseSupernet, prefix: Sequence[Candidate], images:
 def run_search(cfg: BossNASConfig, adapter: SpaceAdapter | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train, rate and search every block (resuming finished/interrupted blocks); write
     ``ratings.json``, ``architecture.json`` and ``report.md`` to ``cfg.out_dir``; return the summary."""
-    t0 = time.time()
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    adapter = adapter or make_adapter(cfg)
-    norm_layer = make_norm(cfg.norm, cfg.bkn_prior_weight)
-    pl.seed_everything(cfg.seed, verbose=False)
-    model = SiameseSupernet(adapter, norm_layer, cfg.proj_hidden, cfg.proj_dim)
-    dm = DigitsDataModule(batch_size=cfg.batch_size, seed=cfg.data_seed)
-    recal_images, eval_pairs = rating_data(dm, cfg)
-    (out / "config.json").write_text(json.dumps(cfg.to_json(), indent=1))
+    return BossNAS(cfg, adapter, log).search()
 
-    prefix: list[Candidate] = []
-    ratings: list[dict[str, float]] = []
-    costs: list[dict[str, dict[str, int]]] = []
-    block_seconds: list[float] = []
-    for k in range(adapter.num_blocks):
-        bdir = out / f"block{k}"
-        done = bdir / "done.json"
-        if done.is_file():
-            info = json.loads(done.read_text())
-            model.load_state_dict(torch.load(bdir / "model.pt", map_location="cpu", weights_only=True))
-            log(f"block {k}: finished earlier, skipped (best {info['best']})")
-        else:
-            tb = time.time()
-            _prepare_prefix(model, prefix, recal_images)
-            system = BossNASBlockSystem(model, adapter, k, prefix, cfg)
-            resume = (bdir / "checkpoints" / "last.ckpt").is_file()
-            run_cfg = RunConfig(
-                out_dir=str(bdir), max_epochs=cfg.epochs_per_block, seed=cfg.seed + k, progress_bar=cfg.progress_bar,
-                loggers=("csv",), resume=resume, test=False, limit_train_batches=cfg.limit_train_batches,
-                limit_val_batches=cfg.limit_val_batches, log_every_n_steps=1, accelerator="auto", devices=1,
-            )
-            fit(system, dm, run_cfg)
-            scores = rate_block(model, adapter, k, prefix, recal_images, eval_pairs,
-                                normalized_center=cfg.center_normalized, progress=cfg.progress_bar)
-            cands = adapter.candidates(k, prefix)
-            block_costs = {adapter.key(k, c): adapter.cost(k, prefix, c, norm_layer) for c in cands}
-            best_key = min(scores, key=scores.__getitem__)
-            best = next(c for c in cands if adapter.key(k, c) == best_key)
-            torch.save(model.state_dict(), bdir / "model.pt")
-            info = {"block": k, "best": list(best), "best_key": best_key, "ratings": scores, "costs": block_costs,
-                    "seconds": time.time() - tb}
-            done.write_text(json.dumps(info, indent=1))
-            log(f"block {k}: rated {len(scores)} candidates in {info['seconds']:.0f} s; best {best_key}")
-        prefix.append(tuple(info["best"]))
-        ratings.append(info["ratings"])
-        costs.append(info["costs"])
-        block_seconds.append(float(info["seconds"]))
 
-    table = RatingTable(ratings, costs, metric="bossnas_center_byol", lower_is_better=True,
-                        meta={"method": "bossnas", "space": adapter.name, "norm": cfg.norm})
-    save_ratings(table, out / "ratings.json")
-    found = adapter.search(table, cfg.budget, cfg.cost)
-    arch = {
-        **found,
-        "space": adapter.name,
-        "ops": adapter.describe([tuple(c) for c in found["encoding"]]),
-        "params": sum(costs[k][key]["params"] for k, key in enumerate(found["keys"])),
-        "flops": sum(costs[k][key]["flops"] for k, key in enumerate(found["keys"])),
-        "budget": cfg.budget,
-        "cost": cfg.cost,
-    }
-    (out / "architecture.json").write_text(json.dumps(arch, indent=1))
-    summary = {"architecture": arch, "block_seconds": block_seconds, "seconds": time.time() - t0,
-               "num_candidates": [len(r) for r in ratings]}
-    (out / "report.md").write_text(_report(cfg, adapter, table, arch, summary))
-    log(f"searched {arch['keys']} (score {arch['score']:.4f}, {arch['params']} params); wrote {out}")
-    return summary
+@register
+class BossNAS(SearchMethod):
+    """BossNAS behind the method interface: blocks in order, each trained with the earlier blocks fixed to
+    their searched best path, then rated; the rating table's search picks the architecture."""
+
+    name = "bossnas"
+    config_class = BossNASConfig
+    description = "BossNAS: self-supervised block-wise search with ensemble bootstrapping"
+
+    def __init__(self, cfg: BossNASConfig, adapter: SpaceAdapter | None = None,
+                 log: Callable[[str], None] = print) -> None:
+        super().__init__(cfg)
+        self.cfg: BossNASConfig = cfg
+        self.log = log
+        self.adapter = adapter or make_adapter(cfg)
+        self.norm_layer = make_norm(cfg.norm, cfg.bkn_prior_weight)
+        self.model: SiameseSupernet | None = None
+        self.prefix: list[Candidate] = []  # searched best candidates of the finished blocks
+        self.infos: list[dict[str, Any]] = []  # per finished block: best, ratings, costs, seconds
+        self._block_t0 = 0.0
+
+    @classmethod
+    def default_config(cls, argv: Sequence[str]) -> str | None:
+        hytra = any(a in ("--space=hytra", "--space hytra") for a in argv) or any(
+            a == "--space" and b == "hytra" for a, b in zip(argv, argv[1:]))
+        return HYTRA_CONFIG if hytra else DEFAULT_CONFIG
+
+    @property
+    def num_blocks(self) -> int:
+        return self.adapter.num_blocks
+
+    def prepare(self) -> None:
+        """Seeded supernet, data, the fixed rating data; ``config.json`` in ``out_dir``."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        pl.seed_everything(self.cfg.seed, verbose=False)
+        self.model = SiameseSupernet(self.adapter, self.norm_layer, self.cfg.proj_hidden, self.cfg.proj_dim)
+        self.datamodule = DigitsDataModule(batch_size=self.cfg.batch_size, seed=self.cfg.data_seed)
+        self.recal_images, self.eval_pairs = rating_data(self.datamodule, self.cfg)
+        (self.out_dir / "config.json").write_text(json.dumps(self.cfg.to_json(), indent=1))
+
+    def train_block(self, k: int) -> None:
+        assert self.model is not None, "prepare() first"
+        cfg, bdir = self.cfg, self.out_dir / f"block{k}"
+        self._block_t0 = time.time()
+        _prepare_prefix(self.model, self.prefix, self.recal_images)
+        system = BossNASBlockSystem(self.model, self.adapter, k, self.prefix, cfg)
+        resume = (bdir / "checkpoints" / "last.ckpt").is_file()
+        run_cfg = RunConfig(
+            out_dir=str(bdir), max_epochs=cfg.epochs_per_block, seed=cfg.seed + k, progress_bar=cfg.progress,
+            loggers=("csv",), resume=resume, test=False, limit_train_batches=cfg.limit_train_batches,
+            limit_val_batches=cfg.limit_val_batches, log_every_n_steps=1, accelerator="auto", devices=1,
+        )
+        fit(system, self.datamodule, run_cfg)
+
+    def rate_block(self, k: int) -> dict[str, float]:
+        assert self.model is not None, "prepare() first"
+        adapter, prefix, bdir = self.adapter, self.prefix, self.out_dir / f"block{k}"
+        scores = rate_block(self.model, adapter, k, prefix, self.recal_images, self.eval_pairs,
+                            normalized_center=self.cfg.center_normalized, progress=self.cfg.progress)
+        cands = adapter.candidates(k, prefix)
+        block_costs = {adapter.key(k, c): adapter.cost(k, prefix, c, self.norm_layer) for c in cands}
+        best_key = min(scores, key=scores.__getitem__)
+        best = next(c for c in cands if adapter.key(k, c) == best_key)
+        torch.save(self.model.state_dict(), bdir / "model.pt")
+        info = {"block": k, "best": list(best), "best_key": best_key, "ratings": scores, "costs": block_costs,
+                "seconds": time.time() - self._block_t0}
+        (bdir / "done.json").write_text(json.dumps(info, indent=1))
+        self.log(f"block {k}: rated {len(scores)} candidates in {info['seconds']:.0f} s; best {best_key}")
+        return scores
+
+    def _finished(self, k: int) -> dict[str, Any] | None:
+        """A finished block's info (its trained weights loaded), else None."""
+        assert self.model is not None, "prepare() first"
+        bdir = self.out_dir / f"block{k}"
+        if not (bdir / "done.json").is_file():
+            return None
+        info = json.loads((bdir / "done.json").read_text())
+        self.model.load_state_dict(torch.load(bdir / "model.pt", map_location="cpu", weights_only=True))
+        self.log(f"block {k}: finished earlier, skipped (best {info['best']})")
+        return info
+
+    def search(self) -> dict[str, Any]:
+        self._t0 = time.time()
+        self.prepare()
+        for k in range(self.num_blocks):
+            info = self._finished(k)
+            if info is None:
+                self.train_block(k)
+                self.rate_block(k)
+                info = json.loads((self.out_dir / f"block{k}" / "done.json").read_text())
+            self.prefix.append(tuple(info["best"]))
+            self.infos.append(info)
+        return self.report([info["ratings"] for info in self.infos])
+
+    def report(self, ratings: Sequence[dict[str, float]]) -> dict[str, Any]:
+        cfg, adapter, out = self.cfg, self.adapter, self.out_dir
+        costs = [info["costs"] for info in self.infos]
+        table = RatingTable(list(ratings), costs, metric="bossnas_center_byol", lower_is_better=True,
+                            meta={"method": "bossnas", "space": adapter.name, "norm": cfg.norm})
+        save_ratings(table, out / "ratings.json")
+        found = adapter.search(table, cfg.budget, cfg.cost)
+        arch = {
+            **found,
+            "space": adapter.name,
+            "ops": adapter.describe([tuple(c) for c in found["encoding"]]),
+            "params": sum(costs[k][key]["params"] for k, key in enumerate(found["keys"])),
+            "flops": sum(costs[k][key]["flops"] for k, key in enumerate(found["keys"])),
+            "budget": cfg.budget,
+            "cost": cfg.cost,
+        }
+        (out / "architecture.json").write_text(json.dumps(arch, indent=1))
+        summary = {"architecture": arch, "block_seconds": [float(info["seconds"]) for info in self.infos],
+                   "seconds": time.time() - self._t0, "num_candidates": [len(r) for r in ratings]}
+        (out / "report.md").write_text(_report(cfg, adapter, table, arch, summary))
+        self.log(f"searched {arch['keys']} (score {arch['score']:.4f}, {arch['params']} params); wrote {out}")
+        return summary
 
 
 def _report(cfg: BossNASConfig, adapter: SpaceAdapter, table: RatingTable, arch: dict[str, Any], summary: dict[str, Any]) -> str:
@@ -605,30 +625,3 @@ def _report(cfg: BossNASConfig, adapter: SpaceAdapter, table: RatingTable, arch:
     lines += ["", f"Searched architecture: blocks hold {arch['params']} params and {arch['flops']} FLOPs (stem and "
               f"classifier excluded); score {arch['score']:.4f}."]
     return "\n".join(lines) + "\n"
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m nas.search bossnas", description="BossNAS search on digits")
-    p.add_argument("--config", default=None,
-                   help=f"YAML config (default configs/nas/{DEFAULT_CONFIG.name}, or {HYTRA_CONFIG.name} with --space hytra)")
-    p.add_argument("--space", choices=("mbconv", "hytra"), default=None)
-    p.add_argument("--norm", choices=("bn", "bkn"), default=None)
-    p.add_argument("--out", dest="out_dir", default=None, help="output directory")
-    p.add_argument("--epochs", dest="epochs_per_block", type=int, default=None, help="epochs per block")
-    p.add_argument("--budget", type=float, default=None, help="constrained search: total cost < budget")
-    p.add_argument("--cost", choices=("params", "flops"), default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    args = p.parse_args(argv)
-    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "no_progress")}
-    if args.no_progress:
-        overrides["progress_bar"] = False
-    default = HYTRA_CONFIG if args.space == "hytra" else DEFAULT_CONFIG
-    config = args.config if args.config is not None else (default if default.is_file() else None)
-    cfg = load_config(config, **overrides)
-    run_search(cfg)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

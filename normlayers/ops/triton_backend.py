@@ -1,6 +1,6 @@
 """Fused Triton Batch Kalman Normalization: launchers, the autograd Function and the public entry point.
 
-The kernels live in :mod:`normlayers.ops._bkn_kernels` (imported lazily, so this module imports
+The kernels live in :mod:`normlayers.ops.triton_kernels` (imported lazily, so this module imports
 without triton); the spec they follow is :mod:`normlayers.reference` (``batch_kalman_norm_reference``
 and ``update_running_stats_reference``). Passes and bytes per element (fp32):
 
@@ -53,9 +53,9 @@ def is_available() -> bool:
 def _kernels() -> ModuleType:
     if not _triton_importable():
         raise ImportError("the Triton BKN kernels need the 'triton' package (pip install triton)")
-    from normlayers.ops import _bkn_kernels
+    from normlayers.ops import triton_kernels
 
-    return _bkn_kernels
+    return triton_kernels
 
 
 # ----------------------------------------------------------------------------------------------

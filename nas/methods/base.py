@@ -1,0 +1,96 @@
+"""The one interface of a block-wise search method, and the registry ``python -m nas.search METHOD`` reads.
+
+A method is a :class:`SearchMethod` subclass registered with :func:`register`: a config dataclass
+(``config_class``: its fields are the YAML keys and the CLI flags, see :mod:`stflow.config`; every method
+config has the shared fields ``out_dir``, ``seed``, ``progress`` and ``resume``), ``train_block(k)``,
+``rate_block(k)`` (``{candidate key: rating}``) and ``report(ratings)`` (the rating table, the constrained
+search, ``architecture.json`` and ``report.md``). :meth:`SearchMethod.run` runs the whole search: it
+resumes what ``out_dir`` holds (a finished block is never retrained), or, with ``resume=False``, refuses
+an ``out_dir`` that already holds a run. A new method is one module in ``nas/methods/`` plus its
+packaged config in ``nas/configs/``, and one line in :data:`METHOD_MODULES`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+__all__ = ["SHARED_FIELDS", "METHOD_MODULES", "SearchMethod", "register", "get_method", "list_methods"]
+
+SHARED_FIELDS = ("out_dir", "seed", "progress", "resume")  # every method config has these (the shared flags)
+METHOD_MODULES = {"dna": "nas.methods.dna", "bossnas": "nas.methods.bossnas"}  # imported on first use
+_REGISTRY: dict[str, type[SearchMethod]] = {}
+
+
+class SearchMethod(ABC):
+    """A block-wise search: config in, rated blocks, a searched architecture out."""
+
+    name: ClassVar[str]
+    config_class: ClassVar[type]
+    description: ClassVar[str] = ""
+
+    def __init__(self, cfg: Any) -> None:
+        if not isinstance(cfg, self.config_class):
+            raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(cfg).__name__}")
+        self.cfg = cfg
+        self.out_dir = Path(cfg.out_dir)
+
+    @classmethod
+    def default_config(cls, argv: Sequence[str]) -> str | None:
+        """Packaged config read before the flags when ``--config`` is not given (None: the dataclass defaults)."""
+        return None
+
+    @property
+    @abstractmethod
+    def num_blocks(self) -> int:
+        """Blocks of the searched space."""
+
+    @abstractmethod
+    def train_block(self, k: int) -> None:
+        """Train the supernet of block ``k`` (resuming an interrupted training from its checkpoint)."""
+
+    @abstractmethod
+    def rate_block(self, k: int) -> dict[str, float]:
+        """``{candidate key: rating}`` of every candidate of block ``k`` (trained), saved as the block's result."""
+
+    @abstractmethod
+    def report(self, ratings: Sequence[dict[str, float]]) -> dict[str, Any]:
+        """Rating table, constrained search, ``architecture.json`` and ``report.md`` from all blocks' ratings."""
+
+    @abstractmethod
+    def search(self) -> dict[str, Any]:
+        """Every stage in the method's order, skipping what ``out_dir`` already holds; the result summary."""
+
+    def run(self) -> dict[str, Any]:
+        """:meth:`search`, after checking ``resume`` against ``out_dir``."""
+        if not self.cfg.resume and self.out_dir.is_dir() and any(self.out_dir.iterdir()):
+            raise ValueError(f"{self.out_dir} already holds a run: resume it (--resume) or choose another --out-dir")
+        return self.search()
+
+
+def register(cls: type[SearchMethod]) -> type[SearchMethod]:
+    """Class decorator: make ``cls`` available as ``python -m nas.search <cls.name>``."""
+    missing = [f for f in SHARED_FIELDS if f not in getattr(cls.config_class, "__dataclass_fields__", {})]
+    if missing:
+        raise TypeError(f"{cls.config_class.__name__} lacks the shared config field(s) {missing}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def list_methods() -> list[str]:
+    return sorted(set(METHOD_MODULES) | set(_REGISTRY))
+
+
+def get_method(name: str) -> type[SearchMethod]:
+    """The registered method ``name``; ``KeyError`` (one line naming the methods) when there is none."""
+    if name not in _REGISTRY and name in METHOD_MODULES:
+        try:
+            importlib.import_module(METHOD_MODULES[name])
+        except ImportError as exc:
+            raise KeyError(f"search method {name!r} is unavailable (importing {METHOD_MODULES[name]} failed: {exc})") from exc
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown search method {name!r}; methods: {', '.join(list_methods())}")
+    return _REGISTRY[name]
