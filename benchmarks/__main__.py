@@ -6,6 +6,8 @@ import importlib
 import sys
 from pathlib import Path
 
+from stflow.config import run_cli
+
 
 def available() -> list[str]:
     return sorted(p.stem[len("bench_"):] for p in Path(__file__).parent.glob("bench_*.py"))
@@ -21,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown benchmark {name!r}; available: {', '.join(available())}", file=sys.stderr)
         return 2
     module = importlib.import_module(f"benchmarks.bench_{name}")
-    return int(module.main(rest) or 0)
+    return run_cli(module.main, rest)  # a user error: one "error: ..." line, exit 2 (--debug: traceback)
 
 
 if __name__ == "__main__":

@@ -23,11 +23,12 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Sequence
+from typing import Any
 
-from nas.methods.base import SHARED_FIELDS, get_method, list_methods
+from nas.methods.base import SHARED_FIELDS, SearchMethod, get_method, list_methods
 from stflow.config import parse_cli, run_cli
 
-__all__ = ["main", "search_main"]
+__all__ = ["main", "method_config", "search_main"]
 
 _NEGATABLE = ("progress", "resume")
 
@@ -47,17 +48,23 @@ def _expand_negations(argv: Sequence[str]) -> list[str]:
     return out
 
 
-def search_main(method: str, argv: Sequence[str]) -> int:
-    """Parse ``argv`` into the method's config (defaults < its default/``--config`` file < flags) and run it."""
+def method_config(method: str, argv: Sequence[str]) -> tuple[type[SearchMethod], Any]:
+    """(method class, its validated config) from ``argv``: defaults < the method's default or ``--config`` file < flags."""
     cls = get_method(method)
     argv = _expand_negations(argv)
     if not any(a == "--config" or a.startswith("--config=") for a in argv):
         default = cls.default_config(argv)
         if default is not None:
             argv = ["--config", default, *argv]
+    shared = ", ".join("--" + f.replace("_", "-") for f in SHARED_FIELDS)
     cfg, _ = parse_cli(cls.config_class, argv, prog=f"python -m nas.search {method}",
-                       description=f"{cls.description}. Shared flags: {', '.join('--' + f.replace('_', '-') for f in SHARED_FIELDS)}.",
-                       packages=("nas",))
+                       description=f"{cls.description}. Shared flags: {shared}.", packages=("nas",))
+    return cls, cfg
+
+
+def search_main(method: str, argv: Sequence[str]) -> int:
+    """Run ``method`` with the config parsed from ``argv``; prints the result summary as JSON."""
+    cls, cfg = method_config(method, argv)
     result = cls(cfg).run()
     print(json.dumps(result, indent=1, default=str))
     return 0

@@ -28,6 +28,7 @@ from typing import Any, ClassVar, Literal
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 
+from normlayers.select import DEFAULT_STAT_BATCH
 from stflow.config import config_to_dict, parse_cli, run_cli
 from stflow.config import load_config as load_typed_config
 from stflow.data.options import CrowdFlowOptions
@@ -170,10 +171,17 @@ def data_arguments(datamodule: Any) -> dict[str, Any]:
 
 
 def model_options(config: TrainConfig) -> dict[str, Any]:
-    """The model's keyword options: its own ``model_kwargs`` plus the norm choice when one is given."""
+    """The model's keyword options: its own ``model_kwargs`` plus the norm choice when one is given.
+
+    BKN's prior weight, when not set, follows the batch size: ``norm_options.stat_batch`` left at its default
+    becomes ``batch_size`` (the number of samples each layer's statistics come from).
+    """
     options = dict(config.model_kwargs)
     if config.norm is not None:
-        options.update(norm=config.norm, norm_options=config_to_dict(config.norm_options))
+        norm_options = config_to_dict(config.norm_options)
+        if config.norm_options.stat_batch == DEFAULT_STAT_BATCH:
+            norm_options["stat_batch"] = config.batch_size
+        options.update(norm=config.norm, norm_options=norm_options)
     return options
 
 

@@ -23,7 +23,9 @@ Variants:
   BikeNYC checkpoint also needs the data switch ``compat_weekend_bug=True`` (their weekend flag marks Monday and
   Sunday); without it the score moves from 5.598 to ~5.80 RMSE.
 
-Normalisation layers are created ONLY through the ``norm_layer`` constructor argument (channels -> module).
+Normalisation layers are created ONLY through the ``norm_layer`` constructor argument (channels -> module); the
+registered factories choose it by name (``norm="bn"|"gn"|"bkn"|"none"``), BKN being the BatchNorm model with its
+frame encoder chained by :mod:`stflow.models.kalman`.
 """
 
 from __future__ import annotations
@@ -267,7 +269,8 @@ class ACFM(nn.Module):
                     raise ValueError(f"ACFM expects ext_{key} of shape (B, {n}, {cfg.ext_dim}), got {tuple(e.shape)}")
                 exts.append(e)
         if cfg.ext_dim > 0 and batch["ext_target"].shape[1:] != (cfg.ext_dim,):
-            raise ValueError(f"ACFM expects ext_target of shape (B, {cfg.ext_dim}), got {tuple(batch['ext_target'].shape)}")
+            got = tuple(batch["ext_target"].shape)
+            raise ValueError(f"ACFM expects ext_target of shape (B, {cfg.ext_dim}), got {got}")
         return torch.cat(frames, dim=1), (torch.cat(exts, dim=1) if exts else None)
 
     def _encode(self, frames: Tensor) -> Tensor:

@@ -29,7 +29,9 @@ from torch import Tensor, nn
 from stflow.layers.convlstm import fuse_literal_state
 from stflow.models.acfm import ACFM, ACFMConfig, NormLayer
 
-__all__ = ["ReferenceCheckpointError", "load_reference_checkpoint", "load_reference_state_dict", "infer_reference_config"]
+__all__ = [
+    "ReferenceCheckpointError", "load_reference_checkpoint", "load_reference_state_dict", "infer_reference_config"
+]
 
 _CELLS = {"conv_lstm": "attention_lstm", "conv_lstm_c": "lstm_c", "conv_lstm_t": "lstm_p"}
 _LITERAL_CELL_KEY = re.compile(r"[fico]_gate\.(conv_[xh]\.(weight|bias)|w|b)")

@@ -36,7 +36,9 @@ class Persistence(nn.Module):
         frames = batch.get(key)
         if frames is None or frames.ndim != 5 or frames.shape[1] < 1:
             shape = None if frames is None else tuple(frames.shape)
-            raise ValueError(f"Persistence(mode={self.mode!r}) needs batch[{key!r}] of shape (B, >=1, C, H, W), got {shape}")
+            raise ValueError(
+                f"Persistence(mode={self.mode!r}) needs batch[{key!r}] of shape (B, >=1, C, H, W), got {shape}"
+            )
         return frames[:, 0]
 
     def extra_repr(self) -> str:
@@ -106,7 +108,9 @@ class HistoricalAverage(nn.Module):
     def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
         """batch: index (B,) int64, the target slot's index into the fitted ``timestamps`` -> (B, 2, H, W) scaled."""
         if not self.fitted:
-            raise RuntimeError("HistoricalAverage is not fitted: call fit_history(flows, timestamps, train_mask, scaler)")
+            raise RuntimeError(
+                "HistoricalAverage is not fitted: call fit_history(flows, timestamps, train_mask, scaler)"
+            )
         index = batch["index"].to(self.slot_key.device).long()
         if index.numel() and (index.min() < 0 or index.max() >= self.slot_key.numel()):
             raise IndexError(f"batch index out of range [0, {self.slot_key.numel()}) of the fitted history")

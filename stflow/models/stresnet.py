@@ -8,7 +8,9 @@ vector of the target slot goes through Linear(D -> 10) -> ReLU -> Linear(10 -> 2
 result passes a tanh. DeepST's code offers BatchNorm in the residual units as an option; the registered factories
 use it by default because without it the residual stream grows until the tanh saturates and training stalls
 (measured on BikeNYC: pre-tanh outputs reach -48 after 30 Adam steps at lr 2e-4, loss frozen at 0.0335).
-``norm_layer=None`` gives the un-normalized network; any ``norm_layer(channels)`` can be plugged in.
+``norm_layer=None`` gives the un-normalized network; any ``norm_layer(channels)`` can be plugged in. The registered
+factories choose it by name (``norm="bn"|"gn"|"bkn"|"none"``); BKN chains the residual units' norms
+(:func:`stflow.models.kalman.kalman_stresnet`).
 """
 
 from __future__ import annotations
@@ -47,7 +49,9 @@ class STResNetConfig:
         object.__setattr__(self, "grid_shape", tuple(int(s) for s in self.grid_shape))
         lengths = (self.len_closeness, self.len_period, self.len_trend)
         if min(lengths) < 0 or sum(lengths) < 1:
-            raise ValueError(f"ST-ResNet needs non-negative lengths with at least one frame, got (lc, lp, lt)={lengths}")
+            raise ValueError(
+                f"ST-ResNet needs non-negative lengths with at least one frame, got (lc, lp, lt)={lengths}"
+            )
         if self.ext_dim < 0 or self.res_units < 0 or self.filters < 1 or self.ext_hidden < 1:
             raise ValueError(f"invalid STResNetConfig: {self}")
         if len(self.grid_shape) != 2 or min(self.grid_shape) < 1:

@@ -163,7 +163,7 @@ def test_config_errors_and_default_yaml(tmp_path):
         DNAConfig(rating_metric="l2")
     bad = tmp_path / "bad.yaml"
     bad.write_text("block_epoch: 3\n")
-    with pytest.raises(ConfigError, match=r"bad.yaml: .*'block_epoch'"):
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown key .*block_epoch"):
         load_config(DNAConfig, bad, packages=("nas",))
     with pytest.raises(ConfigError, match="config not found"):
         load_config(DNAConfig, tmp_path / "none.yaml", packages=("nas",))

@@ -10,7 +10,7 @@ from scipy import stats
 
 pytest.importorskip("sklearn")
 
-from nas import groundtruth  # noqa: E402
+from nas.search import groundtruth  # noqa: E402
 from nas.data import digits_split_indices, load_digits_split  # noqa: E402
 from nas.methods.dna import digits_config  # noqa: E402
 

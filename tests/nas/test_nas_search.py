@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from nas import constrained, ranking
+from nas.search import constrained, ranking
 from nas.search.constrained import brute_force, exact_search, reference_traversal, search_table
 from nas.search.ranking import correlations, evaluate, load_ground_truth
 from nas.search.ratings import RatingTable, load_ratings, save_ratings
