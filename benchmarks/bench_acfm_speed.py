@@ -9,14 +9,15 @@ run small to large, so each growth is that shape's extra peak); GPU: ``torch.cud
 
 from __future__ import annotations
 
-import argparse
 import math
 import resource
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 
 from benchmarks.harness import report, time_fn
+from stflow.config import parse_cli
 from stflow.models import build_model
 
 # name -> (model, grid, ext_dim, training samples per epoch)
@@ -76,20 +77,25 @@ def _measure(shape: str, batch: int, device: torch.device, warmup: int, repeats:
     }
 
 
+@dataclass(frozen=True)
+class Options:
+    """``python -m benchmarks acfm_speed`` options."""
+
+    batch: int = 64
+    shapes: tuple[Literal["bikenyc", "taxibj"], ...] = ("bikenyc", "taxibj")
+    warmup: int = 1
+    repeats: int = 5
+    cpu_only: bool = False
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks acfm_speed", description=__doc__.split("\n\n")[0])
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--shapes", default="bikenyc,taxibj")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--cpu-only", action="store_true")
-    ns = p.parse_args(argv)
+    ns, _ = parse_cli(Options, argv, prog="python -m benchmarks acfm_speed", description=__doc__.split("\n\n")[0])
     devices = [torch.device("cpu")]
     if torch.cuda.is_available() and not ns.cpu_only:
         devices.append(torch.device("cuda"))
     rows = []
     for device in devices:
-        for shape in ns.shapes.split(","):
+        for shape in ns.shapes:
             rows.append(_measure(shape, ns.batch, device, ns.warmup, ns.repeats))
             print(f"{shape} on {device.type}: {rows[-1]['step_ms_p50']:.0f} ms/step", flush=True)
     report(
@@ -99,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
                  "step_ms_p80", "samples_per_s", "s_per_epoch", "epoch_samples", "peak_mem_mib"],
         notes=[
             "step = fwd + MSE + bwd + clip 0.1 + Adam on random tensors; epoch = real training-set size / batch",
-            "CPU peak memory = max-RSS growth during that shape's steps (small shape first); GPU = max_memory_allocated",
+            "CPU peak memory = max-RSS growth during that shape's steps (small shape first); "
+            "GPU = max_memory_allocated",
         ],
     )
     return 0

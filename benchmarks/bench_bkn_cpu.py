@@ -23,7 +23,6 @@ recommended by PyTorch's CPU tuning guide, also give) and reports both as the ``
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
@@ -33,12 +32,15 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 
 from benchmarks.harness import report, time_fn
 from normlayers import BatchKalmanNorm2d, batch_kalman_norm_reference, cpu_finalize, set_cpu_finalize
+from stflow.config import parse_cli
 
 TORCH_FINALIZE = "BKN fast, torch-ops finalize"
 CHAINED = "BKN fast, posterior grads too"
@@ -113,7 +115,7 @@ def _interleaved(cases: dict[str, Callable[[], None]], *, warmup: int, repeats: 
     """
     samples: dict[str, list[float]] = {name: [] for name in cases}
     faults: dict[str, int] = {name: 0 for name in cases}
-    for name, fn in cases.items():
+    for fn in cases.values():
         time_fn(fn, warmup=warmup, repeats=1)
     for _ in range(repeats):
         for name, fn in cases.items():
@@ -164,18 +166,26 @@ def _child_rows(argv: list[str]) -> list[dict]:
             return json.load(fh)
 
 
+@dataclass(frozen=True)
+class Options:
+    """``python -m benchmarks bkn_cpu`` options."""
+
+    threads: tuple[int, ...] = (1, 2)
+    repeats: int = 100  # rounds (each method once per round)
+    burst: int = 10  # consecutive calls per method and round
+    no_reference: bool = False  # skip the (slow) plain-torch reference rows
+    warmup: int = 5
+    malloc: Literal["default", "no-trim", "both"] = "both"  # glibc heap: as found, trimming off (a child), or both
+    rows_out: str | None = None  # child process: write rows as JSON, no report
+    out_dir: str | None = None  # where to write bkn_cpu.csv/json (default benchmarks/results)
+
+    def validate(self) -> None:
+        if min(self.threads, default=0) < 1 or self.repeats < 1 or self.burst < 1 or self.warmup < 0:
+            raise ValueError("threads, repeats and burst must be >= 1, warmup >= 0")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--repeats", type=int, default=100, help="rounds (each method once per round)")
-    parser.add_argument("--burst", type=int, default=10, help="consecutive calls per method and round")
-    parser.add_argument("--no-reference", action="store_true", help="skip the (slow) plain-torch reference rows")
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--malloc", choices=("default", "no-trim", "both"), default="both",
-                        help="glibc heap settings: as found, trimming off (a child process), or both")
-    parser.add_argument("--rows-out", default=None, help=argparse.SUPPRESS)  # child process: rows as JSON, no report
-    parser.add_argument("--out-dir", default=None, help="where to write bkn_cpu.csv/json (default benchmarks/results)")
-    args = parser.parse_args(argv)
+    args, _ = parse_cli(Options, argv, prog="python -m benchmarks bkn_cpu", description=__doc__.splitlines()[0])
 
     measure_args = dict(threads=args.threads, repeats=args.repeats, warmup=args.warmup, burst=args.burst,
                         reference=not args.no_reference)
@@ -187,8 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.malloc in ("default", "both"):
         rows += _measure(**measure_args, malloc="default")
     if args.malloc in ("no-trim", "both"):
-        child_argv = ["--threads", *map(str, args.threads), "--repeats", str(args.repeats), "--warmup", str(args.warmup),
-                      "--burst", str(args.burst)]
+        child_argv = ["--threads", *map(str, args.threads), "--repeats", str(args.repeats),
+                      "--warmup", str(args.warmup), "--burst", str(args.burst)]
         rows += _child_rows(child_argv + (["--no-reference"] if args.no_reference else []))
     load = " ".join(f"{v:.1f}" for v in os.getloadavg())  # other processes sharing the cores inflate every figure
     report(
@@ -197,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         columns=["shape", "layout", "threads", "malloc", "method", "p20_ms", "p50_ms", "p80_ms", "ratio_bn",
                  "ratio_p20", "faults"],
         notes=["fp32 training forward + backward (grads of input, affine params and, for BKN, the prior); "
-               f"per round each method runs {args.burst} consecutive calls (their mean is one sample), {args.repeats} rounds",
+               f"per round each method runs {args.burst} consecutive calls (their mean is one sample), "
+               f"{args.repeats} rounds",
                "ratio_bn: median over BatchNorm2d's median (ratio_p20: p20 over p20), same shape/layout/threads/"
                "malloc; target BKN fast <= 1.5",
                f"BKN fast's per-channel finalize: {cpu_finalize()} (normlayers.cpu_finalize())",

@@ -38,7 +38,9 @@ LARGE = 128
 GHOST_NORMS = ("bn", "bkn_mc", "bkn_an")  # GroupNorm ignores the batch: no ghost variant
 
 
-def study_cells(batch_sizes: Sequence[int], ghost_groups: Sequence[int], norms: Sequence[str], large: int) -> list[Cell]:
+def study_cells(
+    batch_sizes: Sequence[int], ghost_groups: Sequence[int], norms: Sequence[str], large: int
+) -> list[Cell]:
     """Real-batch cells (every norm x batch size), then ghost cells (batch-dependent norms x group, in ``large``)."""
     for n in norms:
         norm_spec(n)
@@ -122,7 +124,9 @@ def make_plots(results: list[dict[str, Any]], out: Path, large: int) -> list[Pat
         series.setdefault(lab, []).append(
             (row["stat_batch"], 100 * row["final_test_acc_mean"], 100 * row["final_test_acc_std"])
         )
-    paths.append(plot_by_batch(series, out / f"{NAME}_by_batch.png", "final test accuracy (%)", "digits: accuracy vs batch"))
+    paths.append(
+        plot_by_batch(series, out / f"{NAME}_by_batch.png", "final test accuracy (%)", "digits: accuracy vs batch")
+    )
     return paths
 
 
@@ -169,11 +173,37 @@ def main(argv: list[str] | None = None) -> int:
         "epoch_s: median training seconds per epoch (without validation); time_vs_bn: ratio to BatchNorm's",
         "plots: " + ", ".join(p.name for p in plots),
     ]
-    columns = ["norm", "mode", "batch", "group", "p", "lr", "seeds", "test_acc", "test_acc_std", "sel_test_acc",
-               "sel_test_acc_std", "epoch1_acc", "epoch1_acc_std", "d_acc_vs_bn", "epoch_s", "epoch_s_std", "time_vs_bn"]
-    curves = [{k: r[k] for k in ("cell", "seed", "final_test_acc", "best_val_test_acc", "epoch_s", "history")} for r in results]
-    report(NAME, rows, columns=columns, notes=notes, out_dir=args.out,
-           extra={"epochs": epochs, "seeds": list(seeds), "wall_s": wall, "runs": curves})
+    columns = [
+        "norm",
+        "mode",
+        "batch",
+        "group",
+        "p",
+        "lr",
+        "seeds",
+        "test_acc",
+        "test_acc_std",
+        "sel_test_acc",
+        "sel_test_acc_std",
+        "epoch1_acc",
+        "epoch1_acc_std",
+        "d_acc_vs_bn",
+        "epoch_s",
+        "epoch_s_std",
+        "time_vs_bn",
+    ]
+    curves = [
+        {k: r[k] for k in ("cell", "seed", "final_test_acc", "best_val_test_acc", "epoch_s", "history")}
+        for r in results
+    ]
+    report(
+        NAME,
+        rows,
+        columns=columns,
+        notes=notes,
+        out_dir=args.out,
+        extra={"epochs": epochs, "seeds": list(seeds), "wall_s": wall, "runs": curves},
+    )
     return 0
 
 

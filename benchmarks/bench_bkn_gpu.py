@@ -19,7 +19,6 @@ then runs one tiny shape through Triton's CPU interpreter to prove the script's 
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from collections.abc import Callable
@@ -28,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from benchmarks.harness import report, time_fn
+from stflow.config import parse_cli
 
 # (name, shape, dtype): CIFAR ResNet stages, micro-batch, ConvLSTM gates (TaxiBJ), large tensors.
 SHAPES: list[tuple[str, tuple[int, int, int, int], torch.dtype]] = [
@@ -229,7 +229,7 @@ def run_timings(device: torch.device, warmup: int, repeats: int, use_compile: bo
             continue
         x = torch.randn(shape, device=device, dtype=dtype).requires_grad_()
         model = _bytes_model(shape, dtype, None)
-        copy = time_fn(lambda: torch.empty_like(x).copy_(x), warmup=warmup, repeats=repeats)
+        copy = time_fn(lambda x=x: torch.empty_like(x).copy_(x), warmup=warmup, repeats=repeats)
         copy_gbs = 2 * model["tensor_bytes"] / (copy["p50_ms"] * 1e6)
         per_provider = {}
         for provider, fn in _providers(shape, dtype, device, use_compile).items():
@@ -279,16 +279,25 @@ def interpret_smoke() -> int:
     return 0 if ok else 1
 
 
+@dataclass(frozen=True)
+class Options:
+    """``python -m benchmarks bkn_gpu`` options."""
+
+    warmup: int = 5
+    repeats: int = 20
+    no_compile: bool = False  # skip the torch.compile provider
+    no_parity: bool = False  # skip the parity checks
+    shapes: tuple[str, ...] = ()  # a subset of the SHAPES names (default: all)
+    interpret_smoke: bool = False  # without CUDA: run one tiny shape through the Triton CPU interpreter
+
+    def validate(self) -> None:
+        unknown = sorted(set(self.shapes) - {s[0] for s in SHAPES})
+        if unknown:
+            raise ValueError(f"unknown shape(s) {unknown}; choose from {[s[0] for s in SHAPES]}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks bkn_gpu", description=__doc__.splitlines()[0])
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
-    parser.add_argument("--no-parity", action="store_true", help="skip the parity checks")
-    parser.add_argument("--shapes", nargs="*", default=[], help=f"subset of {[s[0] for s in SHAPES]}")
-    parser.add_argument("--interpret-smoke", action="store_true",
-                        help="without CUDA: run one tiny shape through the Triton CPU interpreter")
-    args = parser.parse_args(argv)
+    args, _ = parse_cli(Options, argv, prog="python -m benchmarks bkn_gpu", description=__doc__.splitlines()[0])
     if not torch.cuda.is_available():
         print("no CUDA device: GPU benchmark skipped")
         return interpret_smoke() if args.interpret_smoke else 0

@@ -10,9 +10,9 @@ score (negated: the rating is a loss) and mean stand-alone accuracy, printed bes
 seed-vs-seed ceiling, the "more parameters is better" baseline (same run) and DNA's tau (read
 from ``benchmarks/results/dna_digits.json`` when present).
 
-Variants: ``tuned`` = the packaged ``bossnas_digits`` config, ``nas/configs/bossnas_digits.yaml`` (fair 4-path ensembles, strong views,
-batch 256, recalibration); ``plain`` = a straightforward setting (15 epochs per block, 2 random
-paths, batch 64, weak views) for comparison.
+Variants: ``tuned`` = the packaged ``bossnas_digits`` config, ``nas/configs/bossnas_digits.yaml`` (fair 4-path
+ensembles, strong views, batch 256, recalibration); ``plain`` = a straightforward setting (15 epochs per
+block, 2 random paths, batch 64, weak views) for comparison.
 """
 
 from __future__ import annotations
@@ -48,8 +48,13 @@ from stflow.config import load_config, parse_cli, run_cli
 
 DNA_RESULTS = RESULTS_DIR / "dna_digits.json"
 
-PLAIN = dict(epochs_per_block=15, sampling="random", num_paths=2, batch_size=64,
-             views=ViewConfig(pad=1, rotate_deg=0.0, scale=0.0, noise_std=0.05, cutout=0, cutout_prob=0.0))
+PLAIN = dict(
+    epochs_per_block=15,
+    sampling="random",
+    num_paths=2,
+    batch_size=64,
+    views=ViewConfig(pad=1, rotate_deg=0.0, scale=0.0, noise_std=0.05, cutout=0, cutout_prob=0.0),
+)
 
 
 def dna_tau() -> dict[str, Any] | None:
@@ -88,8 +93,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    args, _ = parse_cli(BossNASDigitsBench, argv, prog="python -m benchmarks bossnas_digits",
-                        description=__doc__.split("\n")[0], packages=("nas",))
+    args, _ = parse_cli(
+        BossNASDigitsBench,
+        argv,
+        prog="python -m benchmarks bossnas_digits",
+        description=__doc__.split("\n")[0],
+        packages=("nas",),
+    )
     t_start = time.perf_counter()
     space = DNAConfig().space
     gt = ground_truth(space, args)
@@ -103,14 +113,17 @@ def _main(argv: list[str]) -> int:
     ]
     dna = dna_tau()
     if dna:
-        rows += [{"rater": f"DNA mean ({norm}, from dna_digits.json)", "variant": "-", "seed": "all", "kendall": tau}
-                 for norm, tau in dna.items()]
+        rows += [
+            {"rater": f"DNA mean ({norm}, from dna_digits.json)", "variant": "-", "seed": "all", "kendall": tau}
+            for norm, tau in dna.items()
+        ]
 
     out = Path(args.out_dir)
     if args.fresh and out.exists():
         shutil.rmtree(out)
-    base = load_config(BossNASConfig, args.search_config, packages=("nas",), norm=args.norm, progress=False,
-                       space="mbconv")
+    base = load_config(
+        BossNASConfig, args.search_config, packages=("nas",), norm=args.norm, progress=False, space="mbconv"
+    )
     raters: dict[str, list[float]] = {}
     for variant in args.variant:
         cfg = dataclasses.replace(base, **PLAIN) if variant == "plain" else base
@@ -124,16 +137,28 @@ def _main(argv: list[str]) -> int:
             tables.append(table)
             res = evaluate(table, encodings, acc)
             vs_params = evaluate(table, encodings, [a["params"] for a in gt["architectures"]])
-            row = {"rater": "BossNAS", "variant": variant, "seed": seed, **_corr(res, sign=-1.0),
-                   "tau_vs_params": -vs_params["kendall"], "epochs": cfg.epochs_per_block,
-                   "seconds": float(sum(summary["block_seconds"]))}
+            row = {
+                "rater": "BossNAS",
+                "variant": variant,
+                "seed": seed,
+                **_corr(res, sign=-1.0),
+                "tau_vs_params": -vs_params["kendall"],
+                "epochs": cfg.epochs_per_block,
+                "seconds": float(sum(summary["block_seconds"])),
+            }
             rows.append(row)
             taus.append(row["kendall"])
         rows.append({"rater": "BossNAS mean", "variant": variant, "seed": "all", "kendall": float(np.mean(taus))})
         raters[f"BossNAS {variant} (mean of {len(tables)} seeds)"] = agreement(tables, encodings)
         if len(tables) > 1:
-            rows.append({"rater": "BossNAS seed-vs-seed (all archs)", "variant": variant, "seed": "pairs",
-                         "kendall": rating_stability(space, tables)})
+            rows.append(
+                {
+                    "rater": "BossNAS seed-vs-seed (all archs)",
+                    "variant": variant,
+                    "seed": "pairs",
+                    "kendall": rating_stability(space, tables),
+                }
+            )
     plot = plot_agreement(gt, raters, RESULTS_DIR / "bossnas_digits.png")
     total = time.perf_counter() - t_start
     notes = [
@@ -146,9 +171,13 @@ def _main(argv: list[str]) -> int:
         "run in --out is reused)",
         f"scatter of every rater's score against accuracy: {plot}",
     ]
-    report("bossnas_digits", rows, columns=["rater", "variant", "seed", "kendall", "spearman", "pearson",
-                                             "tau_vs_params", "epochs", "seconds"], notes=notes,
-           extra={"ground_truth": str(GT_PATH), "total_seconds": total, "config": base.to_json()})
+    report(
+        "bossnas_digits",
+        rows,
+        columns=["rater", "variant", "seed", "kendall", "spearman", "pearson", "tau_vs_params", "epochs", "seconds"],
+        notes=notes,
+        extra={"ground_truth": str(GT_PATH), "total_seconds": total, "config": base.to_json()},
+    )
     return 0
 
 

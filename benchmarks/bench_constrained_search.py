@@ -60,7 +60,7 @@ def _main(argv: list[str]) -> int:
         budget = budget_at(costs, fraction)
         sol = exact_search(scores, costs, budget)
         assert sol is not None and sol[2] < budget
-        t = time_fn(lambda: exact_search(scores, costs, budget), warmup=1, repeats=5)
+        t = time_fn(lambda b=budget: exact_search(scores, costs, b), warmup=1, repeats=5)
         rows.append(
             {
                 "case": f"paper-size 6x560 ({n_arch:.1e} archs)",

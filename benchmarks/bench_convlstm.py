@@ -11,14 +11,16 @@ literal / fused time in the same run.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 
 from benchmarks.harness import report, time_fn
+from stflow.config import parse_cli
 from stflow.layers.convlstm import ConvLSTM, fuse_literal_cells
 from stflow.models.acfm import ACFM, ACFMConfig
 
@@ -38,7 +40,9 @@ def _batch(cfg: ACFMConfig, batch: int, device: torch.device) -> dict[str, torch
     return {k: v.to(device) for k, v in out.items()}
 
 
-def _step(model: nn.Module, inputs: Callable[[], torch.Tensor], target: torch.Tensor | None = None) -> Callable[[], torch.Tensor]:
+def _step(
+    model: nn.Module, inputs: Callable[[], torch.Tensor], target: torch.Tensor | None = None
+) -> Callable[[], torch.Tensor]:
     """One fwd + bwd; returns the output (gradients cleared before each step)."""
 
     def run() -> torch.Tensor:
@@ -70,22 +74,26 @@ def _pair(literal: nn.Module, fused: nn.Module, make_run: Callable[[nn.Module], 
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks convlstm", description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=64, help="batch size at the BikeNYC shape")
-    parser.add_argument("--taxibj-batch", type=int, default=64, help="batch size at the TaxiBJ shape")
-    parser.add_argument("--shapes", default="bikenyc,taxibj")
-    parser.add_argument("--devices", default="cpu,cuda", help="comma list; cuda is skipped when unavailable")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--out-dir", default=None, help="results folder (default benchmarks/results)")
-    args = parser.parse_args(argv)
+@dataclass(frozen=True)
+class Options:
+    """``python -m benchmarks convlstm`` options."""
 
-    devices = [d for d in args.devices.split(",") if d == "cpu" or (d == "cuda" and torch.cuda.is_available())]
+    batch: int = 64  # batch size at the BikeNYC shape
+    taxibj_batch: int = 64  # batch size at the TaxiBJ shape
+    shapes: tuple[Literal["bikenyc", "taxibj"], ...] = ("bikenyc", "taxibj")
+    devices: tuple[Literal["cpu", "cuda"], ...] = ("cpu", "cuda")  # cuda is skipped when unavailable
+    warmup: int = 2
+    repeats: int = 10
+    out_dir: str | None = None  # results folder (default benchmarks/results)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, _ = parse_cli(Options, argv, prog="python -m benchmarks convlstm", description=__doc__.splitlines()[0])
+    devices = [d for d in args.devices if d == "cpu" or (d == "cuda" and torch.cuda.is_available())]
     rows = []
     for device_name in devices:
         device = torch.device(device_name)
-        for shape in args.shapes.split(","):
+        for shape in args.shapes:
             batch_size = args.batch if shape == "bikenyc" else args.taxibj_batch
             cfg = ACFMConfig.preset(shape, cell="literal")
             torch.manual_seed(0)
@@ -94,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
             fused.load_state_dict(fuse_literal_cells(literal.state_dict()), strict=True)
             batch = _batch(cfg, batch_size, device)
             common = {"shape": SHAPES[shape], "device": device_name, "batch": batch_size}
-            row = _pair(literal, fused, lambda m: _step(m, lambda: m(batch), batch["target"]), args.warmup, args.repeats)
+            step = lambda m, batch=batch: _step(m, lambda m=m, batch=batch: m(batch), batch["target"])  # noqa: E731
+            row = _pair(literal, fused, step, args.warmup, args.repeats)
             rows.append({**common, "part": "ACFM train step", **row})
 
             hid, grid = cfg.hidden_channels, cfg.grid_shape
@@ -102,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
             cell_fused = ConvLSTM(hid, hid, grid, dropout=cfg.lstm_dropout, cell="fused").to(device).train()
             cell_fused.load_state_dict(fuse_literal_cells(cell_literal.state_dict()), strict=True)
             seq = torch.randn(batch_size, SEQ_LEN, hid, *grid, device=device, requires_grad=True)
-            row = _pair(cell_literal, cell_fused, lambda m: _step(m, lambda: m(seq)[0]), args.warmup, args.repeats)
+            step = lambda m, seq=seq: _step(m, lambda m=m, seq=seq: m(seq)[0])  # noqa: E731
+            row = _pair(cell_literal, cell_fused, step, args.warmup, args.repeats)
             rows.append({**common, "part": f"ConvLSTM x{SEQ_LEN} steps", **row})
             print(f"done: {common} ", flush=True)
 

@@ -62,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    args, _ = parse_cli(DNADigitsBench, argv, prog="python -m benchmarks dna_digits", description=__doc__.split("\n")[0])
+    args, _ = parse_cli(
+        DNADigitsBench, argv, prog="python -m benchmarks dna_digits", description=__doc__.split("\n")[0]
+    )
     t_start = time.perf_counter()
     cfg0 = digits_config(progress=False)
     gt = ground_truth(cfg0.space, args)
@@ -104,8 +106,16 @@ def _main(argv: list[str]) -> int:
             res = evaluate(table, encodings, acc)
             loss = float(np.mean([np.mean(list(b.values())) for b in table.block_ratings]))
             # scores are losses (lower = better): negate so positive correlation = agreement
-            rows.append({"rater": "DNA", "norm": label, "seed": seed, **_corr(res, sign=-1.0), "distill_loss": loss,
-                         "seconds": seconds})
+            rows.append(
+                {
+                    "rater": "DNA",
+                    "norm": label,
+                    "seed": seed,
+                    **_corr(res, sign=-1.0),
+                    "distill_loss": loss,
+                    "seconds": seconds,
+                }
+            )
     dna_rows = [r for r in rows if r["rater"] == "DNA"]
     for label in dict.fromkeys(r["norm"] for r in dna_rows):
         taus = [r["kendall"] for r in dna_rows if r["norm"] == label]

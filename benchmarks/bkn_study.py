@@ -41,7 +41,9 @@ def build_resnet(
 ) -> tuple[nn.Module, float | None]:
     """The study's ResNet with norm ``norm``; BKN gets the prior weight of ``stat_batch`` samples."""
     spec = norm_spec(norm)
-    model = PreActResNet(norm_layer=base_norm_factory(spec, None if spec.kind == "bkn" else group_size), depth=depth, **kwargs)
+    model = PreActResNet(
+        norm_layer=base_norm_factory(spec, None if spec.kind == "bkn" else group_size), depth=depth, **kwargs
+    )
     return finalize_norms(model, spec, stat_batch, group_size)
 
 
@@ -51,14 +53,23 @@ def study_data(batch_size: int, seed: int = 0, eval_batch_size: int = 512) -> Di
     groups divide it) and the test set as a second validation loader (per-epoch test curve)."""
     if batch_size < 2:
         raise ValueError(f"batch_size must be >= 2 (batch statistics need two samples), got {batch_size}")
-    return DigitsDataModule(batch_size, seed=0, shuffle_seed=seed, drop_last=True, eval_batch_size=eval_batch_size,
-                            test_in_val=True)
+    return DigitsDataModule(
+        batch_size, seed=0, shuffle_seed=seed, drop_last=True, eval_batch_size=eval_batch_size, test_in_val=True
+    )
 
 
 def study_system(model: nn.Module, lr: float = 0.1, max_epochs: int = 10) -> ClassifierSystem:
     """The reference's CIFAR recipe: SGD momentum 0.9, weight decay 2e-4, lr x0.1 at 50% and 75% of the epochs."""
-    return ClassifierSystem(model, lr=lr, weight_decay=2e-4, max_epochs=max_epochs, optimizer="sgd", momentum=0.9,
-                            schedule="step", lr_milestones=(0.5, 0.75))
+    return ClassifierSystem(
+        model,
+        lr=lr,
+        weight_decay=2e-4,
+        max_epochs=max_epochs,
+        optimizer="sgd",
+        momentum=0.9,
+        schedule="step",
+        lr_milestones=(0.5, 0.75),
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -49,7 +49,10 @@ def _expand_negations(argv: Sequence[str]) -> list[str]:
 
 
 def method_config(method: str, argv: Sequence[str]) -> tuple[type[SearchMethod], Any]:
-    """(method class, its validated config) from ``argv``: defaults < the method's default or ``--config`` file < flags."""
+    """(method class, its validated config) from ``argv``.
+
+    Precedence: dataclass defaults < the method's default config or ``--config`` file < flags.
+    """
     cls = get_method(method)
     argv = _expand_negations(argv)
     if not any(a == "--config" or a.startswith("--config=") for a in argv):
@@ -57,8 +60,13 @@ def method_config(method: str, argv: Sequence[str]) -> tuple[type[SearchMethod],
         if default is not None:
             argv = ["--config", default, *argv]
     shared = ", ".join("--" + f.replace("_", "-") for f in SHARED_FIELDS)
-    cfg, _ = parse_cli(cls.config_class, argv, prog=f"python -m nas.search {method}",
-                       description=f"{cls.description}. Shared flags: {shared}.", packages=("nas",))
+    cfg, _ = parse_cli(
+        cls.config_class,
+        argv,
+        prog=f"python -m nas.search {method}",
+        description=f"{cls.description}. Shared flags: {shared}.",
+        packages=("nas",),
+    )
     return cls, cfg
 
 

@@ -18,11 +18,13 @@ User errors (bad key, bad type, bad value, missing file) surface as :class:`Conf
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import importlib.resources
 import os
 import re
 import sys
+import types
 import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -116,50 +118,47 @@ def _one_line(err: BaseException | str) -> str:
     return text
 
 
-def _bool_keys(cls: type, prefix: str = "") -> set[str]:
-    """Dotted keys of fields that accept a bool (so a bare ``--resume`` means ``--resume true``)."""
-    keys: set[str] = set()
+def _keys_of_kind(cls: type, prefix: str = "") -> tuple[set[str], set[str]]:
+    """Dotted keys of fields that accept a bool (a bare ``--resume`` means ``--resume true``) and of list/tuple
+    fields (``--seeds 0 1 2`` means ``--seeds [0, 1, 2]``)."""
+    bools: set[str] = set()
+    lists: set[str] = set()
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         hint = hints.get(f.name)
         if dataclasses.is_dataclass(hint):
-            keys |= _bool_keys(hint, f"{prefix}{f.name}.")
-        elif hint is bool or bool in typing.get_args(hint):
-            keys.add(prefix + f.name)
-    return keys
+            inner_bools, inner_lists = _keys_of_kind(hint, f"{prefix}{f.name}.")
+            bools |= inner_bools
+            lists |= inner_lists
+            continue
+        options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        if any(option is bool for option in options):
+            bools.add(prefix + f.name)
+        if any(typing.get_origin(option) in (list, tuple, collections.abc.Sequence) for option in options):
+            lists.add(prefix + f.name)
+    return bools, lists
 
 
-def _list_keys(cls: type, prefix: str = "") -> set[str]:
-    """Dotted keys of fields that take a list or tuple (so ``--seeds 0 1 2`` means ``--seeds [0, 1, 2]``)."""
-    keys: set[str] = set()
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        hint = hints.get(f.name)
-        if dataclasses.is_dataclass(hint):
-            keys |= _list_keys(hint, f"{prefix}{f.name}.")
-        elif any(typing.get_origin(h) in (list, tuple) for h in (hint, *typing.get_args(hint))):
-            keys.add(prefix + f.name)
-    return keys
-
-
-def _join_lists(argv: Sequence[str], list_flags: set[str]) -> list[str]:
-    """``--seeds 0 1 2`` -> ``--seeds [0, 1, 2]`` for list fields (a YAML list, ``[0,1]``, passes unchanged)."""
+def _expand_flags(argv: list[str], cls: type) -> list[str]:
+    """Bare bool flags get ``true``; a list flag followed by several values gets them as one YAML list."""
+    bool_keys, list_keys = _keys_of_kind(cls)
     out: list[str] = []
     i = 0
     while i < len(argv):
-        out.append(argv[i])
-        if argv[i] in list_flags:
-            j = i + 1
-            while j < len(argv) and not argv[j].startswith("--"):
-                j += 1
-            values = argv[i + 1 : j]
-            if len(values) > 1 or (len(values) == 1 and not values[0].lstrip().startswith(("[", "("))):
-                out.append("[" + ", ".join(values) + "]")
-            else:
-                out += values
-            i = j
-            continue
-        i += 1
+        flag = argv[i]
+        values = []
+        j = i + 1
+        while j < len(argv) and not argv[j].startswith("--"):
+            values.append(argv[j])
+            j += 1
+        key = flag[2:] if flag.startswith("--") and "=" not in flag else None
+        if key in bool_keys and not values:
+            out += [flag, "true"]
+        elif key in list_keys and values and not (len(values) == 1 and values[0].lstrip().startswith(("[", "("))):
+            out += [flag, "[" + ", ".join(values) + "]"]
+        else:
+            out += [flag, *values]
+        i = j
     return out
 
 
@@ -205,10 +204,7 @@ def parse_cli(
     argv = list(sys.argv[1:] if argv is None else argv)
     aliases = dict(getattr(cls, "cli_aliases", {}))
     argv = _normalise_flags(argv, aliases)
-    bool_flags = {"--" + key for key in _bool_keys(cls)}
-    argv = [token for i, flag in enumerate(argv) for token in (
-        [flag, "true"] if flag in bool_flags and (i + 1 == len(argv) or argv[i + 1].startswith("--")) else [flag])]
-    argv = _join_lists(argv, {"--" + key for key in _list_keys(cls)})
+    argv = _expand_flags(argv, cls)
     for i, token in enumerate(argv):  # --config NAME -> a real path (packaged configs by name)
         if token == "--config" and i + 1 < len(argv):
             argv[i + 1] = str(resolve_config(argv[i + 1], packages))

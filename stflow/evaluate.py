@@ -29,6 +29,7 @@ import torch
 from stflow.config import parse_cli, run_cli
 from stflow.paths import shared_dir
 from stflow.plots import write_evaluation_plots
+from stflow.safeload import safe_load
 from stflow.system import ForecastingSystem
 from stflow.train import CHECKPOINT_DATA_KEY, SHARED_DATA_DIRS, format_metrics
 
@@ -50,19 +51,14 @@ def load_checkpoint(
 ) -> tuple[ForecastingSystem | torch.nn.Module, dict[str, Any]]:
     """(system or bare reference model, data module arguments) from a checkpoint file."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # zip/pickle errors vary by torch version
-        raise ValueError(f"{path}: not a readable torch checkpoint ({err})") from err
+    raw = safe_load(path)  # weights_only: a crafted pickle is refused, never run
     if isinstance(raw, dict) and "state_dict" in raw and "hyper_parameters" in raw:
         saved = raw["hyper_parameters"].get("model")
         if model is not None and model != saved:
             raise ValueError(f"{path} holds model {saved!r}, not {model!r}")
         if not isinstance(saved, str):
             raise ValueError(f"{path}: the system was built from an nn.Module, not a registered name; load it in code")
-        system = ForecastingSystem.load_from_checkpoint(path, map_location="cpu", weights_only=False)
+        system = ForecastingSystem.load_from_checkpoint(path, map_location="cpu", weights_only=True)
         data = dict(raw.get(CHECKPOINT_DATA_KEY, {}))
         data["options"] = {**dict(data.get("options") or {}), "scale_min": float(system.hparams.scaler_min),
                            "scale_max": float(system.hparams.scaler_max)}

@@ -105,7 +105,9 @@ def random_noise(x: torch.Tensor, std: float, generator: torch.Generator | None 
     return x + std * noise
 
 
-def random_cutout(x: torch.Tensor, size: int, prob: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+def random_cutout(
+    x: torch.Tensor, size: int, prob: float = 1.0, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Zero a ``size`` x ``size`` square (clipped at the border) at a random centre, per sample with ``prob``."""
     _check(x)
     if size == 0 or prob == 0:

@@ -90,7 +90,9 @@ def get_method(name: str) -> type[SearchMethod]:
         try:
             importlib.import_module(METHOD_MODULES[name])
         except ImportError as exc:
-            raise KeyError(f"search method {name!r} is unavailable (importing {METHOD_MODULES[name]} failed: {exc})") from exc
+            raise KeyError(
+                f"search method {name!r} is unavailable (importing {METHOD_MODULES[name]} failed: {exc})"
+            ) from exc
     if name not in _REGISTRY:
         raise KeyError(f"unknown search method {name!r}; methods: {', '.join(list_methods())}")
     return _REGISTRY[name]

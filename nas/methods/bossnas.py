@@ -186,7 +186,9 @@ class MLP(nn.Module):
 
     def __init__(self, in_dim: int, hidden: int, out_dim: int) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, out_dim))
+        self.net = nn.Sequential(
+            nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, out_dim)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, in_dim) -> (B, out_dim)
         return self.net(x)
@@ -199,7 +201,10 @@ class Projector(nn.Module):
     def __init__(self, in_channels: Sequence[int], hidden: int, out_dim: int) -> None:
         super().__init__()
         self.first = nn.ModuleDict(
-            {str(c): nn.Sequential(nn.Linear(c, hidden), nn.BatchNorm1d(hidden), nn.ReLU()) for c in sorted(set(in_channels))}
+            {
+                str(c): nn.Sequential(nn.Linear(c, hidden), nn.BatchNorm1d(hidden), nn.ReLU())
+                for c in sorted(set(in_channels))
+            }
         )
         self.last = nn.Linear(hidden, out_dim)
 
@@ -210,7 +215,9 @@ class Projector(nn.Module):
 class SiameseSupernet(nn.Module):
     """Online and target supernets with per-block projectors (both) and predictors (online only)."""
 
-    def __init__(self, adapter: SpaceAdapter, norm_layer: Callable[[int], nn.Module], proj_hidden: int, proj_dim: int) -> None:
+    def __init__(
+        self, adapter: SpaceAdapter, norm_layer: Callable[[int], nn.Module], proj_hidden: int, proj_dim: int
+    ) -> None:
         super().__init__()
         self.online = adapter.build_supernet(norm_layer)
         self.online_proj = nn.ModuleList()
@@ -268,7 +275,9 @@ class BossNASBlockSystem(pl.LightningModule):
     """Trains block ``k`` of a :class:`SiameseSupernet` with ensemble bootstrapping (manual optimization:
     per-path backward, one step, then the EMA update)."""
 
-    def __init__(self, model: SiameseSupernet, adapter: SpaceAdapter, k: int, prefix: Sequence[Candidate], cfg: BossNASConfig) -> None:
+    def __init__(
+        self, model: SiameseSupernet, adapter: SpaceAdapter, k: int, prefix: Sequence[Candidate], cfg: BossNASConfig
+    ) -> None:
         super().__init__()
         self.model = model
         self.adapter = adapter
@@ -310,8 +319,9 @@ class BossNASBlockSystem(pl.LightningModule):
         Every path gets its own two views of ``x`` (B, C, H, W), run as one (2B, ...) batch.
         """
         b = x.shape[0]
-        views = [torch.cat([make_view(x, self.cfg.views, generator), make_view(x, self.cfg.views, generator)])
-                 for _ in paths]  # each (2B, C, H, W): view 1 then view 2
+        views = [
+            torch.cat([make_view(x, self.cfg.views, generator), make_view(x, self.cfg.views, generator)]) for _ in paths
+        ]  # each (2B, C, H, W): view 1 then view 2
         feats = [self._features(v) for v in views]
         with torch.no_grad():
             proj = [self.model.target_projection(self.k, f_target, p) for (_, f_target), p in zip(feats, paths)]
@@ -328,8 +338,13 @@ class BossNASBlockSystem(pl.LightningModule):
 
     # -- Lightning hooks ------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
-        online = nn.ModuleList([*self.model.trained_modules("online", self.k), self.model.online_proj[self.k],
-                                self.model.predictor[self.k]])
+        online = nn.ModuleList(
+            [
+                *self.model.trained_modules("online", self.k),
+                self.model.online_proj[self.k],
+                self.model.predictor[self.k],
+            ]
+        )
         params = list(online.parameters())
         opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         self.total_steps = max(1, int(self.trainer.estimated_stepping_batches))
@@ -384,10 +399,12 @@ def candidate_outputs(
     """
     online = nn.ModuleList([*model.trained_modules("online", k), model.online_proj[k], model.predictor[k]])
     target = nn.ModuleList([*model.trained_modules("target", k), model.target_proj[k]])
-    recalibrate_norm_stats(online, [h for h, _ in recal], len(recal),
-                           forward=lambda h: model.online_prediction(k, h, candidate))
-    recalibrate_norm_stats(target, [h for _, h in recal], len(recal),
-                           forward=lambda h: model.target_projection(k, h, candidate))
+    recalibrate_norm_stats(
+        online, [h for h, _ in recal], len(recal), forward=lambda h: model.online_prediction(k, h, candidate)
+    )
+    recalibrate_norm_stats(
+        target, [h for _, h in recal], len(recal), forward=lambda h: model.target_projection(k, h, candidate)
+    )
     preds: list[list[torch.Tensor]] = [[], []]
     projs: list[list[torch.Tensor]] = [[], []]
     for pair in views:
@@ -429,7 +446,8 @@ def rate_block(
     candidates = list(candidates) if candidates is not None else adapter.candidates(k, prefix)
     recal = [(model.prefix("online", x, prefix), model.prefix("target", x, prefix)) for x in recal_images]
     views = [
-        tuple((model.prefix("online", v, prefix), model.prefix("target", v, prefix)) for v in pair) for pair in eval_pairs
+        tuple((model.prefix("online", v, prefix), model.prefix("target", v, prefix)) for v in pair)
+        for pair in eval_pairs
     ]
     preds, projs = [], []
     for cand in tqdm(candidates, desc=f"rate block {k}", disable=not progress, leave=False):
@@ -481,7 +499,9 @@ def _prepare_prefix(model: SiameseSupernet, prefix: Sequence[Candidate], images:
         recalibrate_norm_stats(modules, images, len(images), forward=lambda x, w=which: model.prefix(w, x, prefix))
 
 
-def run_search(cfg: BossNASConfig, adapter: SpaceAdapter | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+def run_search(
+    cfg: BossNASConfig, adapter: SpaceAdapter | None = None, log: Callable[[str], None] = print
+) -> dict[str, Any]:
     """Train, rate and search every block (resuming finished/interrupted blocks); write
     ``ratings.json``, ``architecture.json`` and ``report.md`` to ``cfg.out_dir``; return the summary."""
     return BossNAS(cfg, adapter, log).search()
@@ -496,8 +516,9 @@ class BossNAS(SearchMethod):
     config_class = BossNASConfig
     description = "BossNAS: self-supervised block-wise search with ensemble bootstrapping"
 
-    def __init__(self, cfg: BossNASConfig, adapter: SpaceAdapter | None = None,
-                 log: Callable[[str], None] = print) -> None:
+    def __init__(
+        self, cfg: BossNASConfig, adapter: SpaceAdapter | None = None, log: Callable[[str], None] = print
+    ) -> None:
         super().__init__(cfg)
         self.cfg: BossNASConfig = cfg
         self.log = log
@@ -511,7 +532,8 @@ class BossNAS(SearchMethod):
     @classmethod
     def default_config(cls, argv: Sequence[str]) -> str | None:
         hytra = any(a in ("--space=hytra", "--space hytra") for a in argv) or any(
-            a == "--space" and b == "hytra" for a, b in zip(argv, argv[1:]))
+            a == "--space" and b == "hytra" for a, b in zip(argv, argv[1:])
+        )
         return HYTRA_CONFIG if hytra else DEFAULT_CONFIG
 
     @property
@@ -535,24 +557,47 @@ class BossNAS(SearchMethod):
         system = BossNASBlockSystem(self.model, self.adapter, k, self.prefix, cfg)
         resume = (bdir / "checkpoints" / "last.ckpt").is_file()
         run_cfg = RunConfig(
-            out_dir=str(bdir), max_epochs=cfg.epochs_per_block, seed=cfg.seed + k, progress_bar=cfg.progress,
-            loggers=("csv",), resume=resume, test=False, limit_train_batches=cfg.limit_train_batches,
-            limit_val_batches=cfg.limit_val_batches, log_every_n_steps=1, accelerator="auto", devices=1,
+            out_dir=str(bdir),
+            max_epochs=cfg.epochs_per_block,
+            seed=cfg.seed + k,
+            progress_bar=cfg.progress,
+            loggers=("csv",),
+            resume=resume,
+            test=False,
+            limit_train_batches=cfg.limit_train_batches,
+            limit_val_batches=cfg.limit_val_batches,
+            log_every_n_steps=1,
+            accelerator="auto",
+            devices=1,
         )
         fit(system, self.datamodule, run_cfg)
 
     def rate_block(self, k: int) -> dict[str, float]:
         assert self.model is not None, "prepare() first"
         adapter, prefix, bdir = self.adapter, self.prefix, self.out_dir / f"block{k}"
-        scores = rate_block(self.model, adapter, k, prefix, self.recal_images, self.eval_pairs,
-                            normalized_center=self.cfg.center_normalized, progress=self.cfg.progress)
+        scores = rate_block(
+            self.model,
+            adapter,
+            k,
+            prefix,
+            self.recal_images,
+            self.eval_pairs,
+            normalized_center=self.cfg.center_normalized,
+            progress=self.cfg.progress,
+        )
         cands = adapter.candidates(k, prefix)
         block_costs = {adapter.key(k, c): adapter.cost(k, prefix, c, self.norm_layer) for c in cands}
         best_key = min(scores, key=scores.__getitem__)
         best = next(c for c in cands if adapter.key(k, c) == best_key)
         torch.save(self.model.state_dict(), bdir / "model.pt")
-        info = {"block": k, "best": list(best), "best_key": best_key, "ratings": scores, "costs": block_costs,
-                "seconds": time.time() - self._block_t0}
+        info = {
+            "block": k,
+            "best": list(best),
+            "best_key": best_key,
+            "ratings": scores,
+            "costs": block_costs,
+            "seconds": time.time() - self._block_t0,
+        }
         (bdir / "done.json").write_text(json.dumps(info, indent=1))
         self.log(f"block {k}: rated {len(scores)} candidates in {info['seconds']:.0f} s; best {best_key}")
         return scores
@@ -584,8 +629,13 @@ class BossNAS(SearchMethod):
     def report(self, ratings: Sequence[dict[str, float]]) -> dict[str, Any]:
         cfg, adapter, out = self.cfg, self.adapter, self.out_dir
         costs = [info["costs"] for info in self.infos]
-        table = RatingTable(list(ratings), costs, metric="bossnas_center_byol", lower_is_better=True,
-                            meta={"method": "bossnas", "space": adapter.name, "norm": cfg.norm})
+        table = RatingTable(
+            list(ratings),
+            costs,
+            metric="bossnas_center_byol",
+            lower_is_better=True,
+            meta={"method": "bossnas", "space": adapter.name, "norm": cfg.norm},
+        )
         save_ratings(table, out / "ratings.json")
         found = adapter.search(table, cfg.budget, cfg.cost)
         arch = {
@@ -598,14 +648,20 @@ class BossNAS(SearchMethod):
             "cost": cfg.cost,
         }
         (out / "architecture.json").write_text(json.dumps(arch, indent=1))
-        summary = {"architecture": arch, "block_seconds": [float(info["seconds"]) for info in self.infos],
-                   "seconds": time.time() - self._t0, "num_candidates": [len(r) for r in ratings]}
+        summary = {
+            "architecture": arch,
+            "block_seconds": [float(info["seconds"]) for info in self.infos],
+            "seconds": time.time() - self._t0,
+            "num_candidates": [len(r) for r in ratings],
+        }
         (out / "report.md").write_text(_report(cfg, adapter, table, arch, summary))
         self.log(f"searched {arch['keys']} (score {arch['score']:.4f}, {arch['params']} params); wrote {out}")
         return summary
 
 
-def _report(cfg: BossNASConfig, adapter: SpaceAdapter, table: RatingTable, arch: dict[str, Any], summary: dict[str, Any]) -> str:
+def _report(
+    cfg: BossNASConfig, adapter: SpaceAdapter, table: RatingTable, arch: dict[str, Any], summary: dict[str, Any]
+) -> str:
     lines = [
         f"# BossNAS search on digits ({adapter.name}, norm {cfg.norm})",
         "",
@@ -620,8 +676,13 @@ def _report(cfg: BossNASConfig, adapter: SpaceAdapter, table: RatingTable, arch:
     ]
     for k, key in enumerate(arch["keys"]):
         r = table.block_ratings[k]
-        lines.append(f"| {k} | {key} ({', '.join(arch['ops'][k]) or 'all skip'}) | {r[key]:.4f} | "
-                     f"{min(r.values()):.4f} | {max(r.values()):.4f} |")
-    lines += ["", f"Searched architecture: blocks hold {arch['params']} params and {arch['flops']} FLOPs (stem and "
-              f"classifier excluded); score {arch['score']:.4f}."]
+        lines.append(
+            f"| {k} | {key} ({', '.join(arch['ops'][k]) or 'all skip'}) | {r[key]:.4f} | "
+            f"{min(r.values()):.4f} | {max(r.values()):.4f} |"
+        )
+    lines += [
+        "",
+        f"Searched architecture: blocks hold {arch['params']} params and {arch['flops']} FLOPs (stem and "
+        f"classifier excluded); score {arch['score']:.4f}.",
+    ]
     return "\n".join(lines) + "\n"

@@ -43,7 +43,9 @@ class SpaceAdapter(Protocol):
 
     def fair_paths(self, k: int, prefix: Sequence[Candidate], rng: random.Random) -> list[Candidate]: ...
 
-    def cost(self, k: int, prefix: Sequence[Candidate], candidate: Sequence[int], norm_layer: NormFactory) -> dict[str, int]: ...
+    def cost(
+        self, k: int, prefix: Sequence[Candidate], candidate: Sequence[int], norm_layer: NormFactory
+    ) -> dict[str, int]: ...
 
     def search(self, table: RatingTable, budget: float | None, cost: str) -> dict[str, Any]: ...
 
@@ -95,7 +97,9 @@ class MBConvAdapter:
         paths = fair_paths([len(layer.ops) for layer in block.cells[cell].layers], rng)
         return [((cell,) if block.multi_cell else ()) + p for p in paths]
 
-    def cost(self, k: int, prefix: Sequence[Candidate], candidate: Sequence[int], norm_layer: NormFactory) -> dict[str, int]:
+    def cost(
+        self, k: int, prefix: Sequence[Candidate], candidate: Sequence[int], norm_layer: NormFactory
+    ) -> dict[str, int]:
         return candidate_cost(self.space, k, candidate, norm_layer)
 
     def search(self, table: RatingTable, budget: float | None, cost: str) -> dict[str, Any]:
@@ -146,7 +150,9 @@ class HyTraAdapter:
             "changes, so use sampling: random"
         )
 
-    def cost(self, k: int, prefix: Sequence[Candidate], candidate: Sequence[int], norm_layer: NormFactory) -> dict[str, int]:
+    def cost(
+        self, k: int, prefix: Sequence[Candidate], candidate: Sequence[int], norm_layer: NormFactory
+    ) -> dict[str, int]:
         entry = self.space.entry_level(k, prefix)
         module = build_path(self.space, k, candidate, entry, norm_layer)
         side = self.space.resolution(entry)
@@ -180,8 +186,12 @@ class HyTraAdapter:
                 if costs is None:
                     choice = [int(np.argmin(sign * np.asarray(s))) for s in scores]
                 else:
-                    sol = exact_search(scores, [[costs[k][key] for key in ks] for k, ks in enumerate(keys)], budget,
-                                       table.lower_is_better)
+                    sol = exact_search(
+                        scores,
+                        [[costs[k][key] for key in ks] for k, ks in enumerate(keys)],
+                        budget,
+                        table.lower_is_better,
+                    )
                     if sol is None:
                         continue
                     choice = sol[0]
@@ -190,11 +200,17 @@ class HyTraAdapter:
                 if best is None or total < best[0]:
                     best = (total, chosen)
         if best is None:
-            raise ValueError(f"no legal architecture has {cost} < budget {budget:g}" if budget is not None
-                             else "the rating table holds no legal architecture")
+            raise ValueError(
+                f"no legal architecture has {cost} < budget {budget:g}"
+                if budget is not None
+                else "the rating table holds no legal architecture"
+            )
         chosen = best[1]
-        return {"keys": chosen, "encoding": [list(cands[k][key]) for k, key in enumerate(chosen)],
-                "score": table.score(chosen)}
+        return {
+            "keys": chosen,
+            "encoding": [list(cands[k][key]) for k, key in enumerate(chosen)],
+            "score": table.score(chosen),
+        }
 
     def describe(self, encoding: Sequence[Candidate]) -> list[list[str]]:
         return [self.space.path_names(c) for c in encoding]

@@ -61,14 +61,25 @@ RATING_METRICS = ("relative_l1", "mse")
 
 
 def _digits_space() -> dict[str, Any]:
-    ops = [{"kind": "skip"}, {"kernel": 3, "expansion": 1}, {"kernel": 3, "expansion": 4}, {"kernel": 5, "expansion": 4}]
+    ops = [
+        {"kind": "skip"},
+        {"kernel": 3, "expansion": 1},
+        {"kernel": 3, "expansion": 4},
+        {"kernel": 5, "expansion": 4},
+    ]
     blocks = [
         {"out_channels": 16, "stride": 1, "layers": 2},
         {"out_channels": 24, "stride": 2, "layers": 2},
         {"out_channels": 32, "stride": 2, "layers": 2},
     ]
-    return {"name": "digits-mbconv", "input_channels": 1, "input_size": 8, "stem_channels": 8, "ops": ops,
-            "blocks": blocks}
+    return {
+        "name": "digits-mbconv",
+        "input_channels": 1,
+        "input_size": 8,
+        "stem_channels": 8,
+        "ops": ops,
+        "blocks": blocks,
+    }
 
 
 @dataclass
@@ -213,7 +224,9 @@ def _run_cfg(cfg: DNAConfig, out_dir: Path, epochs: int, **changes: Any) -> RunC
     )
 
 
-def train_teacher(cfg: DNAConfig, out_dir: str | Path, datamodule: DigitsDataModule | None = None) -> tuple[Network, dict]:
+def train_teacher(
+    cfg: DNAConfig, out_dir: str | Path, datamodule: DigitsDataModule | None = None
+) -> tuple[Network, dict]:
     """Train the teacher (or load ``out_dir/teacher/teacher.pt``); returns it in eval mode and its metrics."""
     tdir = Path(out_dir) / "teacher"
     weights, info_path = tdir / "teacher.pt", tdir / "teacher.json"
@@ -318,7 +331,9 @@ def build_rating_table(cfg: DNAConfig, ratings: list[dict[str, float]]) -> Ratin
     )
 
 
-def retrain(cfg: DNAConfig, encoding: Sequence[Sequence[int]], out_dir: str | Path, datamodule: DigitsDataModule | None = None) -> dict:
+def retrain(
+    cfg: DNAConfig, encoding: Sequence[Sequence[int]], out_dir: str | Path, datamodule: DigitsDataModule | None = None
+) -> dict:
     """Train the searched architecture from scratch (BatchNorm); returns its test metrics."""
     with seeded_init(cfg.seed):
         model = build_network(cfg.space, encoding, DigitsDataModule.num_classes)
@@ -328,7 +343,10 @@ def retrain(cfg: DNAConfig, encoding: Sequence[Sequence[int]], out_dir: str | Pa
 
 
 def run_dna(
-    cfg: DNAConfig, out_dir: str | Path | None = None, blocks: Sequence[int] | None = None, do_retrain: bool | None = None
+    cfg: DNAConfig,
+    out_dir: str | Path | None = None,
+    blocks: Sequence[int] | None = None,
+    do_retrain: bool | None = None,
 ) -> dict[str, Any]:
     """The whole DNA search (``out_dir``, ``blocks``, ``do_retrain`` default to the config's ``out_dir``,
     ``blocks``, ``retrain``); with ``blocks`` only those blocks are trained and rated (parallel workers)."""
@@ -374,8 +392,9 @@ class DNA(SearchMethod):
 
     def rate_block(self, k: int) -> dict[str, float]:
         recal, val = _rating_inputs(self.cfg, self.datamodule)
-        return rate_block(self.prepare(), self.supernets[k], k, recal, val, self.cfg.rating_metric,
-                          progress=self.cfg.progress)
+        return rate_block(
+            self.prepare(), self.supernets[k], k, recal, val, self.cfg.rating_metric, progress=self.cfg.progress
+        )
 
     def run_block(self, k: int) -> dict[str, float]:
         """Train then rate block ``k``; a block whose ``ratings.json`` exists is skipped (resume)."""
@@ -385,7 +404,12 @@ class DNA(SearchMethod):
         t0 = time.perf_counter()
         self.train_block(k)
         ratings = self.rate_block(k)
-        payload = {"block": k, "metric": self.cfg.rating_metric, "seconds": time.perf_counter() - t0, "ratings": ratings}
+        payload = {
+            "block": k,
+            "metric": self.cfg.rating_metric,
+            "seconds": time.perf_counter() - t0,
+            "ratings": ratings,
+        }
         tmp = done.with_suffix(".tmp")
         tmp.write_text(json.dumps(payload, indent=1))
         tmp.replace(done)

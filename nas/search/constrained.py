@@ -16,7 +16,6 @@ CLI::
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -25,15 +24,18 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from nas.search.ratings import RatingTable, RatingTableError, load_ratings
+from nas.search.ratings import RatingTable, load_ratings
 from nas.spaces import parse_candidate_key
+from stflow.config import parse_cli, run_cli
 
 __all__ = ["SearchResult", "exact_search", "reference_traversal", "brute_force", "search_table", "main"]
 
 Solution = tuple[list[int], float, float]  # (candidate index per block, total score, total cost)
 
 
-def _check(scores: Sequence[Sequence[float]], costs: Sequence[Sequence[float]], budget: float) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def _check(
+    scores: Sequence[Sequence[float]], costs: Sequence[Sequence[float]], budget: float
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget):
         raise ValueError(f"budget must be a finite number, got {budget!r}")
     if len(scores) != len(costs) or not scores:
@@ -222,18 +224,34 @@ def search_table(table: RatingTable, budget: float, cost: str = "params", method
     return SearchResult(method, float(budget), cost, chosen, encoding, float(score), float(total))
 
 
+@dataclass
+class ConstrainedSearchConfig:
+    """``python -m nas.search.constrained``'s options (fields = flags)."""
+
+    ratings: str  # rating table JSON with block_costs
+    budget: float  # strict upper bound on the total cost
+    cost: str = "params"  # cost field: params | flops
+    method: str = "exact"  # exact | reference | brute_force
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {sorted(METHODS)}, got {self.method!r}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m nas.search.constrained", description=__doc__.split("\n")[0])
-    p.add_argument("--ratings", required=True, help="rating table JSON with block_costs")
-    p.add_argument("--budget", required=True, type=float, help="strict upper bound on the total cost")
-    p.add_argument("--cost", default="params", help="cost field: params | flops")
-    p.add_argument("--method", default="exact", choices=sorted(METHODS))
-    args = p.parse_args(argv)
-    try:
-        result = search_table(load_ratings(args.ratings), args.budget, args.cost, args.method)
-    except (ValueError, RatingTableError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    """The CLI; a user error prints one ``error: ...`` line and returns 2."""
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    args, _ = parse_cli(
+        ConstrainedSearchConfig,
+        argv,
+        prog="python -m nas.search.constrained",
+        description=__doc__.split("\n")[0],
+        packages=("nas",),
+    )
+    result = search_table(load_ratings(args.ratings), args.budget, args.cost, args.method)  # errors: ValueErrors
     print(json.dumps(result.to_json()))
     return 0
 

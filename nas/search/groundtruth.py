@@ -133,13 +133,24 @@ def _ground_truth_data(space: SearchSpace, archs: Sequence[tuple[Candidate, ...]
         accs = [done[s][a] for s in seeds]
         params = count_params(build_network(space, arch, DigitsDataModule.num_classes))
         entries.append(
-            {"encoding": [list(b) for b in arch], "accuracy": float(np.mean(accs)), "accuracies": accs, "params": params}
+            {
+                "encoding": [list(b) for b in arch],
+                "accuracy": float(np.mean(accs)),
+                "accuracies": accs,
+                "params": params,
+            }
         )
-    return {"space": header["space"], "seeds": seeds, **{k: v for k, v in header.items() if k != "space"},
-            "architectures": entries}
+    return {
+        "space": header["space"],
+        "seeds": seeds,
+        **{k: v for k, v in header.items() if k != "space"},
+        "architectures": entries,
+    }
 
 
-def _finished_seeds(path: Path, header: dict[str, Any], archs: Sequence[tuple[Candidate, ...]]) -> dict[int, list[float]]:
+def _finished_seeds(
+    path: Path, header: dict[str, Any], archs: Sequence[tuple[Candidate, ...]]
+) -> dict[int, list[float]]:
     """``{seed: accuracy per architecture}`` from an earlier file with the same settings (else empty)."""
     if not path.is_file():
         return {}

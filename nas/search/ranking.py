@@ -10,12 +10,12 @@ CLI::
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from scipy import stats
 
 from nas.search.ratings import RatingTable, load_ratings
 from nas.spaces import candidate_key
+from stflow.config import parse_cli, run_cli
 
 __all__ = ["correlations", "load_ground_truth", "architecture_keys", "evaluate", "main"]
 
@@ -46,7 +47,9 @@ def correlations(scores: Sequence[float], truth: Sequence[float]) -> dict[str, f
     }
 
 
-def load_ground_truth(path: str | os.PathLike, metric: str | None = None) -> tuple[list[list[list[int]]], list[float], str]:
+def load_ground_truth(
+    path: str | os.PathLike, metric: str | None = None
+) -> tuple[list[list[list[int]]], list[float], str]:
     """``(encodings, values, metric)``; ``metric`` defaults to the only numeric field besides the encoding."""
     path = Path(path)
     if not path.is_file():
@@ -84,7 +87,9 @@ def architecture_keys(table: RatingTable, encoding: Sequence[Sequence[int]]) -> 
     return keys
 
 
-def evaluate(table: RatingTable, encodings: Sequence[Sequence[Sequence[int]]], values: Sequence[float]) -> dict[str, Any]:
+def evaluate(
+    table: RatingTable, encodings: Sequence[Sequence[Sequence[int]]], values: Sequence[float]
+) -> dict[str, Any]:
     """Correlations between the table's architecture scores and ``values``."""
     scores = [table.score(architecture_keys(table, e)) for e in encodings]
     out: dict[str, Any] = correlations(scores, values)
@@ -93,13 +98,25 @@ def evaluate(table: RatingTable, encodings: Sequence[Sequence[Sequence[int]]], v
     return out
 
 
+@dataclass
+class RankingConfig:
+    """``python -m nas.search.ranking``'s options (fields = flags)."""
+
+    ratings: str  # rating table JSON
+    ground_truth: str  # ground truth JSON
+    metric: str | None = None  # ground-truth field (default: the only numeric one)
+    json: bool = False  # print JSON instead of text
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m nas.search.ranking", description=__doc__.split("\n")[0])
-    p.add_argument("--ratings", required=True, help="rating table JSON")
-    p.add_argument("--ground-truth", required=True, help="ground truth JSON")
-    p.add_argument("--metric", default=None, help="ground-truth field (default: the only numeric one)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of text")
-    args = p.parse_args(argv)
+    """The CLI; a user error prints one ``error: ...`` line and returns 2."""
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    args, _ = parse_cli(
+        RankingConfig, argv, prog="python -m nas.search.ranking", description=__doc__.split("\n")[0], packages=("nas",)
+    )
     table = load_ratings(args.ratings)
     encodings, values, metric = load_ground_truth(args.ground_truth, args.metric)
     result = evaluate(table, encodings, values)

@@ -64,15 +64,19 @@ class RatingTable:
                 missing = set(ratings) - set(costs)
                 if missing:
                     raise RatingTableError(
-                        f"{source}: block {k} has no cost for {len(missing)} rated candidate(s), e.g. {sorted(missing)[0]!r}"
+                        f"{source}: block {k} has no cost for {len(missing)} rated candidate(s), "
+                        f"e.g. {sorted(missing)[0]!r}"
                     )
                 for key, c in costs.items():
                     if not isinstance(c, dict):
-                        raise RatingTableError(f"{source}: block {k} cost of {key!r} must be a dict like {{'params': n}}")
+                        raise RatingTableError(
+                            f"{source}: block {k} cost of {key!r} must be a dict like {{'params': n}}"
+                        )
                     for name, v in c.items():
                         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                             raise RatingTableError(
-                                f"{source}: block {k} candidate {key!r} has an invalid {name} cost {v!r} (need finite >= 0)"
+                                f"{source}: block {k} candidate {key!r} has an invalid {name} cost {v!r} "
+                                "(need finite >= 0)"
                             )
 
     def costs(self, cost: str) -> list[dict[str, float]]:

@@ -303,9 +303,12 @@ class SearchSpace:
                     raise ValueError(f"block {len(blocks)}: {len(widths)} widths for {len(counts)} cells")
                 cells = []
                 for n, w in zip(counts, widths):
-                    shell = BlockSpec(prev, out, stride, (CellSpec(tuple(LayerSpec((ops[-1],)) for _ in range(int(n))), w),))
+                    probe = CellSpec(tuple(LayerSpec((ops[-1],)) for _ in range(int(n))), w)
+                    shell = BlockSpec(prev, out, stride, (probe,))
                     layers = tuple(
-                        LayerSpec(ops if shell.layer_shape(0, i).shape_preserving else tuple(o for o in ops if not o.is_skip))
+                        LayerSpec(
+                            ops if shell.layer_shape(0, i).shape_preserving else tuple(o for o in ops if not o.is_skip)
+                        )
                         for i in range(int(n))
                     )
                     cells.append(CellSpec(layers, w))
@@ -330,7 +333,12 @@ def op_from_dict(cfg: dict) -> OpSpec:
     unknown = set(cfg) - {"kind", "kernel", "expansion", "se"}
     if unknown:
         raise ValueError(f"unknown op field(s) {sorted(unknown)} in {cfg!r}")
-    return OpSpec(str(cfg.get("kind", "mbconv")), int(cfg.get("kernel", 3)), int(cfg.get("expansion", 1)), float(cfg.get("se", 0.0)))
+    return OpSpec(
+        str(cfg.get("kind", "mbconv")),
+        int(cfg.get("kernel", 3)),
+        int(cfg.get("expansion", 1)),
+        float(cfg.get("se", 0.0)),
+    )
 
 
 def _down(size: int, stride: int) -> int:

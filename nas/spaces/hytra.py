@@ -161,7 +161,9 @@ class HyTraSpace:
         """Raise ``ValueError`` unless ``candidate`` is a legal path of block ``k`` entered at ``entry_level``."""
         block = self.blocks[k]
         if len(candidate) != block.num_layers:
-            raise ValueError(f"block {k} has {block.num_layers} layers; candidate {tuple(candidate)} has {len(candidate)}")
+            raise ValueError(
+                f"block {k} has {block.num_layers} layers; candidate {tuple(candidate)} has {len(candidate)}"
+            )
         level = entry_level
         for i, idx in enumerate(candidate):
             if not 0 <= idx < len(self.ops):
@@ -229,8 +231,16 @@ def hytra_digits(layers: Sequence[int] = (3, 3, 3), base_width: int = 16, head_d
     allowed = [(0, 1, 2, 3), (1, 2, 3), (2, 3), (2, 3)]
     blocks = tuple(HyTraBlock(n, allowed[min(k, 3)]) for k, n in enumerate(layers))
     widths = tuple(base_width * 2**lv for lv in range(4))
-    return HyTraSpace(blocks, widths, att_levels=(1, 2), input_size=8, input_channels=1, stem_stride=1,
-                      head_dim=head_dim, name="hytra-digits")
+    return HyTraSpace(
+        blocks,
+        widths,
+        att_levels=(1, 2),
+        input_size=8,
+        input_channels=1,
+        stem_stride=1,
+        head_dim=head_dim,
+        name="hytra-digits",
+    )
 
 
 def hytra_imagenet(width_mult: float = 1.0) -> HyTraSpace:
@@ -243,8 +253,16 @@ def hytra_imagenet(width_mult: float = 1.0) -> HyTraSpace:
         HyTraBlock(4, (2, 3)),
         HyTraBlock(4, (2, 3)),
     )
-    return HyTraSpace(blocks, widths, att_levels=(2, 3), input_size=224, input_channels=3, stem_stride=4,
-                      head_dim=max(8, widths[0] // 4 // 4), name="hytra-imagenet")
+    return HyTraSpace(
+        blocks,
+        widths,
+        att_levels=(2, 3),
+        input_size=224,
+        input_channels=3,
+        stem_stride=4,
+        head_dim=max(8, widths[0] // 4 // 4),
+        name="hytra-imagenet",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,7 +432,11 @@ class HyTraNetwork(nn.Module):
     """A stand-alone HyTra network: stem, the chosen paths, global average pooling and a classifier."""
 
     def __init__(
-        self, space: HyTraSpace, encoding: Sequence[Sequence[int]], num_classes: int, norm_layer: NormFactory = nn.BatchNorm2d
+        self,
+        space: HyTraSpace,
+        encoding: Sequence[Sequence[int]],
+        num_classes: int,
+        norm_layer: NormFactory = nn.BatchNorm2d,
     ) -> None:
         super().__init__()
         space.entry_level(len(space.blocks), [tuple(c) for c in encoding])  # validates the whole encoding

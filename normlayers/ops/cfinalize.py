@@ -14,6 +14,13 @@ or ``~/.cache/normlayers``; a private temporary directory if that is not writabl
 of the source, compiler and platform, written atomically, and loaded with :mod:`ctypes` (no Python
 headers, no torch headers, no build step at install). Without a compiler, on any failure, or with
 ``NORMLAYERS_CPU_FINALIZE=torch`` (or :func:`set_cpu_finalize`), the torch ops run instead.
+
+Trust: a library is loaded only if its directory and the file are owned by the current user and
+not group/world-writable, and the file's SHA-256 equals the one recorded next to it when it was
+built (``<library>.sha256``, written atomically, same ownership rules). A cache directory that
+fails the check is skipped (the build goes to a fresh private temporary directory); a library
+whose hash does not match (or has no record) is rebuilt. Each refusal is a ``RuntimeWarning``
+and is listed in :data:`rejected`.
 """
 
 from __future__ import annotations
@@ -23,8 +30,11 @@ import hashlib
 import logging
 import os
 import platform
+import shutil
+import stat
 import subprocess
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,6 +47,9 @@ MODES = ("auto", "torch")
 _mode = os.environ.get("NORMLAYERS_CPU_FINALIZE", "auto")
 _lib: ctypes.CDLL | None = None
 _tried = False
+rejected: list[str] = []  # why a cache directory or library was not trusted (this process)
+_built: dict[str, str] = {}  # library path -> SHA-256 of what this process compiled there
+_private_dirs: set[Path] = set()  # temporary directories this process created
 
 _PTR, _I64, _F64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
 _FORWARD_ARGTYPES = [_INT, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _F64, _F64, _F64, _PTR, _PTR, _F64, _I64,
@@ -64,26 +77,96 @@ def _cache_dirs() -> Iterator[Path]:
     explicit = os.environ.get("NORMLAYERS_CACHE")
     if explicit:
         yield Path(explicit)
-        return
-    yield Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "normlayers"
-    yield Path(tempfile.mkdtemp(prefix="normlayers-"))
+    else:
+        yield Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "normlayers"
+    private = Path(tempfile.mkdtemp(prefix="normlayers-"))  # mode 0700, a fresh unguessable name
+    _private_dirs.add(private)
+    yield private
 
 
-def _compile(directory: Path, compiler: str, key: str) -> Path:
+class UntrustedCache(OSError):
+    """A cache directory or library that must not be loaded (wrong owner, writable by others, bad hash)."""
+
+
+def _check_owner(path: Path, what: str) -> None:
+    """``UntrustedCache`` unless ``path`` (not a symlink) is owned by this user and not group/world-writable."""
+    info = os.lstat(path)
+    if stat.S_ISLNK(info.st_mode):
+        raise UntrustedCache(f"{what} {path} is a symbolic link")
+    if hasattr(os, "getuid") and info.st_uid != os.getuid():
+        raise UntrustedCache(f"{what} {path} is owned by uid {info.st_uid}, not by this user ({os.getuid()})")
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise UntrustedCache(f"{what} {path} is writable by group or others (mode {stat.S_IMODE(info.st_mode):o})")
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _sidecar(library: Path) -> Path:
+    return library.with_name(library.name + ".sha256")
+
+
+def _verify(library: Path) -> None:
+    """``UntrustedCache`` unless ``library`` and its recorded hash pass the trust rules (module docstring)."""
+    _check_owner(library, "library")
+    sidecar = _sidecar(library)
+    if not sidecar.exists():
+        raise UntrustedCache(f"library {library} has no recorded hash ({sidecar.name})")
+    _check_owner(sidecar, "hash record")
+    recorded = sidecar.read_text().strip()
+    actual = _sha256(library)
+    if actual != recorded or (str(library) in _built and _built[str(library)] != actual):
+        raise UntrustedCache(f"library {library} does not match the hash recorded when it was built")
+
+
+def _reject(reason: str) -> None:
+    rejected.append(reason)
+    warnings.warn(f"normlayers: not loading the C finalize from the cache: {reason}", RuntimeWarning, stacklevel=3)
+
+
+def _compile(directory: Path, compiler: str, key: str, force: bool = False) -> Path:
     library = directory / f"bkn_finalize-{key}.so"
-    if not library.exists():
-        directory.mkdir(parents=True, exist_ok=True)
+    if force or not library.exists():
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _check_owner(directory, "cache directory")
         # renamed into place: no half-written file is loaded
         partial = directory / f".bkn_finalize-{key}.{os.getpid()}.so"
+        partial_hash = directory / f".bkn_finalize-{key}.{os.getpid()}.sha256"
         cmd = [compiler, "-O2", "-shared", "-fPIC", "-o", str(partial), str(_SOURCE), "-lm"]
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
             if done.returncode != 0:
                 raise OSError(f"{' '.join(cmd)} failed: {done.stderr.strip()[:500]}")
+            os.chmod(partial, 0o700)
+            digest = _sha256(partial)
+            partial_hash.write_text(digest + "\n")
+            os.chmod(partial_hash, 0o600)
             os.replace(partial, library)
+            os.replace(partial_hash, _sidecar(library))
+            _built[str(library)] = digest
         finally:
             partial.unlink(missing_ok=True)
+            partial_hash.unlink(missing_ok=True)
     return library
+
+
+def _load_from(directory: Path, compiler: str, key: str) -> ctypes.CDLL:
+    """Build (if needed) and load the library in ``directory``, after verifying it (rebuilt once if it fails)."""
+    if directory.exists():
+        try:
+            _check_owner(directory, "cache directory")
+        except UntrustedCache as err:
+            _reject(str(err))
+            raise
+    library = _compile(directory, compiler, key)
+    try:
+        _verify(library)
+    except UntrustedCache as err:
+        _reject(f"{err}; rebuilding it")
+        library = _compile(directory, compiler, key, force=True)
+        _verify(library)
+    return _bind(ctypes.CDLL(str(library)))
 
 
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -112,10 +195,12 @@ def load() -> ctypes.CDLL | None:
     errors = []
     for directory in _cache_dirs():
         try:
-            _lib = _bind(ctypes.CDLL(str(_compile(directory, compiler, key))))
+            _lib = _load_from(directory, compiler, key)
             return _lib
         except (OSError, AttributeError, subprocess.SubprocessError) as err:
             errors.append(f"{directory}: {err}")
+            if directory in _private_dirs:
+                shutil.rmtree(directory, ignore_errors=True)  # our own private temporary directory
     _LOG.info("normlayers: C finalize unavailable, the CPU hot path uses torch ops (%s)", "; ".join(errors))
     return None
 
@@ -124,3 +209,5 @@ def _reset_for_tests() -> None:
     """Forget the loaded library so the next :func:`load` builds again (tests of the loader)."""
     global _lib, _tried
     _lib, _tried = None, False
+    rejected.clear()
+    _built.clear()

@@ -15,14 +15,14 @@ from torch import nn
 from benchmarks import bench_bkn_digits
 from benchmarks.bkn_study import (
     Cell,
-    ClassificationSystem,
-    DigitsStudyData,
-    EpochRecorder,
     build_resnet,
-    quiet_lightning,
     run_config,
+    study_data,
+    study_system,
 )
 from normlayers.select import NORMS, prior_weight_for
+from stflow.callbacks import EpochRecorder
+from stflow.pool import quiet_lightning
 from stflow.runner import RunConfig, fit
 
 
@@ -79,8 +79,8 @@ def _got_prior(module: nn.Module, kwargs: dict) -> bool:
 def _fit_digits(tmp_path: Path, eval_batch: int, epochs: int = 2):
     torch.manual_seed(0)
     model, _ = build_resnet("gn", 8)
-    system = ClassificationSystem(model, lr=0.05, max_epochs=epochs)
-    data = DigitsStudyData(batch_size=32, seed=0, eval_batch_size=eval_batch)
+    system = study_system(model, lr=0.05, max_epochs=epochs)
+    data = study_data(batch_size=32, seed=0, eval_batch_size=eval_batch)
     recorder = EpochRecorder(["val_acc", "epoch_test_acc"], ["train_acc"])
     cfg = RunConfig(out_dir=str(tmp_path), max_epochs=epochs, seed=0, accelerator="cpu", devices=1,
                     progress_bar=False, loggers=(), checkpoint=False, limit_train_batches=3)
@@ -112,7 +112,7 @@ def test_epoch_history_survives_resume_and_the_final_test_restore(tmp_path):
         model, _ = build_resnet("bn", 32)
         recorder = EpochRecorder(["val_loss", "epoch_test_acc"], ["train_loss"])
         cfg = run_config(out, epochs, 0, "val_loss", "min", resume, limit_train_batches=3, loggers=())
-        fit(ClassificationSystem(model, lr=0.025, max_epochs=3), DigitsStudyData(32, seed=0), cfg, callbacks=[recorder])
+        fit(study_system(model, lr=0.025, max_epochs=3), study_data(32, seed=0), cfg, callbacks=[recorder])
         return recorder
 
     full = run(tmp_path / "full", 3, False).history
@@ -126,15 +126,15 @@ def test_epoch_history_survives_resume_and_the_final_test_restore(tmp_path):
 
 
 def test_digits_data_adapter_batches_and_rejects_bad_sizes():
-    data = DigitsStudyData(batch_size=128, seed=3)
+    data = study_data(batch_size=128, seed=3)
     batches = list(data.train_dataloader())
     n_train = len(data.splits["train"][1])
     assert len(batches) == n_train // 128 and all(len(b[1]) == 128 for b in batches)  # drop_last
     assert len(data.val_dataloader()) == 2  # validation, then the per-epoch test curve
     with pytest.raises(ValueError, match="batch_size must be >= 2"):
-        DigitsStudyData(batch_size=1)
+        study_data(batch_size=1)
     with pytest.raises(ValueError, match="exceeds the"):
-        DigitsStudyData(batch_size=5000).setup()
+        study_data(batch_size=5000).setup()
 
 
 def test_quick_digits_study_writes_one_row_per_norm_and_batch(tmp_path):

@@ -192,7 +192,11 @@ def _norm_factories():
     try:
         from normlayers import BatchKalmanNorm2d
     except ImportError:
-        out.append(pytest.param(None, id="bkn", marks=pytest.mark.skip(reason="normlayers.BatchKalmanNorm2d not importable yet")))
+        out.append(
+            pytest.param(
+                None, id="bkn", marks=pytest.mark.skip(reason="normlayers.BatchKalmanNorm2d not importable yet")
+            )
+        )
     else:
         out.append(pytest.param(BatchKalmanNorm2d, id="bkn"))
     return out
@@ -233,7 +237,9 @@ def _transfer_count(space: HyTraSpace, k: int, entry: int) -> int:
     return int((start @ np.linalg.matrix_power(m, space.blocks[k].num_layers)).sum())
 
 
-@pytest.mark.parametrize("space", [hytra_digits(), hytra_imagenet(), tiny_hytra((3, 2, 2))], ids=["digits", "imagenet", "tiny"])
+@pytest.mark.parametrize(
+    "space", [hytra_digits(), hytra_imagenet(), tiny_hytra((3, 2, 2))], ids=["digits", "imagenet", "tiny"]
+)
 def test_hytra_legal_paths_monotone_and_counted(space):
     for k in range(len(space.blocks)):
         for entry in range(space.num_levels):
@@ -251,8 +257,11 @@ def test_hytra_conv_only_count_is_a_multiset_count():
     """Only ResConv, no per-layer limit: paths = non-decreasing level sequences = C(n + L - 1, L)."""
     for levels, layers in [(4, 4), (3, 5), (5, 2)]:
         space = HyTraSpace(
-            blocks=(HyTraBlock(layers, tuple(range(levels))),), widths=(8,) * levels, att_levels=(),
-            input_size=2 ** (levels - 1), max_down=levels,
+            blocks=(HyTraBlock(layers, tuple(range(levels))),),
+            widths=(8,) * levels,
+            att_levels=(),
+            input_size=2 ** (levels - 1),
+            max_down=levels,
         )
         assert len(space.legal_paths(0, 0)) == comb(levels + layers - 1, layers)
     # the whole space: brute force over every op sequence with an independent legality rule
@@ -302,7 +311,7 @@ def test_hytra_constrained_search_equals_brute_force_over_legal_architectures():
     rng = np.random.default_rng(0)
     archs = list(space.enumerate_architectures())
     keys = [sorted({adapter.key(k, a[k]) for a in archs}) for k in range(2)]
-    for trial in range(5):
+    for _trial in range(5):
         ratings = [{key: float(rng.normal()) for key in ks} for ks in keys]
         costs = [{key: {"params": float(rng.integers(1, 20))} for key in ks} for ks in keys]
         table = RatingTable(ratings, costs)
@@ -316,8 +325,13 @@ def test_hytra_constrained_search_equals_brute_force_over_legal_architectures():
     scores = [[float(v) for v in rng.normal(size=4)] for _ in range(3)]
     costs3 = [[float(v) for v in rng.integers(1, 9, size=4)] for _ in range(3)]
     choice, score, _ = brute_force(scores, costs3, 15.0)
-    assert score == pytest.approx(min(sum(scores[k][c[k]] for k in range(3)) for c in itertools.product(range(4), repeat=3)
-                                      if sum(costs3[k][c[k]] for k in range(3)) < 15.0))
+    assert score == pytest.approx(
+        min(
+            sum(scores[k][c[k]] for k in range(3))
+            for c in itertools.product(range(4), repeat=3)
+            if sum(costs3[k][c[k]] for k in range(3)) < 15.0
+        )
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,9 +355,23 @@ def test_config_errors(tmp_path: Path):
 
 
 def _tiny_cfg(out: Path, **changes) -> BossNASConfig:
-    base = dict(space="hytra", sampling="random", num_paths=2, hytra_layers=(1, 1), hytra_width=8, out_dir=str(out),
-                epochs_per_block=1, batch_size=64, limit_train_batches=2, limit_val_batches=1, recal_batches=1,
-                rate_views=1, proj_hidden=16, proj_dim=8, progress=False)
+    base = dict(
+        space="hytra",
+        sampling="random",
+        num_paths=2,
+        hytra_layers=(1, 1),
+        hytra_width=8,
+        out_dir=str(out),
+        epochs_per_block=1,
+        batch_size=64,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        recal_batches=1,
+        rate_views=1,
+        proj_hidden=16,
+        proj_dim=8,
+        progress=False,
+    )
     base.update(changes)
     return BossNASConfig(**base)
 
@@ -379,8 +407,20 @@ def test_cli_runs_hytra_from_a_config(tmp_path: Path, capsys):
     cfg = _tiny_cfg(tmp_path / "cli").to_json()
     cfg.pop("out_dir")
     cfg_file.write_text(json.dumps(cfg))  # JSON is valid YAML
-    rc = cli.main(["bossnas", "--config", str(cfg_file), "--space", "hytra", "--out-dir", str(tmp_path / "cli"), "--no-progress",
-               "--budget", "1e9"])
+    rc = cli.main(
+        [
+            "bossnas",
+            "--config",
+            str(cfg_file),
+            "--space",
+            "hytra",
+            "--out-dir",
+            str(tmp_path / "cli"),
+            "--no-progress",
+            "--budget",
+            "1e9",
+        ]
+    )
     assert rc == 0
     arch = json.loads((tmp_path / "cli" / "architecture.json").read_text())
     assert arch["budget"] == 1e9 and len(arch["encoding"]) == 2

@@ -35,7 +35,10 @@ def test_crop_is_a_shift_of_the_padded_image():
     padded = F.pad(x, (2, 2, 2, 2))
     for i in range(len(x)):
         matches = [
-            (dy, dx) for dy in range(5) for dx in range(5) if torch.equal(out[i], padded[i, :, dy : dy + 5, dx : dx + 5])
+            (dy, dx)
+            for dy in range(5)
+            for dx in range(5)
+            if torch.equal(out[i], padded[i, :, dy : dy + 5, dx : dx + 5])
         ]
         assert matches, f"sample {i} is not a crop of the padded image"
 

@@ -58,7 +58,7 @@ def test_bkn_supernet_chains_priors_along_every_path_during_training():
     x = torch.randn(32, 1, 8, 8)
     rng = random.Random(0)
     checked = 0
-    for step in range(12):
+    for _step in range(12):
         cand = student.sample(rng)
         received.clear()
         x_in, target = system.teacher.block_outputs(x)[0:2]

@@ -18,7 +18,12 @@ from nas.search.ratings import RatingTable, RatingTableError, load_ratings, save
 from nas.spaces import SKIP, BlockSpec, CellSpec, LayerSpec, SearchSpace, mbconv, parse_candidate_key
 from nas.supernet import BlockSupernet, Supernet
 
-OPS = [{"kind": "skip"}, {"kernel": 3, "expansion": 1}, {"kernel": 3, "expansion": 4, "se": 0.25}, {"kernel": 5, "expansion": 2}]
+OPS = [
+    {"kind": "skip"},
+    {"kernel": 3, "expansion": 1},
+    {"kernel": 3, "expansion": 4, "se": 0.25},
+    {"kernel": 5, "expansion": 2},
+]
 
 
 def tiny_space() -> SearchSpace:

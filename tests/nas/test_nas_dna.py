@@ -75,7 +75,9 @@ def test_student_block_receives_the_teacher_previous_block_output():
 
 def _inputs(n_recal: int, n_val: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(32, 1, 8, 8, generator=g) for _ in range(n_recal)], [torch.randn(24, 1, 8, 8, generator=g) for _ in range(n_val)]
+    return [torch.randn(32, 1, 8, 8, generator=g) for _ in range(n_recal)], [
+        torch.randn(24, 1, 8, 8, generator=g) for _ in range(n_val)
+    ]
 
 
 @pytest.mark.parametrize("norm", ["bn", "bkn"])
@@ -149,10 +151,19 @@ def test_dna_end_to_end_resume_and_cli(tmp_path, monkeypatch, capsys):
 
     cfg_path.write_text(
         yaml.safe_dump(
-            {"space": TINY_SPACE, "teacher_layers": 1, "teacher_epochs": 1, "block_epochs": 1, "batch_size": 256, "recal_batches": 2}
+            {
+                "space": TINY_SPACE,
+                "teacher_layers": 1,
+                "teacher_epochs": 1,
+                "block_epochs": 1,
+                "batch_size": 256,
+                "recal_batches": 2,
+            }
         )
     )
-    assert cli.main(["dna", "--config", str(cfg_path), "--out-dir", str(out), "--retrain", "false", "--no-progress"]) == 0
+    assert (
+        cli.main(["dna", "--config", str(cfg_path), "--out-dir", str(out), "--retrain", "false", "--no-progress"]) == 0
+    )
     assert trained == []
     assert json.loads(capsys.readouterr().out)["encoding"] == arch["encoding"]
 

@@ -10,9 +10,9 @@ from scipy import stats
 
 pytest.importorskip("sklearn")
 
-from nas.search import groundtruth  # noqa: E402
 from nas.data import digits_split_indices, load_digits_split  # noqa: E402
 from nas.methods.dna import digits_config  # noqa: E402
+from nas.search import groundtruth  # noqa: E402
 
 
 def test_folds_partition_every_image_once_and_stay_stratified():
@@ -34,7 +34,9 @@ def test_fold_none_keeps_the_fixed_split_and_bad_folds_are_rejected():
     parts = digits_split_indices(seed=0)
     assert [len(parts[k]) for k in ("train", "val", "test")] == [1077, 360, 360]
     split = load_digits_split(seed=1, fold=2)
-    assert split["train"][0].mean().abs() < 1e-5 and abs(float(split["train"][0].std()) - 1) < 1e-3  # train-standardized
+    assert (
+        split["train"][0].mean().abs() < 1e-5 and abs(float(split["train"][0].std()) - 1) < 1e-3
+    )  # train-standardized
     assert [len(split[k][1]) for k in ("train", "val", "test")] == [1078, 360, 359]
     with pytest.raises(ValueError, match="fold must be in"):
         digits_split_indices(fold=5, num_folds=5)
@@ -71,8 +73,9 @@ def test_ground_truth_pools_folds_and_reuses_finished_seeds(tmp_path, monkeypatc
     calls.clear()
     subset = groundtruth.build_ground_truth(space, path, 4, seeds=[2, 0], epochs=3, folds=5, progress=False)
     assert not calls and subset["seeds"] == [2, 0]  # a subset in the asked order, nothing retrained...
-    assert [e["accuracies"] for e in subset["architectures"]] == [[e["accuracies"][2], e["accuracies"][0]]
-                                                                   for e in more["architectures"]]
+    assert [e["accuracies"] for e in subset["architectures"]] == [
+        [e["accuracies"][2], e["accuracies"][0]] for e in more["architectures"]
+    ]
     assert json.loads(path.read_text())["seeds"] == [0, 1, 2]  # ...and the file keeps every seed
 
     calls.clear()

@@ -99,3 +99,13 @@ def test_configs_are_package_data():
     root = importlib.resources.files("nas") / "configs"
     assert {p.name for p in root.iterdir()} >= {"dna_digits.yaml", "bossnas_digits.yaml", "bossnas_hytra_digits.yaml"}
     assert not list(Path(__file__).resolve().parents[2].glob("configs/nas/*.yaml"))  # nothing left outside
+
+
+@pytest.mark.parametrize("module", ["nas.search.constrained", "nas.search.ranking"])
+def test_rating_table_tools_run_as_modules(module, tmp_path):
+    res = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", module, "--help"], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0 and "--ratings" in res.stdout, res.stderr
+    res = subprocess.run([sys.executable, "-m", module, "--ratings", str(tmp_path / "none.json"), "--budget", "1",
+                          "--ground-truth", "x"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and res.stderr.startswith("error: ") and res.stderr.count("\n") == 1

@@ -14,7 +14,13 @@ from nas.search.ranking import correlations, evaluate, load_ground_truth
 from nas.search.ratings import RatingTable, load_ratings, save_ratings
 
 # nas.md's fixture (candidates sorted by loss; budget: total cost < 25)
-LOSS = [[0.198, 0.523, 1.033], [0.077, 0.156, 0.174], [0.104, 0.279, 0.458], [0.169, 0.313, 0.983], [0.095, 0.109, 0.458]]
+LOSS = [
+    [0.198, 0.523, 1.033],
+    [0.077, 0.156, 0.174],
+    [0.104, 0.279, 0.458],
+    [0.169, 0.313, 0.983],
+    [0.095, 0.109, 0.458],
+]
 COST = [[4, 2, 1], [5, 8, 4], [6, 4, 2], [7, 3, 1], [7, 8, 2]]
 
 
@@ -127,7 +133,12 @@ def test_bossnas_mbconv_reproduction(shared, capsys):
     assert round(-res["spearman"], 2) == 0.78
     assert round(-res["pearson"], 2) == 0.85
     assert abs(-res["kendall"] - 0.65) < 0.01  # the files give 0.644 (published, rounded: 0.65)
-    assert ranking.main(["--ratings", str(base / "block_ratings.json"), "--ground-truth", str(base / "ground_truth.json"), "--json"]) == 0
+    assert (
+        ranking.main(
+            ["--ratings", str(base / "block_ratings.json"), "--ground-truth", str(base / "ground_truth.json"), "--json"]
+        )
+        == 0
+    )
     cli = json.loads(capsys.readouterr().out)
     assert cli["kendall"] == pytest.approx(res["kendall"]) and cli["n"] == 23
 

@@ -76,3 +76,57 @@ def test_unwritable_cache_falls_back_to_a_private_temporary_directory(fresh_load
     built = os.path.dirname(lib._name)
     assert os.path.basename(built).startswith("normlayers-") and (os.stat(built).st_mode & 0o077) == 0
     shutil.rmtree(built)
+
+
+@needs_cc
+def test_a_tampered_cached_library_is_not_loaded(fresh_loader):
+    """A library replaced in the cache after it was built (hash differs from the record) is rebuilt, not loaded."""
+    assert cpu_finalize() == "c"
+    (library,) = fresh_loader.glob("bkn_finalize-*.so")
+    assert (library.parent / (library.name + ".sha256")).read_text().strip() == cfinalize._sha256(library)
+    planted = fresh_loader / "planted.so"  # a "malicious" library: any other build of other code
+    os.rename(library, planted)
+    library.write_bytes(planted.read_bytes() + b"\0tampered")
+    cfinalize._reset_for_tests()
+    with pytest.warns(RuntimeWarning, match="does not match the hash"):
+        lib = cfinalize.load()
+    assert lib is not None and lib._name == str(library)
+    assert library.read_bytes() == planted.read_bytes()  # rebuilt: the tampered bytes are gone
+    assert any("does not match" in reason for reason in cfinalize.rejected)
+
+
+@needs_cc
+def test_a_library_without_a_hash_record_is_rebuilt(fresh_loader):
+    assert cpu_finalize() == "c"
+    (library,) = fresh_loader.glob("bkn_finalize-*.so")
+    (library.parent / (library.name + ".sha256")).unlink()
+    cfinalize._reset_for_tests()
+    with pytest.warns(RuntimeWarning, match="no recorded hash"):
+        assert cfinalize.load() is not None
+    assert (library.parent / (library.name + ".sha256")).is_file()
+
+
+@needs_cc
+def test_a_world_writable_cache_dir_is_not_trusted(fresh_loader, monkeypatch):
+    cache = fresh_loader / "shared-cache"
+    cache.mkdir()
+    os.chmod(cache, 0o777)
+    monkeypatch.setenv("NORMLAYERS_CACHE", str(cache))
+    with pytest.warns(RuntimeWarning, match="writable by group or others"):
+        lib = cfinalize.load()
+    assert lib is not None and cpu_finalize() == "c"
+    built = os.path.dirname(lib._name)
+    assert built != str(cache) and os.path.basename(built).startswith("normlayers-")
+    assert not list(cache.iterdir())  # nothing loaded from (or written to) the shared directory
+    shutil.rmtree(built)
+
+
+@needs_cc
+def test_a_world_writable_library_is_not_trusted(fresh_loader):
+    assert cpu_finalize() == "c"
+    (library,) = fresh_loader.glob("bkn_finalize-*.so")
+    os.chmod(library, 0o777)
+    cfinalize._reset_for_tests()
+    with pytest.warns(RuntimeWarning, match="writable by group or others"):
+        assert cfinalize.load() is not None
+    assert (os.stat(library).st_mode & 0o022) == 0  # the rebuilt file is private again

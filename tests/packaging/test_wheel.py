@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -18,8 +19,19 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel built from a copy of the checkout's files (git's view: tracked plus new, not ignored), so stale
+    build folders or untracked clutter of the working tree cannot leak into it."""
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                            text=True)
+    if listed.returncode != 0:
+        pytest.skip("not a git checkout: cannot list the distribution's files")
+    source = tmp_path_factory.mktemp("source")
+    for name in listed.stdout.splitlines():
+        if (REPO / name).is_file() and not name.startswith(("benchmarks/results/", "tests/")):
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, source / name)
     out = tmp_path_factory.mktemp("wheel")
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation",
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation",
                            "-w", str(out), "-q"], capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
         pytest.fail(f"building the wheel failed: {proc.stderr[-2000:]}")
@@ -38,8 +50,11 @@ def installed(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
     return env
 
 
-def test_wheel_ships_every_config(wheel: Path) -> None:
+def test_wheel_ships_every_module_and_config(wheel: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
+    modules = sorted(p.relative_to(REPO).as_posix() for pkg in ("stflow", "nas", "normlayers")
+                     for p in (REPO / pkg).rglob("*.py") if "__pycache__" not in p.parts)
+    assert not [m for m in modules if m not in names], "modules missing from the wheel (a folder without __init__?)"
     shipped = sorted(p.relative_to(REPO).as_posix() for pkg in ("stflow", "nas")
                      for p in (REPO / pkg / "configs").rglob("*.yaml"))
     assert len(shipped) >= 8  # 4 training configs, 1 dataset spec, 3 NAS search configs at least
