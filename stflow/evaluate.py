@@ -15,6 +15,7 @@ Prints RMSE, inflow/outflow RMSE and MAE in original units per the protocol (``-
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import sys
@@ -106,6 +107,7 @@ def evaluate(
     overrides = {k: v for k, v in (data_overrides or {}).items() if v is not None}
     datamodule = _datamodule(data, overrides)
     datamodule.setup("test")
+    print(f"reading {', '.join(str(p) for p in datamodule.data.files)}", flush=True)
     if isinstance(loaded, ForecastingSystem):
         system = loaded
     else:
@@ -125,6 +127,7 @@ def evaluate(
         "checkpoint": str(checkpoint),
         "model": model or system.hparams.get("model"),
         "dataset": datamodule.hparams["dataset"],
+        "data_files": [str(p) for p in datamodule.data.files],
         **{k: float(v) for k, v in results[0].items()},
     }
     if plots_dir is not None:
@@ -171,8 +174,10 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
                             description=__doc__.split("\n\n")[0], extra=_json_flag)
     json_only = bool(extras.get("json"))
     overrides = {k: getattr(cfg, k) for k in ("dataset", "data_dir", "batch_size", "test_days")}
-    result = evaluate(cfg.checkpoint, cfg.model, overrides, cfg.plots, cfg.hour, cfg.accelerator,
-                      progress_bar=not json_only)
+    # --json: stdout carries the JSON object only; progress bars and messages go to stderr.
+    with contextlib.redirect_stdout(sys.stderr) if json_only else contextlib.nullcontext():
+        result = evaluate(cfg.checkpoint, cfg.model, overrides, cfg.plots, cfg.hour, cfg.accelerator,
+                          progress_bar=not json_only)
     if not json_only:
         print(f"\n{result['model']} on {result['dataset']} ({result['checkpoint']}): original units, acfm.md protocol")
         print(format_metrics(result))

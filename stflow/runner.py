@@ -10,6 +10,7 @@ DDP over many devices/nodes.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import os
 import warnings
@@ -22,9 +23,13 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
+from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from torch.utils.data import Sampler
 
-__all__ = ["EpochShuffleSampler", "RunConfig", "RunResult", "build_trainer", "fit", "last_checkpoint"]
+from stflow.safeload import safe_load
+
+__all__ = ["EpochShuffleSampler", "RunConfig", "RunResult", "build_trainer", "fit", "last_checkpoint",
+           "previous_run_files", "prepare_out_dir"]
 
 
 @dataclass
@@ -45,6 +50,7 @@ class RunConfig:
     monitor_mode: str = "min"
     early_stopping_patience: int | None = None
     resume: bool | str = False  # True / "last": out_dir/checkpoints/last.ckpt; or a path
+    overwrite: bool = False  # prepare_out_dir: replace a previous run in out_dir (else refuse, unless resuming)
     progress_bar: bool = True
     loggers: tuple[str, ...] = ("csv", "tensorboard")
     log_every_n_steps: int = 10
@@ -82,6 +88,27 @@ def last_checkpoint(out_dir: str | os.PathLike) -> Path:
     return Path(out_dir) / "checkpoints" / "last.ckpt"
 
 
+class _AppendingExperimentWriter(ExperimentWriter):
+    """Lightning's CSV writer, minus deleting an existing ``metrics.csv``: a resumed run appends to it."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+                header = csv.DictReader(file).fieldnames or []
+            self.metrics_keys = sorted(header)  # new keys later rewrite the header, keeping every row
+
+
+class _AppendingCSVLogger(CSVLogger):
+    """A CSV logger that keeps the earlier epochs' rows of ``metrics.csv`` (used when resuming)."""
+
+    @property
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingExperimentWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
 def _loggers(cfg: RunConfig) -> list[Logger] | bool:
     known = {"csv": CSVLogger, "tensorboard": TensorBoardLogger}
     unknown = set(cfg.loggers) - set(known)
@@ -97,7 +124,8 @@ def _loggers(cfg: RunConfig) -> list[Logger] | bool:
             except ImportError:  # tensorboardX/tensorboard missing: keep the CSV log only
                 warnings.warn("tensorboard is not installed; skipping the TensorBoard logger", stacklevel=2)
                 continue
-        loggers.append(known[name](save_dir=cfg.resolved_out_dir, name="logs", version=""))
+        kind = _AppendingCSVLogger if name == "csv" and _resume_path(cfg) is not None else known[name]
+        loggers.append(kind(save_dir=cfg.resolved_out_dir, name="logs", version=""))
     return loggers
 
 
@@ -215,6 +243,43 @@ def _resume_path(cfg: RunConfig) -> str | None:
     return str(path)
 
 
+def previous_run_files(out_dir: str | os.PathLike) -> list[Path]:
+    """The files a previous run left in ``out_dir``: checkpoints, CSV/TensorBoard logs, ``metrics.json``."""
+    out = Path(out_dir)
+    found = sorted((out / "checkpoints").glob("*.ckpt"))
+    logs = out / "logs"
+    found += [p for p in (logs / "metrics.csv", logs / "hparams.yaml", out / "metrics.json") if p.is_file()]
+    found += sorted(logs.glob("events.out.tfevents.*"))
+    return found
+
+
+def prepare_out_dir(cfg: RunConfig) -> None:
+    """Refuse to run into an ``out_dir`` that holds a previous run unless resuming it or ``cfg.overwrite``.
+
+    Call it before any work. With ``overwrite`` the previous run's files (:func:`previous_run_files`) are
+    deleted, so no stale ``best-*.ckpt`` survives; other files in ``out_dir`` are left alone. Resuming deletes
+    nothing. Processes launched as non-zero ranks (DDP children) skip the check: rank 0 did it.
+    """
+    if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0":
+        return
+    resuming = cfg.resume not in (False, None, "")
+    if resuming and cfg.overwrite:
+        raise ValueError("resume and overwrite exclude each other: --resume continues the run, --overwrite replaces it")
+    if resuming:
+        _resume_path(cfg)  # a missing checkpoint is an error before anything is written
+        return
+    previous = previous_run_files(cfg.resolved_out_dir)
+    if not previous:
+        return
+    if not cfg.overwrite:
+        shown = ", ".join(str(p.relative_to(cfg.resolved_out_dir)) for p in previous[:4])
+        more = f" and {len(previous) - 4} more" if len(previous) > 4 else ""
+        raise ValueError(f"out_dir {cfg.resolved_out_dir} already holds a previous run ({shown}{more}); "
+                         "pass --resume to continue it or --overwrite to replace it")
+    for path in previous:
+        path.unlink(missing_ok=True)
+
+
 def _floats(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items()}
 
@@ -228,9 +293,12 @@ def fit(
     """Seed, fit (resuming if asked), then test with the best checkpoint when there is one."""
     if cfg.seed is not None:
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    resume = _resume_path(cfg)
+    if resume is not None:
+        safe_load(resume)  # weights_only: a crafted pickle is refused before Lightning reads it
     Path(cfg.resolved_out_dir).mkdir(parents=True, exist_ok=True)
     trainer = build_trainer(cfg, callbacks)
-    trainer.fit(system, datamodule=datamodule, ckpt_path=_resume_path(cfg))
+    trainer.fit(system, datamodule=datamodule, ckpt_path=resume, weights_only=True if resume else None)
     val_metrics = _floats(trainer.callback_metrics)
     best = last = None
     if cfg.checkpoint and trainer.checkpoint_callback is not None:

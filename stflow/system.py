@@ -6,6 +6,12 @@ recipe, and three :class:`~stflow.metrics.FlowMetrics` instances (train / val / 
 Models with ``trainable = False`` (historical average, persistence) are run with manual optimisation and no
 optimiser: an epoch of "training" only fits their history (``fit_history``) and measures them.
 
+Two optional training aids (off by default, so the reference recipe is unchanged): ``lr_schedule="cosine"``
+(cosine decay from ``lr`` to ``lr * lr_final_factor`` over the run's epochs, after ``lr_warmup_epochs`` of linear
+warm-up; ``lr_milestones`` are then ignored) and ``ema_decay`` (an exponential moving average of the weights and
+buffers, updated after every optimiser step; validation, test, prediction and ``forward`` use the averaged copy
+``ema_model``, which is saved in checkpoints, so ``stflow.evaluate`` and the best-validation checkpoint see it too).
+
 Logged: ``train_loss`` (per step and epoch), ``train_rmse``; ``val_loss`` (the scaled loss over the whole
 validation split), ``val_rmse``, ``val_mae``...; ``test_loss``, ``test_rmse``, ``test_rmse_inflow``,
 ``test_rmse_outflow``, ``test_mae``, ``test_samples``.
@@ -13,6 +19,7 @@ validation split), ``val_rmse``, ``val_mae``...; ``test_loss``, ``test_rmse``, `
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -25,11 +32,13 @@ from torch import Tensor, nn
 from stflow.metrics import FlowMetrics
 from stflow.models.registry import DATA_KEYWORDS, build_model
 
-__all__ = ["ForecastingSystem", "StepSchedule", "REFERENCE_LR_MILESTONES", "data_keywords"]
+__all__ = ["ForecastingSystem", "StepSchedule", "CosineSchedule", "REFERENCE_LR_MILESTONES", "LR_SCHEDULES",
+           "data_keywords"]
 
 # The reference recipe: epoch -> learning rate (Adam, 3e-4 before epoch 50).
 REFERENCE_LR_MILESTONES: dict[int, float] = {50: 2e-4, 150: 1e-4, 250: 5e-5, 350: 2e-5, 450: 1e-5}
 LOSSES = ("mse", "l1")
+LR_SCHEDULES = ("step", "cosine")
 
 
 @dataclass
@@ -48,6 +57,23 @@ class StepSchedule:
             if epoch >= start:
                 lr = self.milestones[start]
         return lr / self.base_lr
+
+
+@dataclass
+class CosineSchedule:
+    """``LambdaLR`` factor: linear warm-up over ``warmup_epochs`` (from 1/(warmup+1)), then cosine decay from 1 to
+    ``final_factor`` at epoch ``total_epochs`` (and ``final_factor`` after it). A dataclass, so it is checkpointed."""
+
+    total_epochs: int
+    warmup_epochs: int = 0
+    final_factor: float = 0.01
+
+    def __call__(self, epoch: int) -> float:
+        if epoch < self.warmup_epochs:
+            return (epoch + 1) / (self.warmup_epochs + 1)
+        span = max(1, self.total_epochs - self.warmup_epochs)
+        progress = min(1.0, (epoch - self.warmup_epochs) / span)
+        return self.final_factor + (1.0 - self.final_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def data_keywords(datamodule: Any) -> dict[str, Any]:
@@ -104,8 +130,19 @@ class ForecastingSystem(pl.LightningModule):
         weight_decay: float = 0.0,
         loss: str = "mse",
         num_slots: int | None = None,
+        lr_schedule: str = "step",
+        lr_warmup_epochs: int = 0,
+        lr_final_factor: float = 0.01,
+        ema_decay: float | None = None,
     ) -> None:
         super().__init__()
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"unknown lr_schedule {lr_schedule!r}; choose from {LR_SCHEDULES}")
+        if lr_warmup_epochs < 0 or not (0.0 <= lr_final_factor <= 1.0):
+            raise ValueError(f"need lr_warmup_epochs >= 0 and 0 <= lr_final_factor <= 1, got {lr_warmup_epochs}, "
+                             f"{lr_final_factor}")
+        if ema_decay is not None and not (0.0 < ema_decay < 1.0):
+            raise ValueError(f"ema_decay must be in (0, 1) or None, got {ema_decay}")
         if not (math.isfinite(scaler_min) and math.isfinite(scaler_max) and scaler_max > scaler_min):
             raise ValueError(f"scaler needs finite min < max, got min={scaler_min}, max={scaler_max}")
         if not (math.isfinite(lr) and lr > 0):
@@ -130,6 +167,11 @@ class ForecastingSystem(pl.LightningModule):
         self.trainable = bool(getattr(self.model, "trainable", True))
         # Parameter-free baselines: no optimiser, no backward; an epoch only measures them.
         self.automatic_optimization = self.trainable
+        # Weight averaging: a frozen copy updated after every optimiser step (see the module docstring).
+        self.ema_model: nn.Module | None = None
+        if ema_decay is not None and self.trainable:
+            self.ema_model = copy.deepcopy(self.model).requires_grad_(False)
+            self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
         self.train_metrics: FlowMetrics | None = None
         self.val_metrics: FlowMetrics | None = None
         self.test_metrics: FlowMetrics | None = None
@@ -198,8 +240,34 @@ class ForecastingSystem(pl.LightningModule):
     # ------------------------------------------------------------------ steps
     def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
         """batch: the data module's dict (closeness (B, lc, 2, H, W), ..., target (B, 2, H, W), index (B,))
-        -> prediction (B, 2, H, W) scaled to [-1, 1]."""
-        return self.model(batch)
+        -> prediction (B, 2, H, W) scaled to [-1, 1] (by the weight average when ``ema_decay`` is set)."""
+        return self.eval_model(batch)
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The network used for validation, test and prediction: the weight average when there is one."""
+        return self.ema_model if self.ema_model is not None else self.model
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """ema <- d * ema + (1 - d) * model for float parameters and buffers (integer buffers are copied), with the
+        usual warm-up d = min(ema_decay, (1 + n) / (10 + n)) after n updates."""
+        if self.ema_model is None:
+            return
+        n = int(self.ema_updates)
+        decay = min(float(self.hparams.ema_decay), (1.0 + n) / (10.0 + n))
+        model_state = self.model.state_dict()
+        for key, avg in self.ema_model.state_dict().items():
+            value = model_state[key]
+            if avg.is_floating_point():
+                avg.lerp_(value.to(avg.dtype), 1.0 - decay)
+            else:
+                avg.copy_(value)
+        self.ema_updates += 1
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.trainable:
+            self.update_ema()
 
     def _loss(self, pred: Tensor, target: Tensor) -> Tensor:
         if self.hparams.loss == "mse":
@@ -209,7 +277,7 @@ class ForecastingSystem(pl.LightningModule):
     def _step(self, batch: Mapping[str, Tensor], metrics: FlowMetrics | None) -> tuple[Tensor, Tensor]:
         if metrics is None:
             raise RuntimeError("metrics are not built: the system was not set up with a data module or num_slots")
-        pred = self.model(batch)
+        pred = (self.model if self.training else self.eval_model)(batch)
         target = batch["target"]
         if pred.shape != target.shape:
             raise ValueError(f"{type(self.model).__name__} returned {tuple(pred.shape)}, target is {tuple(target.shape)}")
@@ -229,7 +297,7 @@ class ForecastingSystem(pl.LightningModule):
 
     def predict_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         """{"pred", "target"} (B, 2, H, W) scaled and "index" (B,): what the evaluation plots need."""
-        return {"pred": self.model(batch), "target": batch["target"], "index": batch["index"]}
+        return {"pred": self.eval_model(batch), "target": batch["target"], "index": batch["index"]}
 
     # ------------------------------------------------------------------ epoch ends: log the global metrics
     def _log_metrics(self, stage: str, metrics: FlowMetrics | None) -> None:
@@ -263,6 +331,16 @@ class ForecastingSystem(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         if not self.trainable:
             return None
-        optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, StepSchedule(float(self.hparams.lr), self.lr_steps))
+        optimizer = torch.optim.Adam(
+            self.model.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+        )
+        if self.hparams.get("lr_schedule", "step") == "cosine":
+            max_epochs = getattr(self.trainer, "max_epochs", None) if self._trainer is not None else None
+            if max_epochs is None or max_epochs < 1:
+                raise ValueError("lr_schedule='cosine' needs the trainer's max_epochs")
+            factor: Any = CosineSchedule(int(max_epochs), int(self.hparams.lr_warmup_epochs),
+                                         float(self.hparams.lr_final_factor))
+        else:
+            factor = StepSchedule(float(self.hparams.lr), self.lr_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}

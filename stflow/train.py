@@ -15,6 +15,7 @@ The defaults are the reference recipe: Adam 3e-4 with lr steps {50: 2e-4, 150: 1
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -35,7 +36,7 @@ from stflow.data.options import CrowdFlowOptions
 from stflow.models import NormOptions
 from stflow.models.registry import list_models
 from stflow.paths import shared_dir
-from stflow.runner import RunConfig, fit
+from stflow.runner import RunConfig, fit, prepare_out_dir
 from stflow.system import REFERENCE_LR_MILESTONES, ForecastingSystem
 
 __all__ = ["TrainConfig", "DEFAULT_EPOCHS", "build_datamodule", "load_config", "main", "parse_config", "run"]
@@ -68,11 +69,15 @@ class TrainConfig:
     lr_milestones: dict[int, float] = field(default_factory=lambda: dict(REFERENCE_LR_MILESTONES))
     weight_decay: float = 0.0
     loss: Literal["mse", "l1"] = "mse"
+    lr_schedule: Literal["step", "cosine"] = "step"  # step: lr_milestones; cosine: lr -> lr * lr_final_factor
+    lr_warmup_epochs: int = 0  # cosine only: linear warm-up epochs
+    lr_final_factor: float = 0.01  # cosine only: the last epoch's lr / lr
+    ema_decay: float | None = None  # weight averaging (EMA) used for validation/test; None: off
     run: RunConfig = field(default_factory=_default_run)  # how to run: epochs, out_dir, resume, devices, seed ...
 
     cli_aliases: ClassVar[dict[str, str]] = {
         **{f"--{name}": f"--run.{name}" for name in (
-            "out_dir", "resume", "seed", "accelerator", "devices", "strategy", "num_nodes", "precision",
+            "out_dir", "resume", "overwrite", "seed", "accelerator", "devices", "strategy", "num_nodes", "precision",
             "early_stopping_patience", "limit_train_batches", "limit_val_batches")},
         "--epochs": "--run.max_epochs",
         "--grad_clip": "--run.gradient_clip_val",
@@ -92,6 +97,8 @@ class TrainConfig:
             raise ValueError(f"epochs must be >= 1, got {run.max_epochs}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.data.test_days == 0:
+            raise ValueError("test_days must be >= 1 for stflow.train (0 test days leaves nothing to test), got 0")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a positive number, got {self.lr}")
         if self.weight_decay < 0:
@@ -188,8 +195,10 @@ def model_options(config: TrainConfig) -> dict[str, Any]:
 def run(config: TrainConfig) -> dict[str, Any]:
     """Train, test, write ``<out_dir>/metrics.json``; return the result dict (see :func:`main`)."""
     start = time.perf_counter()
+    prepare_out_dir(config.resolved_run())  # before any work: refuse to clobber a previous run
     datamodule = build_datamodule(config)
     datamodule.setup("fit")
+    print(f"reading {', '.join(str(p) for p in datamodule.data.files)}", flush=True)
     pl.seed_everything(config.seed, workers=True, verbose=False)  # the initial weights depend on the seed only
     system = ForecastingSystem.from_datamodule(
         config.model,
@@ -199,6 +208,10 @@ def run(config: TrainConfig) -> dict[str, Any]:
         lr_milestones=config.lr_milestones,
         weight_decay=config.weight_decay,
         loss=config.loss,
+        lr_schedule=config.lr_schedule,
+        lr_warmup_epochs=config.lr_warmup_epochs,
+        lr_final_factor=config.lr_final_factor,
+        ema_decay=config.ema_decay,
     )
     run_cfg = config.resolved_run()
     if not system.trainable:
@@ -217,6 +230,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
         "best_checkpoint": result.best_checkpoint,
         "last_checkpoint": result.last_checkpoint,
         "out_dir": run_cfg.out_dir,
+        "data_files": [str(p) for p in datamodule.data.files],
         "wall_s": time.perf_counter() - start,
         "config": config_to_dict(config),
     }
@@ -240,7 +254,9 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
     """Parse ``args`` (``sys.argv[1:]`` when None), train, test, print; return the result dict
     (``test``: test_rmse, test_rmse_inflow, test_rmse_outflow, test_mae, ...; ``val``; checkpoints; ``wall_s``)."""
     config, json_only = parse_config(args)
-    result = run(config)
+    # --json: stdout carries the JSON object only; progress bars and messages go to stderr.
+    with contextlib.redirect_stdout(sys.stderr) if json_only else contextlib.nullcontext():
+        result = run(config)
     if result["global_rank"] == 0:
         if not json_only:
             print(f"\n{config.model} on {config.dataset}: test metrics (original units, protocol of acfm.md)")

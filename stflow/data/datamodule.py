@@ -217,6 +217,8 @@ def load_crowd_flow(
     slots_read = 0
     for i, path in enumerate(files):
         flow = read_flow_file(path, T, grid)
+        if not np.any(flow.data):
+            raise DataFormatError(f"{path}: every flow value is 0 ({len(flow.data)} slots), nothing to learn or scale")
         grid = grid or tuple(flow.data.shape[2:])  # later files must match the first one
         slots_read += len(flow.data)
         cleaned = remove_incomplete_days(flow.timestamps, T, keep_edge_days=spec.keep_edge_days)
@@ -326,7 +328,8 @@ class CrowdFlowDataModule(pl.LightningDataModule):
     first; ``ext_closeness``/``ext_period``/``ext_trend`` (B, l, D), ``ext_target`` (B, D); and
     ``index`` (B,) int64, the target's row in ``timestamps`` / ``flows``.
     ``dataset`` is a registered name, a ``.yaml`` spec path or a :class:`DatasetSpec`; with
-    ``dataset="synthetic"`` and no ``data_dir`` a synthetic city is generated into the user cache.
+    ``dataset="synthetic"`` and no ``data_dir`` a synthetic city (``options.synthetic_seed``, not ``seed``,
+    which only shuffles) is generated into the user cache.
     """
 
     def __init__(
@@ -385,17 +388,17 @@ class CrowdFlowDataModule(pl.LightningDataModule):
         return cls(options=options, **arguments)
 
     def _resolved_dir(self) -> Path:
-        return Path(self.data_dir) if self.data_dir is not None else synthetic_cache_dir(self.seed)
+        return Path(self.data_dir) if self.data_dir is not None else synthetic_cache_dir(self.options.synthetic_seed)
 
     def prepare_data(self) -> None:
         if self.data_dir is None:
-            ensure_synthetic_city(self.seed)
+            ensure_synthetic_city(self.options.synthetic_seed)
 
     def setup(self, stage: str | None = None) -> None:
         if self.data is not None:
             return
         if self.data_dir is None:
-            ensure_synthetic_city(self.seed)
+            ensure_synthetic_city(self.options.synthetic_seed)
         data = load_crowd_flow(self.spec, self._resolved_dir(), self.options)
         self.data = data
         self.scaler = data.scaler

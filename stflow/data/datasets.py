@@ -26,9 +26,10 @@ __all__ = ["DatasetSpec", "DATASETS", "register_dataset", "get_dataset_spec", "r
 class DatasetSpec:
     """How to find and interpret one dataset's files inside a data directory.
 
-    File entries are names or glob patterns relative to the data directory; a pattern resolves to
-    its first match in sorted order. ``metric_factor``: a number, or ``"active_cells"`` for
-    ``sqrt(H*W / number of cells that are ever non-zero)`` (the papers report RMSE over active cells).
+    File entries are names or glob patterns relative to the data directory; a pattern must match
+    exactly one file (several matches are an error that lists them). ``metric_factor``: a number, or
+    ``"active_cells"`` for ``sqrt(H*W / number of cells that are ever non-zero)`` (the papers report RMSE over
+    active cells).
     """
 
     name: str
@@ -73,7 +74,7 @@ class DatasetSpec:
 
 
 def resolve_file(data_dir: str | os.PathLike, pattern: str) -> Path:
-    """The file ``pattern`` names inside ``data_dir`` (first sorted match of a glob)."""
+    """The file ``pattern`` names inside ``data_dir`` (a glob must match exactly one file)."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise DataFormatError(f"{data_dir}: data directory not found")
@@ -81,6 +82,10 @@ def resolve_file(data_dir: str | os.PathLike, pattern: str) -> Path:
         matches = sorted(p for p in data_dir.glob(pattern) if p.is_file())
         if not matches:
             raise DataFormatError(f"{data_dir / pattern}: file not found (no file matches the pattern)")
+        if len(matches) > 1:
+            names = ", ".join(p.name for p in matches)
+            raise DataFormatError(f"{data_dir / pattern}: {len(matches)} files match the pattern ({names}); "
+                                  "keep one, or point --data-dir at a folder that holds only the one to read")
         return matches[0]
     path = data_dir / pattern
     if not path.is_file():

@@ -25,6 +25,8 @@ class CrowdFlowOptions:
     rest validation. Features: the external vector (``acfm`` 33/77 dims, ``stresnet`` 8/28, ``none``);
     ``compat_*`` reproduce two bugs of the reference code (off by default). Scaling: min-max fitted on the
     training slots unless ``scale_min`` / ``scale_max`` are given (e.g. 0..267 for the authors' BikeNYC weights).
+    ``synthetic_seed`` picks the generated synthetic city when no data folder is given (the training seed only
+    shuffles and initialises, so two training seeds see the same city).
     """
 
     len_closeness: int = 4
@@ -39,6 +41,7 @@ class CrowdFlowOptions:
     compat_meteorology_bug: bool = False
     scale_min: float | None = None
     scale_max: float | None = None
+    synthetic_seed: int = 0  # which generated synthetic city (no --data-dir); independent of the training seed
 
     def __post_init__(self) -> None:
         for name in ("len_closeness", "len_period", "len_trend"):
@@ -57,6 +60,8 @@ class CrowdFlowOptions:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
         if self.features not in ("acfm", "stresnet", "none"):
             raise ValueError(f"unknown features {self.features!r}; choose from ('acfm', 'stresnet', 'none')")
+        if isinstance(self.synthetic_seed, bool) or not isinstance(self.synthetic_seed, int) or self.synthetic_seed < 0:
+            raise ValueError(f"synthetic_seed must be an integer >= 0, got {self.synthetic_seed!r}")
         for name in ("scale_min", "scale_max"):
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):
