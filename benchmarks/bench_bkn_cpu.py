@@ -1,7 +1,10 @@
 """CPU training cost of Batch Kalman Normalization: forward + backward vs nn.BatchNorm2d (same run).
 
-``python -m benchmarks bkn_cpu [--threads 1 2] [--repeats 100] [--no-reference] [--malloc both]``. Rows: nn.BatchNorm2d
-(baseline), BKN fast path (``BatchKalmanNorm2d(backend="torch")`` with a prior, p=0.9, gradients to
+``python -m benchmarks bkn_cpu [--threads 1 2] [--ghost 0 2] [--repeats 100] [--no-reference] [--malloc both]``.
+Every (shape, layout, ghost group size) is one interleaved loop: NCHW and channels-last, without ghost groups
+(``ghost = 0``) and with ghost groups of ``--ghost`` samples (the BKN layers get ``group_size`` and a ``(G, C)``
+prior, as a Kalman chain over ghost groups hands them; BatchNorm2d and GroupNorm are the same modules).
+Rows: nn.BatchNorm2d (baseline), BKN fast path (``BatchKalmanNorm2d(backend="torch")`` with a prior, p=0.9, gradients to
 the prior too; the posterior is not used downstream), the same layer with the torch-ops finalize
 instead of the C one (``normlayers.set_cpu_finalize("torch")``; the row is left out where no C
 compiler is found and the fast row already uses the torch ops), the fast layer with gradients
@@ -10,7 +13,9 @@ reaching its posterior as well (what a Kalman chain's backward does), the plain-
 median / BatchNorm2d's median and ``ratio_p20`` = p20 / BatchNorm2d's p20, for the same shape, layout
 and thread count; methods are timed round-robin (``--burst`` consecutive calls each per round, their
 mean one sample) so a shared machine's load hits all of them alike while each is timed in its steady
-state. Issue target: BKN fast <= 1.5x BatchNorm2d (NCHW, 2 threads).
+state. Issue targets: BKN fast <= 1.5x BatchNorm2d (NCHW, 2 threads); "scale-out": <= 1.0x at both shapes, NCHW and
+channels-last, with and without ghost groups of 2. ``cpu_ratio`` = the median of the process CPU time per call
+(all threads) over BatchNorm2d's: less sensitive than wall time to other processes sharing the cores.
 
 ``faults`` = minor page faults per call. With glibc's default heap trimming, freeing the x-sized
 buffers of a step can hand the top of the heap back to the OS, and the next step faults it in
@@ -60,21 +65,27 @@ def _step(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, extra: tuple[t
     return fn
 
 
-def _cases(shape: tuple[int, ...], channels_last: bool, reference: bool = True) -> dict[str, Callable[[], None]]:
+def _cases(shape: tuple[int, ...], channels_last: bool, reference: bool = True,
+           ghost: int = 0) -> dict[str, Callable[[], None]]:
     gen = torch.Generator().manual_seed(0)
     c = shape[1]
+    group_size = ghost if ghost else None
+    groups = 1 if group_size is None else shape[0] // group_size
+    stat_shape = (c,) if groups == 1 else (groups, c)  # the prior and the posterior: (C,), or (G, C) per ghost group
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = (torch.randn(shape, generator=gen) * 1.5 + 0.3).to(memory_format=fmt).requires_grad_()
     grad = torch.randn(shape, generator=gen).to(memory_format=fmt)
-    prior = (torch.randn(c, generator=gen).requires_grad_(), (torch.rand(c, generator=gen) + 0.5).requires_grad_())
+    prior = (torch.randn(stat_shape, generator=gen).requires_grad_(),
+             (torch.rand(stat_shape, generator=gen) + 0.5).requires_grad_())
 
     bn = nn.BatchNorm2d(c)
-    bkn = BatchKalmanNorm2d(c, prior_weight=0.9, backend="torch")
+    bkn = BatchKalmanNorm2d(c, prior_weight=0.9, group_size=group_size, backend="torch")
     gn = nn.GroupNorm(32, c)
-    ref = BatchKalmanNorm2d(c, prior_weight=0.9)
+    ref = BatchKalmanNorm2d(c, prior_weight=0.9, group_size=group_size)
 
     def reference_forward(inp: torch.Tensor) -> torch.Tensor:
-        return batch_kalman_norm_reference(inp, ref.weight, ref.bias, prior[0], prior[1], 0.9)[0]
+        return batch_kalman_norm_reference(inp, ref.weight, ref.bias, prior[0], prior[1], 0.9,
+                                           group_size=group_size)[0]
 
     def torch_finalize_forward(inp: torch.Tensor) -> torch.Tensor:
         set_cpu_finalize("torch")  # this call's hot path without the C finalize (its backward follows the forward)
@@ -83,7 +94,7 @@ def _cases(shape: tuple[int, ...], channels_last: bool, reference: bool = True) 
         finally:
             set_cpu_finalize("auto")
 
-    posterior_grads = (torch.randn(c, generator=gen), torch.randn(c, generator=gen))
+    posterior_grads = (torch.randn(stat_shape, generator=gen), torch.randn(stat_shape, generator=gen))
     chain_inputs = [x, *bkn.parameters(), *prior]
 
     def chained() -> None:  # as inside a Kalman chain: the next layer's prior was computed from this posterior
@@ -114,26 +125,29 @@ def _interleaved(cases: dict[str, Callable[[], None]], *, warmup: int, repeats: 
     small ops, measures cache refill more than the method), load drift still shared by all.
     """
     samples: dict[str, list[float]] = {name: [] for name in cases}
+    cpu: dict[str, list[float]] = {name: [] for name in cases}  # process CPU time (all threads)
     faults: dict[str, int] = {name: 0 for name in cases}
     for fn in cases.values():
         time_fn(fn, warmup=warmup, repeats=1)
     for _ in range(repeats):
         for name, fn in cases.items():
             before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             for _ in range(burst):
                 fn()
             samples[name].append((time.perf_counter() - t0) * 1e3 / burst)
+            cpu[name].append((time.process_time() - c0) * 1e3 / burst)
             faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
     out = {}
     for name, values in samples.items():
         q = statistics.quantiles(values, n=10)
         out[name] = {"p20_ms": q[1], "p50_ms": statistics.median(values), "p80_ms": q[7],
-                     "faults": faults[name] / (repeats * burst)}
+                     "cpu_p50_ms": statistics.median(cpu[name]), "faults": faults[name] / (repeats * burst)}
     return out
 
 
-def _measure(threads: list[int], repeats: int, warmup: int, burst: int, reference: bool, malloc: str) -> list[dict]:
+def _measure(threads: list[int], repeats: int, warmup: int, burst: int, reference: bool, malloc: str,
+             ghost: tuple[int, ...] = (0, 2)) -> list[dict]:
     rows = []
     previous_threads = torch.get_num_threads()
     try:
@@ -141,16 +155,18 @@ def _measure(threads: list[int], repeats: int, warmup: int, burst: int, referenc
             torch.set_num_threads(n_threads)
             for shape in SHAPES:
                 for layout in ("nchw", "channels_last"):
-                    cases = _cases(shape, layout == "channels_last", reference=reference)
-                    timings = _interleaved(cases, warmup=warmup, repeats=repeats, burst=burst)
-                    base = timings["BatchNorm2d"]
-                    for name, t in timings.items():
-                        rows.append({
-                            "shape": "x".join(map(str, shape)), "layout": layout, "threads": n_threads,
-                            "malloc": malloc, "method": name, "p20_ms": t["p20_ms"], "p50_ms": t["p50_ms"],
-                            "p80_ms": t["p80_ms"], "ratio_bn": t["p50_ms"] / base["p50_ms"],
-                            "ratio_p20": t["p20_ms"] / base["p20_ms"], "faults": t["faults"],
-                        })
+                    for group_size in ghost:
+                        cases = _cases(shape, layout == "channels_last", reference=reference, ghost=group_size)
+                        timings = _interleaved(cases, warmup=warmup, repeats=repeats, burst=burst)
+                        base = timings["BatchNorm2d"]
+                        for name, t in timings.items():
+                            rows.append({
+                                "shape": "x".join(map(str, shape)), "layout": layout, "ghost": group_size,
+                                "threads": n_threads, "malloc": malloc, "method": name, "p20_ms": t["p20_ms"],
+                                "p50_ms": t["p50_ms"], "p80_ms": t["p80_ms"], "ratio_bn": t["p50_ms"] / base["p50_ms"],
+                                "ratio_p20": t["p20_ms"] / base["p20_ms"],
+                                "cpu_ratio": t["cpu_p50_ms"] / base["cpu_p50_ms"], "faults": t["faults"],
+                            })
     finally:
         torch.set_num_threads(previous_threads)
     return rows
@@ -171,6 +187,7 @@ class Options:
     """``python -m benchmarks bkn_cpu`` options."""
 
     threads: tuple[int, ...] = (1, 2)
+    ghost: tuple[int, ...] = (0, 2)  # ghost group sizes (0: no ghost groups), each an interleaved loop
     repeats: int = 100  # rounds (each method once per round)
     burst: int = 10  # consecutive calls per method and round
     no_reference: bool = False  # skip the (slow) plain-torch reference rows
@@ -182,13 +199,15 @@ class Options:
     def validate(self) -> None:
         if min(self.threads, default=0) < 1 or self.repeats < 1 or self.burst < 1 or self.warmup < 0:
             raise ValueError("threads, repeats and burst must be >= 1, warmup >= 0")
+        if not self.ghost or min(self.ghost) < 0:
+            raise ValueError("ghost: group sizes >= 0 (0: no ghost groups)")
 
 
 def main(argv: list[str] | None = None) -> int:
     args, _ = parse_cli(Options, argv, prog="python -m benchmarks bkn_cpu", description=__doc__.splitlines()[0])
 
     measure_args = dict(threads=args.threads, repeats=args.repeats, warmup=args.warmup, burst=args.burst,
-                        reference=not args.no_reference)
+                        reference=not args.no_reference, ghost=tuple(args.ghost))
     if args.rows_out:  # the no-trim child
         with open(args.rows_out, "w") as fh:
             json.dump(_measure(**measure_args, malloc=args.malloc), fh)
@@ -198,19 +217,20 @@ def main(argv: list[str] | None = None) -> int:
         rows += _measure(**measure_args, malloc="default")
     if args.malloc in ("no-trim", "both"):
         child_argv = ["--threads", *map(str, args.threads), "--repeats", str(args.repeats),
-                      "--warmup", str(args.warmup), "--burst", str(args.burst)]
+                      "--warmup", str(args.warmup), "--burst", str(args.burst), "--ghost", *map(str, args.ghost)]
         rows += _child_rows(child_argv + (["--no-reference"] if args.no_reference else []))
     load = " ".join(f"{v:.1f}" for v in os.getloadavg())  # other processes sharing the cores inflate every figure
     report(
         "bkn_cpu",
         rows,
-        columns=["shape", "layout", "threads", "malloc", "method", "p20_ms", "p50_ms", "p80_ms", "ratio_bn",
-                 "ratio_p20", "faults"],
+        columns=["shape", "layout", "ghost", "threads", "malloc", "method", "p20_ms", "p50_ms", "p80_ms", "ratio_bn",
+                 "ratio_p20", "cpu_ratio", "faults"],
         notes=["fp32 training forward + backward (grads of input, affine params and, for BKN, the prior); "
                f"per round each method runs {args.burst} consecutive calls (their mean is one sample), "
                f"{args.repeats} rounds",
                "ratio_bn: median over BatchNorm2d's median (ratio_p20: p20 over p20), same shape/layout/threads/"
-               "malloc; target BKN fast <= 1.5",
+               "malloc and ghost group size (ghost 0: none); targets BKN fast <= 1.5 (NCHW), <= 1.0 (scale-out)",
+               "cpu_ratio: median process CPU time per call over BatchNorm2d's (all threads; robust to shared cores)",
                f"BKN fast's per-channel finalize: {cpu_finalize()} (normlayers.cpu_finalize())",
                "faults: minor page faults per call; malloc no-trim = MALLOC_MMAP_THRESHOLD_=64 MiB, "
                "MALLOC_TRIM_THRESHOLD_=256 MiB (glibc stops returning the heap top to the OS)",

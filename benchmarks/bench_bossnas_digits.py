@@ -10,6 +10,13 @@ score (negated: the rating is a loss) and mean stand-alone accuracy, printed bes
 seed-vs-seed ceiling, the "more parameters is better" baseline (same run) and DNA's tau (read
 from ``benchmarks/results/dna_digits.json`` when present).
 
+``--earlier-blocks train frozen``: the earlier blocks keep training along their searched path while
+block k trains (``train``, the authors' and the default) or are frozen (``frozen``, the earlier default).
+
+``--retrain``: the architecture each search (default config) ends with is retrained stand-alone and
+5-fold cross-validated with the ground truth's seeds and epochs, beside random architectures of equal
+parameter count (within 5 %) trained the same way (``benchmarks/results/bossnas_digits_retrain.json``).
+
 Variants: ``tuned`` = the packaged ``bossnas_digits`` config, ``nas/configs/bossnas_digits.yaml`` (fair 4-path
 ensembles, strong views, batch 256, recalibration); ``plain`` = a straightforward setting (15 epochs per
 block, 2 random paths, batch 64, weak views) for comparison.
@@ -75,6 +82,9 @@ class BossNASDigitsBench(GroundTruthOptions):
     seeds: list[int] = field(default_factory=lambda: [0])  # BossNAS search seeds
     epochs: int | None = None  # override epochs per block (tuned variant)
     variant: list[str] = field(default_factory=lambda: ["tuned"])  # tuned and/or plain
+    earlier_blocks: list[str] = field(default_factory=lambda: ["train"])  # train (authors') and/or frozen
+    retrain: bool = False  # retrain + cross-validate the searched nets beside equal-size random ones
+    random_archs: int = 3  # random architectures of equal parameter count (--retrain)
     out_dir: str = "runs/bench-bossnas-digits"  # search run directories (resumable)
     fresh: bool = False  # delete previous runs in --out-dir first
 
@@ -86,6 +96,8 @@ class BossNASDigitsBench(GroundTruthOptions):
             raise ValueError(f"norm must be bn or bkn, got {self.norm!r}")
         if not self.variant or set(self.variant) - {"tuned", "plain"}:
             raise ValueError(f"variant must be tuned and/or plain, got {self.variant}")
+        if not self.earlier_blocks or set(self.earlier_blocks) - {"train", "frozen"}:
+            raise ValueError(f"earlier_blocks must be train and/or frozen, got {self.earlier_blocks}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,21 +137,28 @@ def _main(argv: list[str]) -> int:
         BossNASConfig, args.search_config, packages=("nas",), norm=args.norm, progress=False, space="mbconv"
     )
     raters: dict[str, list[float]] = {}
-    for variant in args.variant:
+    searched: list[dict[str, Any]] = []
+    for variant, earlier in itertools.product(args.variant, args.earlier_blocks):
         cfg = dataclasses.replace(base, **PLAIN) if variant == "plain" else base
+        cfg = dataclasses.replace(cfg, earlier_blocks=earlier)
         if args.epochs is not None and variant == "tuned":
             cfg = dataclasses.replace(cfg, epochs_per_block=args.epochs)
         taus, tables = [], []
         for seed in args.seeds:
-            run = dataclasses.replace(cfg, seed=seed, out_dir=str(out / f"{variant}-{args.norm}-seed{seed}"))
+            name = f"{variant}-{earlier}-{args.norm}-seed{seed}"
+            run = dataclasses.replace(cfg, seed=seed, out_dir=str(out / name))
             summary = run_search(run, log=lambda s: None)
             table = load_ratings(Path(run.out_dir) / "ratings.json")
             tables.append(table)
             res = evaluate(table, encodings, acc)
             vs_params = evaluate(table, encodings, [a["params"] for a in gt["architectures"]])
+            arch = json.loads((Path(run.out_dir) / "architecture.json").read_text())
+            searched.append({"run": name, "variant": variant, "earlier": earlier, "seed": seed,
+                             "encoding": arch["encoding"]})
             row = {
                 "rater": "BossNAS",
                 "variant": variant,
+                "earlier": earlier,
                 "seed": seed,
                 **_corr(res, sign=-1.0),
                 "tau_vs_params": -vs_params["kendall"],
@@ -148,18 +167,23 @@ def _main(argv: list[str]) -> int:
             }
             rows.append(row)
             taus.append(row["kendall"])
-        rows.append({"rater": "BossNAS mean", "variant": variant, "seed": "all", "kendall": float(np.mean(taus))})
-        raters[f"BossNAS {variant} (mean of {len(tables)} seeds)"] = agreement(tables, encodings)
+        rows.append({"rater": "BossNAS mean", "variant": variant, "earlier": earlier, "seed": "all",
+                     "kendall": float(np.mean(taus))})
+        raters[f"BossNAS {variant}, earlier {earlier}\n(mean of {len(tables)} seeds)"] = agreement(tables, encodings)
         if len(tables) > 1:
             rows.append(
                 {
                     "rater": "BossNAS seed-vs-seed (all archs)",
                     "variant": variant,
+                    "earlier": earlier,
                     "seed": "pairs",
                     "kendall": rating_stability(space, tables),
                 }
             )
     plot = plot_agreement(gt, raters, RESULTS_DIR / "bossnas_digits.png")
+    if args.retrain:
+        default = [s for s in searched if s["variant"] == args.variant[0] and s["earlier"] == args.earlier_blocks[0]]
+        retrain_searched(space, gt, default, args)
     total = time.perf_counter() - t_start
     notes = [
         describe_ground_truth(gt),
@@ -174,11 +198,64 @@ def _main(argv: list[str]) -> int:
     report(
         "bossnas_digits",
         rows,
-        columns=["rater", "variant", "seed", "kendall", "spearman", "pearson", "tau_vs_params", "epochs", "seconds"],
+        columns=["rater", "variant", "earlier", "seed", "kendall", "spearman", "pearson", "tau_vs_params", "epochs",
+                 "seconds"],
         notes=notes,
         extra={"ground_truth": str(GT_PATH), "total_seconds": total, "config": base.to_json()},
     )
     return 0
+
+
+def retrain_searched(space: Any, gt: dict[str, Any], searched: list[dict[str, Any]], args: BossNASDigitsBench) -> None:
+    """Cross-validated stand-alone accuracy of the searched nets (one per search seed) beside random
+    architectures of equal parameter count (within 5 % of the first searched net's) and the ground truth's
+    distribution; same folds, epochs and seeds as the ground truth. Writes ``bossnas_digits_retrain.{csv,json}``."""
+    import random
+
+    from nas.costs import count_params
+    from nas.export import build_network
+    from nas.search.groundtruth import cross_validated_accuracy
+
+    t0 = time.perf_counter()
+    unique: dict[str, dict[str, Any]] = {}
+    for s in searched:
+        unique.setdefault(json.dumps(s["encoding"]), {**s, "runs": []})["runs"].append(s["run"])
+    archs = [u["encoding"] for u in unique.values()]
+
+    def params(enc: Any) -> int:
+        return count_params(build_network(space, enc, 10))
+
+    target = params(archs[0])
+    pool = [a for a in itertools.product(*[list(b.enumerate()) for b in space.blocks])
+            if abs(params(a) - target) <= 0.05 * target and json.dumps([list(c) for c in a]) not in unique]
+    rng = random.Random(0)
+    randoms = [[list(c) for c in a] for a in rng.sample(pool, min(args.random_archs, len(pool)))]
+    accs = cross_validated_accuracy(space, archs + randoms, args.gt_seeds, gt["epochs"], gt.get("folds", 1),
+                                    args.gt_workers)
+    gt_acc = np.array([a["accuracy"] for a in gt["architectures"]])
+    rows = []
+    kinds = ["searched"] * len(archs) + ["random, equal params"] * len(randoms)
+    for enc, acc, kind in zip(archs + randoms, accs, kinds):
+        mean = float(np.mean(acc))
+        rows.append({"architecture": kind, "encoding": json.dumps(enc), "params": params(enc), "accuracy": mean,
+                     "per_seed": " ".join(f"{a:.4f}" for a in acc),
+                     "gt_percentile": float((gt_acc < mean).mean() * 100),
+                     "runs": " ".join(unique.get(json.dumps(enc), {}).get("runs", []))})
+    rows.append({"architecture": "ground truth (30 sampled archs)", "accuracy": float(gt_acc.mean()),
+                 "per_seed": f"min {gt_acc.min():.4f} median {np.median(gt_acc):.4f} max {gt_acc.max():.4f}",
+                 "params": int(np.median([a["params"] for a in gt["architectures"]]))})
+    report(
+        "bossnas_digits_retrain",
+        rows,
+        columns=["architecture", "encoding", "params", "accuracy", "per_seed", "gt_percentile", "runs"],
+        notes=[
+            f"{gt.get('folds', 1)}-fold cross-validated stand-alone accuracy, seeds {args.gt_seeds}, {gt['epochs']} "
+            "epochs (the ground truth's protocol); accuracy = mean over seeds; gt_percentile = share of the ground "
+            "truth's architectures with a lower mean accuracy",
+            f"random architectures: {len(randoms)} drawn (seed 0) among the {len(pool)} with params within 5 % of "
+            f"{target}; {time.perf_counter() - t0:.0f} s",
+        ],
+    )
 
 
 def rating_stability(space: Any, tables: list[Any]) -> float:

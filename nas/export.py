@@ -57,13 +57,31 @@ def build_block(block: BlockSpec, candidate: Sequence[int], norm_layer: NormFact
 
 
 class Network(nn.Module):
-    """Stem -> blocks -> global average pool -> linear classifier."""
+    """Stem -> blocks -> global average pool -> linear classifier.
 
-    def __init__(self, stem: nn.Module, blocks: Sequence[nn.Module], features: int, num_classes: int) -> None:
+    Feature taps (dense prediction, :mod:`nas.transfer`): :meth:`forward_features` returns one map per block,
+    and ``feature_info[k]`` gives block ``k``'s ``channels`` and ``stride`` (input side / map side), filled by
+    :func:`build_network` and :func:`build_network_from_strings`.
+    """
+
+    def __init__(
+        self,
+        stem: nn.Module,
+        blocks: Sequence[nn.Module],
+        features: int,
+        num_classes: int,
+        feature_info: Sequence[dict[str, int]] | None = None,
+    ) -> None:
         super().__init__()
         self.stem = stem
         self.blocks = nn.ModuleList(blocks)
         self.head = nn.Linear(features, num_classes)
+        self.feature_info = [dict(f) for f in feature_info] if feature_info is not None else None
+
+    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """One map per block: ``[block 0 output, ..., block K-1 output]``; x: (B, C, H, W), map k:
+        (B, feature_info[k]["channels"], H / stride_k, W / stride_k) (ceil division)."""
+        return self.block_outputs(x)[1:]
 
     def block_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
         """``[stem output, block 0 output, ..., block K-1 output]``; x: (B, C, H, W)."""
@@ -85,7 +103,11 @@ def build_network(
     """A plain ``nn.Module`` for one architecture of ``space`` (trainable from scratch)."""
     encoding = space.validate(encoding)
     blocks = [build_block(b, cand, norm_layer) for b, cand in zip(space.blocks, encoding)]
-    return Network(make_stem(space, norm_layer), blocks, space.blocks[-1].out_channels, num_classes)
+    info, stride = [], space.stem_stride
+    for b in space.blocks:
+        stride *= b.stride
+        info.append({"channels": b.out_channels, "stride": stride})
+    return Network(make_stem(space, norm_layer), blocks, space.blocks[-1].out_channels, num_classes, info)
 
 
 def parse_layer_string(s: str) -> tuple[OpSpec, int, int]:
@@ -118,13 +140,14 @@ def build_network_from_strings(
     from nas.ops import ConvNormAct
 
     stem = ConvNormAct(input_channels, stem_channels, 3, stem_stride, norm_layer)
-    channels = stem_channels
-    blocks = []
+    channels, total_stride = stem_channels, stem_stride
+    blocks, info = [], []
     for block in strings:
         layers = []
         for s in block:
             op, stride, out = parse_layer_string(s)
             layers.append(build_op(op, channels, out, stride, norm_layer))
-            channels = out
+            channels, total_stride = out, total_stride * stride
         blocks.append(nn.Sequential(*layers))
-    return Network(stem, blocks, channels, num_classes)
+        info.append({"channels": channels, "stride": total_stride})
+    return Network(stem, blocks, channels, num_classes, info)

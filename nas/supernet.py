@@ -35,14 +35,24 @@ def make_stem(space: SearchSpace, norm_layer: NormFactory) -> nn.Module:
 class BlockSupernet(nn.Module):
     """All candidate ops of one block with shared weights; ``forward(x, candidate)`` runs one path."""
 
-    def __init__(self, block: BlockSpec, norm_layer: NormFactory = nn.BatchNorm2d) -> None:
+    def __init__(
+        self, block: BlockSpec, norm_layer: NormFactory = nn.BatchNorm2d, cells: Sequence[int] | None = None
+    ) -> None:
         super().__init__()
         self.block = block
+        # The cells this supernet holds (default: all). DNA trains ONE supernet per cell (``cells=[c]``): the other
+        # cells' entries stay empty, so candidates keep the block's encoding and keys (``c<cell>_...``).
+        self.cell_ids: tuple[int, ...] = tuple(range(len(block.cells))) if cells is None else tuple(cells)
+        if not self.cell_ids or len(set(self.cell_ids)) != len(self.cell_ids):
+            raise ValueError(f"cells must be distinct cell indices, got {cells}")
+        for c in self.cell_ids:
+            if not 0 <= c < len(block.cells):
+                raise ValueError(f"cell index {c} out of range (block has {len(block.cells)} cells)")
         # cells[c][i][j]: op j of layer i in cell c
         self.cells = nn.ModuleList()
         for c, cell in enumerate(block.cells):
             layers = nn.ModuleList()
-            for i, layer in enumerate(cell.layers):
+            for i, layer in enumerate(cell.layers if c in self.cell_ids else ()):
                 shape = block.layer_shape(c, i)
                 layers.append(
                     nn.ModuleList(
@@ -56,6 +66,8 @@ class BlockSupernet(nn.Module):
     def path(self, candidate: Sequence[int]) -> list[nn.Module]:
         """The modules on the candidate's path, in order."""
         cell, ops = self.block.split(candidate)
+        if cell not in self.cell_ids:
+            raise ValueError(f"candidate {tuple(candidate)} is in cell {cell}; this supernet holds {self.cell_ids}")
         return [self.cells[cell][i][j] for i, j in enumerate(ops)]
 
     def forward(self, x: torch.Tensor, candidate: Sequence[int]) -> torch.Tensor:
@@ -75,12 +87,14 @@ class BlockSupernet(nn.Module):
         return x
 
     def candidates(self) -> list[Candidate]:
-        return list(self.block.enumerate())
+        """Every candidate of the cells this supernet holds (block order)."""
+        multi = self.block.multi_cell
+        return [c for c in self.block.enumerate() if (c[0] if multi else 0) in self.cell_ids]
 
     def sample(self, rng: random.Random) -> Candidate:
-        """A uniformly random candidate: cell weighted by its number of paths, then one op per layer."""
-        sizes = [_paths(self.block, c) for c in range(len(self.block.cells))]
-        cell = rng.choices(range(len(sizes)), weights=sizes)[0]
+        """A random path: the cell uniformly (each cell is trained as often as the others, as with the
+        authors' one supernet per cell, whatever its number of paths), then one op per layer uniformly."""
+        cell = rng.choices(self.cell_ids)[0]  # one random() draw, as before (resumed runs agree); held cells only
         ops = tuple(rng.randrange(len(layer.ops)) for layer in self.block.cells[cell].layers)
         return ((cell,) if self.block.multi_cell else ()) + ops
 

@@ -29,6 +29,9 @@ Decisions where the method leaves a choice (tested in tests/normlayers/):
 * Prior validation (shape always; NaN/inf/negative variance outside ``torch.compile``) raises ValueError.
 * Choosing a norm by name (``bn``/``gn``/``bkn``/``none``, :class:`NormOptions`, the prior-weight rule
   :func:`prior_weight_for`): :mod:`normlayers.select`.
+* Data-parallel training: :func:`convert_sync` (after :func:`convert`, before DDP) swaps in
+  :class:`SyncBatchKalmanNorm` (global batch moments merged across ranks, synchronized backward, one
+  Monte-Carlo seed per forward broadcast from rank 0): :mod:`normlayers.sync`.
 * CPU hot path: the per-channel finalize is one C call compiled on first use with the system compiler
   (``normlayers.ops.cfinalize``; torch ops without a compiler or with ``set_cpu_finalize("torch")``).
 """
@@ -39,6 +42,7 @@ from normlayers.modules import BatchKalmanNorm, BatchKalmanNorm1d, BatchKalmanNo
 from normlayers.ops.cfinalize import cpu_finalize, set_cpu_finalize
 from normlayers.reference import batch_kalman_norm_reference, update_running_stats_reference
 from normlayers.select import NORM_KINDS, NORMS, NormOptions, NormSpec, norm_spec, prior_weight_for
+from normlayers.sync import SyncBatchKalmanNorm, SyncKalmanChain, convert_sync
 from normlayers.transition import analytic_prior, monte_carlo_prior, pad_channels, residual_merge
 
 __all__ = [
@@ -52,10 +56,13 @@ __all__ = [
     "NORM_KINDS",
     "NormOptions",
     "NormSpec",
+    "SyncBatchKalmanNorm",
+    "SyncKalmanChain",
     "analytic_prior",
     "batch_kalman_norm",
     "batch_kalman_norm_reference",
     "convert",
+    "convert_sync",
     "cpu_finalize",
     "monte_carlo_prior",
     "norm_spec",

@@ -17,7 +17,16 @@ order, the statistics of its input are derived backwards through the graph into 
 * ``Activate(source, activation)``: an activation whose output is used without a conv (e.g. the
   identity branch of a residual after ``silu(bn(x))``) -> the activation's moments (closed form or
   quadrature, :func:`normlayers.transition.activation_moments`, for both transitions);
-* ``Merge(parts)``: a residual addition (``+``, ``torch.add``, ``.add``) -> means and variances add;
+* ``Merge(parts)``: a residual addition (``+``, ``torch.add``, ``.add``) -> means and variances add.
+  What a branch carries (``shortcut``): ``"prior"`` (default, the authors' code) -- a branch whose
+  statistics are a BKN's own input (an identity shortcut into the block's first BKN, or a branch ending
+  in a BKN) carries that BKN's PRIOR of this forward (its posterior only when it had none: a chain
+  start), so a residual stream carries the sum of priors, ``m + m3`` in the authors' ResNet; or
+  ``"posterior"`` -- such a branch carries the BKN's posterior (the batch observation mixed in);
+* ``Pool(source, layer)``: average pooling (``nn.AvgPool1d/2d/3d``, ``F.avg_pool1d/2d/3d``) -> mean and
+  variance kept (the authors' option-A shortcut pools and keeps the statistics), spatial size pooled;
+* ``Pad(source, before, after)``: ``F.pad`` of the CHANNEL dimension only (option-A zero-padded
+  shortcut) -> the new channels get mean 0 and variance 0 (:func:`normlayers.transition.pad_channels`);
 * ``FromInput(name)``: the model input ``name`` -- only used when the caller supplies its statistics
   (:meth:`KalmanChain.set_input_statistics`, e.g. a weight-sharing supernet chaining the ops of a
   path); otherwise a norm layer whose input comes from the model input through convs starts the
@@ -31,8 +40,8 @@ is a norm input/output or a residual sum of such), which a caller can hand to th
 
 Not supported (``ConvertError`` with ``strict=True``; with ``strict=False`` the layer is swapped but
 left un-chained, with a warning): models fx cannot trace (data-dependent control flow), a norm fed by
-anything else (pooling, concatenation, interpolation, a zero-padded/strided option-A shortcut, a
-scaled residual, two activations in a row, ...). Squeeze-excite (``x * sigmoid(fc(pool(x)))``, a
+anything else (max pooling, concatenation, interpolation, a strided-slice shortcut, a scaled residual,
+two activations in a row, ...). Squeeze-excite (``x * sigmoid(fc(pool(x)))``, a
 multiplicative data-dependent gate) is such a case: the norm after it (MBConv's projection norm)
 is left un-chained, and the chain resumes at the next layer since that norm's posterior is still
 recorded. Use :func:`normlayers.transition.pad_channels` and a manual ``bkn(x, prior=...)`` call
@@ -53,7 +62,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from normlayers.modules import BatchKalmanNorm, BatchKalmanNorm1d, BatchKalmanNorm2d, BatchKalmanNorm3d
-from normlayers.transition import activation_moments, analytic_prior, monte_carlo_prior
+from normlayers.transition import activation_moments, analytic_prior, monte_carlo_prior, pad_channels
 
 __all__ = [
     "convert",
@@ -64,6 +73,9 @@ __all__ = [
     "Through",
     "Activate",
     "Merge",
+    "Pool",
+    "Pad",
+    "SHORTCUTS",
     "ACTIVATION_MODULES",
     "ACTIVATION_FUNCTIONS",
     "ACTIVATION_METHODS",
@@ -103,6 +115,9 @@ ACTIVATION_METHODS: dict[str, str] = {
 }
 _TRANSPARENT_MODULES = (nn.Identity, nn.Dropout, nn.Dropout2d, nn.Dropout3d)  # statistics unchanged (eval-like)
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
+_AVG_POOL_MODULES = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
+_AVG_POOL_FUNCTIONS = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)
+SHORTCUTS = ("prior", "posterior")  # what a residual branch that is a BKN's own input carries (see Merge)
 
 
 class ConvertError(RuntimeError):
@@ -146,7 +161,26 @@ class Merge:
     parts: tuple[Recipe, ...]
 
 
-Recipe = FromPosterior | FromInput | Through | Activate | Merge
+@dataclass(frozen=True)
+class Pool:
+    """Average pooling of ``source``: statistics kept, spatial size ``(s + 2p - k) // stride + 1``."""
+
+    source: Recipe
+    kernel: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Pad:
+    """``source`` zero-padded with ``before`` / ``after`` channels (mean 0, variance 0)."""
+
+    source: Recipe
+    before: int
+    after: int
+
+
+Recipe = FromPosterior | FromInput | Through | Activate | Merge | Pool | Pad
 
 
 class _Unsupported(Exception):
@@ -177,6 +211,44 @@ def _skip_transparent(node: Any, modules: dict[str, nn.Module]) -> Any:
     ):
         node = node.args[0]
     return node
+
+
+def _pool_geometry(node: torch.fx.Node, modules: dict[str, nn.Module]) -> tuple[tuple[int, ...], ...] | None:
+    """(kernel, stride, padding) of an average-pooling node, else None."""
+    if node.op == "call_module" and isinstance(modules[node.target], _AVG_POOL_MODULES):
+        m = modules[node.target]
+        nd = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}[type(m)]
+        k = _ints(m.kernel_size, nd)
+        return k, _ints(m.stride if m.stride is not None else m.kernel_size, nd), _ints(m.padding, nd)
+    if node.op == "call_function" and node.target in _AVG_POOL_FUNCTIONS:
+        nd = _AVG_POOL_FUNCTIONS.index(node.target) + 1
+        args = list(node.args) + [None] * 3
+        k = node.kwargs.get("kernel_size", args[1])
+        stride = node.kwargs.get("stride", args[2]) or k
+        pad = node.kwargs.get("padding", args[3]) or 0
+        return _ints(k, nd), _ints(stride, nd), _ints(pad, nd)
+    return None
+
+
+def _ints(v: Any, nd: int) -> tuple[int, ...]:
+    return tuple(int(i) for i in v) if isinstance(v, (tuple, list)) else (int(v),) * nd
+
+
+def _channel_pad(node: torch.fx.Node) -> tuple[int, int] | None:
+    """(before, after) of an ``F.pad`` that pads only the channel dimension of an (N, C, ...) tensor."""
+    if node.op != "call_function" or node.target is not F.pad:
+        return None
+    pad = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
+    mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+    value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value", None)
+    if mode != "constant" or value not in (None, 0, 0.0) or not isinstance(pad, (tuple, list)) or len(pad) < 4:
+        return None
+    if len(pad) % 2 or any(int(p) != 0 for p in pad[:-2]):
+        return None  # pads a spatial dimension too (or the batch): not a channel pad
+    shape = getattr(node.args[0], "meta", {}).get("tensor_meta")
+    if shape is not None and len(pad) // 2 != len(shape.shape) - 1:
+        return None
+    return int(pad[-2]), int(pad[-1])
 
 
 def _is_add(node: torch.fx.Node) -> bool:
@@ -240,6 +312,14 @@ def _plan(model: nn.Module) -> _Plan:
         if act is not None:
             inner = stats(t.args[0], before, use_input)
             return None if inner is None else Activate(inner, act)
+        geometry = _pool_geometry(t, modules)
+        if geometry is not None:
+            inner = stats(t.args[0], before, use_input)
+            return None if inner is None else Pool(inner, *geometry)
+        channels = _channel_pad(t)
+        if channels is not None:
+            inner = stats(t.args[0], before, use_input)
+            return None if inner is None else Pad(inner, *channels)
         if _is_add(t) and len(t.args) == 2 and not t.kwargs:
             parts = tuple(stats(a, before, use_input) for a in t.args)
             if any(p is None for p in parts):
@@ -295,7 +375,10 @@ class KalmanChain:
 
     def __init__(self, model: nn.Module, plan: dict[str, Recipe | None], unchained: dict[str, str],
                  generator: torch.Generator | None = None, from_input: dict[str, Recipe] | None = None,
-                 output: Recipe | None = None) -> None:
+                 output: Recipe | None = None, shortcut: str = "prior") -> None:
+        if shortcut not in SHORTCUTS:
+            raise ValueError(f"shortcut must be one of {SHORTCUTS}, got {shortcut!r}")
+        self.shortcut = shortcut
         self.plan = plan
         self.unchained = unchained
         self.generator = generator
@@ -303,6 +386,7 @@ class KalmanChain:
         self.output = output
         self.layers: dict[str, nn.Module] = dict(model.named_modules())
         self._posteriors: dict[str, tuple[Tensor, Tensor, tuple[int, ...]]] = {}
+        self._priors: dict[str, tuple[Tensor, Tensor, tuple[int, ...]]] = {}  # priors fed in this forward
         self._pending_input: tuple[Tensor, Tensor, tuple[int, ...]] | None = None
         self._input: tuple[Tensor, Tensor, tuple[int, ...]] | None = None
         self._handles = [model.register_forward_pre_hook(self._reset)]
@@ -318,6 +402,7 @@ class KalmanChain:
             handle.remove()
         self._handles.clear()
         self._posteriors.clear()
+        self._priors.clear()
         self._pending_input = self._input = None
 
     def set_input_statistics(self, stats: tuple[Tensor, Tensor, tuple[int, ...]] | None) -> None:
@@ -341,6 +426,7 @@ class KalmanChain:
 
     def _reset(self, module: nn.Module, args: Any) -> None:
         self._posteriors.clear()
+        self._priors.clear()
         self._input, self._pending_input = self._pending_input, None
 
     def _record(self, name: str, module: nn.Module, args: Any, output: Tensor) -> None:
@@ -362,10 +448,16 @@ class KalmanChain:
         mean, var, _ = stats
         if mean.dim() == 2 and mean.shape[0] == 1:  # (1, C) -> (C,): one group
             mean, var = mean[0], var[0]
+        self._priors[name] = (mean, var, tuple(args[0].shape[2:]))
         return args, {**kwargs, "prior": (mean, var)}
 
-    def _evaluate(self, recipe: Recipe, transition: str) -> tuple[Tensor, Tensor, tuple[int, ...]] | None:
+    def _evaluate(self, recipe: Recipe, transition: str,
+                  carried: bool = False) -> tuple[Tensor, Tensor, tuple[int, ...]] | None:
+        """Statistics of ``recipe``; ``carried``: inside a residual branch (no conv since the merge), where
+        ``shortcut="prior"`` makes a BKN's own input carry that BKN's prior (the authors' prior sum)."""
         if isinstance(recipe, FromPosterior):
+            if carried and self.shortcut == "prior" and recipe.layer in self._priors:
+                return self._priors[recipe.layer]
             return self._posteriors.get(recipe.layer)
         if isinstance(recipe, FromInput):
             return self._input
@@ -383,12 +475,25 @@ class KalmanChain:
                                          activation=recipe.activation)
             return m, v, _conv_output_size(layer, size)
         if isinstance(recipe, Activate):
-            src = self._evaluate(recipe.source, transition)
+            src = self._evaluate(recipe.source, transition, carried)
             if src is None:
                 return None
             mean, var = activation_moments(src[0], src[1], recipe.activation)
             return mean, var, src[2]
-        parts = [self._evaluate(p, transition) for p in recipe.parts]
+        if isinstance(recipe, Pool):
+            src = self._evaluate(recipe.source, transition, carried)
+            if src is None:
+                return None
+            size = tuple((s + 2 * p - k) // st + 1 for s, k, st, p in
+                         zip(src[2], recipe.kernel, recipe.stride, recipe.padding or (0,) * len(recipe.kernel)))
+            return src[0], src[1], size
+        if isinstance(recipe, Pad):
+            src = self._evaluate(recipe.source, transition, carried)
+            if src is None:
+                return None
+            mean, var = pad_channels((src[0], src[1]), recipe.before, recipe.after)
+            return mean, var, src[2]
+        parts = [self._evaluate(p, transition, carried=True) for p in recipe.parts]
         if any(p is None for p in parts):
             return None
         mean = functools.reduce(operator.add, [p[0] for p in parts])
@@ -423,15 +528,20 @@ def convert(
     backend: str = "auto",
     strict: bool = True,
     generator: torch.Generator | None = None,
+    shortcut: str = "prior",
 ) -> nn.Module:
     """Replace every ``nn.BatchNorm{1,2,3}d`` by a BKN (weights and buffers copied) and chain them.
 
     Returns ``model`` (modified in place) with ``model.kalman_chain`` (a :class:`KalmanChain`).
     Raises :class:`ConvertError` for models or layers it cannot wire (see the module docstring);
     ``strict=False`` swaps such layers anyway and leaves them without prior, with a warning.
+    ``shortcut``: what a residual branch that is a BKN's own input carries, ``"prior"`` (the authors')
+    or ``"posterior"`` (see the module docstring, ``Merge``).
     """
     if hasattr(model, "kalman_chain"):
         raise ConvertError("model is already converted (it has a kalman_chain)")
+    if shortcut not in SHORTCUTS:
+        raise ValueError(f"shortcut must be one of {SHORTCUTS}, got {shortcut!r}")
     if isinstance(model, tuple(_BN_TO_BKN)):
         raise ConvertError("convert a model that contains BatchNorm layers, not a single BatchNorm layer")
     planned = _plan(model)
@@ -451,6 +561,6 @@ def convert(
         if isinstance(module, BatchKalmanNorm):
             continue
         _swap(model, name, _to_bkn(module, **options))
-    model.kalman_chain = KalmanChain(model, plan, errors, generator, planned.from_input, planned.output)
+    model.kalman_chain = KalmanChain(model, plan, errors, generator, planned.from_input, planned.output, shortcut)
     return model
 

@@ -115,12 +115,14 @@ def try_hot_path(
     group_size: int | None,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor] | None:
-    """The layer's common case (training with a prior, no ghost groups, torch backend) in few Python
-    lines: ``(y, post_mean (C,), post_var (C,))`` from :func:`normlayers.ops.torch_backend.hot_train`, or ``None``
-    when it does not apply (then :func:`batch_kalman_norm`'s general path validates and runs)."""
-    if (training and prior is not None and group_size is None and isinstance(x, Tensor) and x.dim() > 2
+    """The layer's common case (training with a prior, torch backend; NCHW or channels-last, with or without
+    ghost groups) in few Python lines: ``(y, post_mean, post_var)`` from
+    :func:`normlayers.ops.torch_backend.hot_train`, posteriors ``(C,)`` with one group and ``(G, C)`` with
+    several, or ``None`` when it does not apply (then :func:`batch_kalman_norm`'s general path validates and runs)."""
+    if (training and prior is not None and isinstance(x, Tensor) and x.dim() > 2
             and (backend == "torch" or backend == "auto" and not x.is_cuda)):
-        return hot_train(x, running_mean, running_var, weight, bias, prior, prior_weight, momentum, eps, guard_ratio)
+        return hot_train(x, running_mean, running_var, weight, bias, prior, prior_weight, momentum, eps, guard_ratio,
+                         group_size)
     return None
 
 
@@ -155,7 +157,9 @@ def batch_kalman_norm(
     out = try_hot_path(x, running_mean, running_var, weight, bias, prior, prior_weight, training, momentum, eps,
                        guard_ratio, group_size, backend)
     if out is not None:
-        return out if flat else (out[0], out[1].view(1, -1), out[2].view(1, -1))  # (C,) -> (1, C)
+        if flat or out[1].dim() == 2:  # (G, C) with several ghost groups
+            return out
+        return out[0], out[1].view(1, -1), out[2].view(1, -1)  # (C,) -> (1, C)
     impl = None
     if backend == "triton" or (backend == "auto" and x.is_cuda):
         impl = _triton_impl(must_run=backend == "auto")

@@ -40,6 +40,7 @@ kernels) for the per-rank part.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -125,7 +126,7 @@ def sync_batch_kalman_norm(
     c = x.shape[1]
     sdt = stats_dtype(x.dtype)
     world = _world_size(process_group)
-    xs = x.to(sdt).reshape(x.shape[0], c, -1)  # (N_r, C, L)
+    xs = x.to(sdt).reshape(x.shape[0], c, math.prod(x.shape[2:]))  # (N_r, C, L)
     count = xs.shape[0] * xs.shape[2]
     if count > 0:
         var_r, mean_r = torch.var_mean(xs, dim=(0, 2), correction=0)

@@ -118,30 +118,35 @@ def _one_line(err: BaseException | str) -> str:
     return text
 
 
-def _keys_of_kind(cls: type, prefix: str = "") -> tuple[set[str], set[str]]:
-    """Dotted keys of fields that accept a bool (a bare ``--resume`` means ``--resume true``) and of list/tuple
-    fields (``--seeds 0 1 2`` means ``--seeds [0, 1, 2]``)."""
+def _keys_of_kind(cls: type, prefix: str = "") -> tuple[set[str], set[str], set[str]]:
+    """Dotted keys of fields that accept a bool (a bare ``--resume`` means ``--resume true``), of fields that
+    accept a list/tuple (``--seeds 0 1 2`` means ``--seeds [0, 1, 2]``) and of fields that accept nothing else
+    (``--seeds 3`` means ``--seeds [3]``; ``--devices 2`` of an ``int | list[int]`` field stays an int)."""
     bools: set[str] = set()
     lists: set[str] = set()
+    only_lists: set[str] = set()
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         hint = hints.get(f.name)
         if dataclasses.is_dataclass(hint):
-            inner_bools, inner_lists = _keys_of_kind(hint, f"{prefix}{f.name}.")
+            inner_bools, inner_lists, inner_only = _keys_of_kind(hint, f"{prefix}{f.name}.")
             bools |= inner_bools
             lists |= inner_lists
+            only_lists |= inner_only
             continue
         options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
         if any(option is bool for option in options):
             bools.add(prefix + f.name)
         if any(typing.get_origin(option) in (list, tuple, collections.abc.Sequence) for option in options):
             lists.add(prefix + f.name)
-    return bools, lists
+            if all(typing.get_origin(o) in (list, tuple, collections.abc.Sequence) or o is type(None) for o in options):
+                only_lists.add(prefix + f.name)
+    return bools, lists, only_lists
 
 
 def _expand_flags(argv: list[str], cls: type) -> list[str]:
     """Bare bool flags get ``true``; a list flag followed by several values gets them as one YAML list."""
-    bool_keys, list_keys = _keys_of_kind(cls)
+    bool_keys, list_keys, only_list_keys = _keys_of_kind(cls)
     out: list[str] = []
     i = 0
     while i < len(argv):
@@ -154,7 +159,8 @@ def _expand_flags(argv: list[str], cls: type) -> list[str]:
         key = flag[2:] if flag.startswith("--") and "=" not in flag else None
         if key in bool_keys and not values:
             out += [flag, "true"]
-        elif key in list_keys and values and not (len(values) == 1 and values[0].lstrip().startswith(("[", "("))):
+        elif key in list_keys and (len(values) > 1 or (
+                key in only_list_keys and len(values) == 1 and not values[0].lstrip().startswith(("[", "(")))):
             out += [flag, "[" + ", ".join(values) + "]"]
         else:
             out += [flag, *values]

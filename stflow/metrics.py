@@ -81,7 +81,9 @@ class FlowMetrics(Metric):
         if active_mask is not None:
             active_mask = torch.as_tensor(active_mask, dtype=torch.bool)
             if active_mask.ndim != 2 or not active_mask.any():
-                raise ValueError(f"active_mask must be a non-empty (H, W) bool map, got shape {tuple(active_mask.shape)}")
+                raise ValueError(
+                    f"active_mask must be a non-empty (H, W) bool map, got shape {tuple(active_mask.shape)}"
+                )
         self.active_mask: Tensor | None
         self.register_buffer("active_mask", active_mask, persistent=False)
         # float64 sums: thousands of samples x cells of squared counts lose digits in float32.
@@ -113,7 +115,9 @@ class FlowMetrics(Metric):
         else:
             if self.active_mask.shape != pred.shape[2:]:
                 raise ValueError(f"active_mask is {tuple(self.active_mask.shape)}, the grid is {tuple(pred.shape[2:])}")
-            self.sae_active.index_add_(0, index, abs_err[:, :, self.active_mask].sum(dim=2))  # (B, C, n_active) -> (B, C)
+            self.sae_active.index_add_(
+                0, index, abs_err[:, :, self.active_mask].sum(dim=2)
+            )  # (B, C, n_active) -> (B, C)
             self.active_cells.fill_(int(self.active_mask.sum()))
         self.hits.index_add_(0, index, torch.ones_like(index, dtype=torch.float64))
         self.cells.fill_(pred.shape[2] * pred.shape[3])

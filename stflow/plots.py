@@ -16,7 +16,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-__all__ = ["plot_flow_maps", "plot_rmse_by_hour", "plot_cell_rmse", "rmse_by_hour", "cell_rmse", "write_evaluation_plots"]
+__all__ = [
+    "plot_flow_maps",
+    "plot_rmse_by_hour",
+    "plot_cell_rmse",
+    "rmse_by_hour",
+    "cell_rmse",
+    "write_evaluation_plots",
+]
 
 CHANNELS = ("inflow", "outflow")
 
@@ -65,7 +72,11 @@ def rmse_by_hour(
 
 
 def plot_rmse_by_hour(
-    pred: np.ndarray, true: np.ndarray, timestamps: pd.DatetimeIndex, path: str | os.PathLike, metric_factor: float = 1.0
+    pred: np.ndarray,
+    true: np.ndarray,
+    timestamps: pd.DatetimeIndex,
+    path: str | os.PathLike,
+    metric_factor: float = 1.0,
 ) -> Path:
     hours, rmse = rmse_by_hour(pred, true, timestamps, metric_factor)
     fig, ax = plt.subplots(figsize=(7, 3.5), constrained_layout=True)
@@ -118,7 +129,9 @@ def write_evaluation_plots(
         wanted = pd.Timestamp(hour)
         hits = np.flatnonzero(timestamps == wanted)
         if not hits.size:
-            raise ValueError(f"hour {wanted} is not a test target; the test period is {timestamps[0]} .. {timestamps[-1]}")
+            raise ValueError(
+                f"hour {wanted} is not a test target; the test period is {timestamps[0]} .. {timestamps[-1]}"
+            )
         row = int(hits[0])
     out = Path(out_dir)
     stamp = timestamps[row].strftime("%Y-%m-%d_%H%M")

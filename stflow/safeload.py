@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +25,15 @@ class UnsafeCheckpointError(ValueError):
 
 
 def _first_line(err: BaseException) -> str:
+    """The informative part of torch's multi-line message: what the restricted unpickler stopped at."""
     text = str(err).strip()
-    for line in text.splitlines():
-        line = line.strip()
-        if line.startswith("WeightsUnpickler error:"):
-            return line
-    return text.splitlines()[0] if text else type(err).__name__
+    global_ = re.search(r"GLOBAL ([\w.]+)", text)
+    if global_:
+        return f"the restricted unpickler stopped at the Python global {global_.group(1)}"
+    if "WeightsUnpickler error:" in text:
+        detail = " ".join(text.split("WeightsUnpickler error:", 1)[1].split())
+        return detail.split(" Check the documentation")[0].rstrip(".")
+    return " ".join(text.split())[:300] if text else type(err).__name__
 
 
 def safe_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
@@ -41,7 +45,7 @@ def safe_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        if "weights_only" in str(err) or "WeightsUnpickler" in str(err):
+        if re.search(r"GLOBAL [\w.]+", str(err)):
             raise UnsafeCheckpointError(
                 f"{path}: refused, it holds Python objects other than tensors and plain data, which could run code "
                 f"when loaded ({_first_line(err)})"

@@ -175,6 +175,7 @@ class ForecastingSystem(pl.LightningModule):
         self.train_metrics: FlowMetrics | None = None
         self.val_metrics: FlowMetrics | None = None
         self.test_metrics: FlowMetrics | None = None
+        self.val_raw_metrics: FlowMetrics | None = None
         if num_slots is not None:
             self._build_metrics(int(num_slots))
 
@@ -199,6 +200,9 @@ class ForecastingSystem(pl.LightningModule):
         """(Re)create the train/val/test metrics for ``num_slots`` target slots and the MAE cell mask."""
         make = lambda: FlowMetrics(num_slots, self.scale, self.metric_factor, active_mask)  # noqa: E731
         self.train_metrics, self.val_metrics, self.test_metrics = make(), make(), make()
+        # With weight averaging, validation also scores the raw (un-averaged) weights of the same run
+        # (``val_raw_*``): the averaging does not change the training trajectory, so this compares the two.
+        self.val_raw_metrics = make() if self.ema_model is not None else None
 
     def _active_mask(self, datamodule: Any) -> Tensor | None:
         """Cells that are ever non-zero in the data module's flows, when the protocol factor says some never
@@ -280,7 +284,9 @@ class ForecastingSystem(pl.LightningModule):
         pred = (self.model if self.training else self.eval_model)(batch)
         target = batch["target"]
         if pred.shape != target.shape:
-            raise ValueError(f"{type(self.model).__name__} returned {tuple(pred.shape)}, target is {tuple(target.shape)}")
+            raise ValueError(
+                f"{type(self.model).__name__} returned {tuple(pred.shape)}, target is {tuple(target.shape)}"
+            )
         metrics.update(pred, target, batch["index"])
         return pred, self._loss(pred, target)
 
@@ -291,6 +297,8 @@ class ForecastingSystem(pl.LightningModule):
 
     def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
         self._step(batch, self.val_metrics)
+        if self.val_raw_metrics is not None:
+            self.val_raw_metrics.update(self.model(batch), batch["target"], batch["index"])
 
     def test_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
         self._step(batch, self.test_metrics)
@@ -313,7 +321,7 @@ class ForecastingSystem(pl.LightningModule):
             f"{stage}_mae": values["mae"],
             f"{stage}_samples": values["n_samples"],
         }
-        if stage != "train":
+        if stage in ("val", "test"):
             logged[f"{stage}_loss"] = loss
         # Identical on every rank (the states were reduced), so sync_dist's mean changes nothing.
         self.log_dict(logged, sync_dist=True, prog_bar=stage == "val")
@@ -323,6 +331,7 @@ class ForecastingSystem(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val", self.val_metrics)
+        self._log_metrics("val_raw", getattr(self, "val_raw_metrics", None))
 
     def on_test_epoch_end(self) -> None:
         self._log_metrics("test", self.test_metrics)

@@ -192,6 +192,24 @@ def model_options(config: TrainConfig) -> dict[str, Any]:
     return options
 
 
+def synchronize_norms(system: ForecastingSystem, run_cfg: RunConfig) -> int:
+    """Under data-parallel training (a ``ddp*`` strategy on several devices or nodes) BKN layers become
+    :class:`normlayers.SyncBatchKalmanNorm`: the batch moments and the backward's sums are reduced over the
+    ranks, so the statistics are those of the whole batch (as ``nn.SyncBatchNorm`` does for BatchNorm). Returns the
+    number of synchronized layers (0 when nothing is distributed or the model has no BKN)."""
+    devices = run_cfg.devices
+    several = (isinstance(devices, int) and (devices > 1 or devices == -1)) or (
+        isinstance(devices, list) and len(devices) > 1) or run_cfg.num_nodes > 1
+    if not (str(run_cfg.strategy).startswith("ddp") and several):
+        return 0
+    from normlayers import BatchKalmanNorm, SyncBatchKalmanNorm, convert_sync
+
+    if not any(isinstance(m, BatchKalmanNorm) for m in system.model.modules()):
+        return 0
+    system.model = convert_sync(system.model)
+    return sum(isinstance(m, SyncBatchKalmanNorm) for m in system.model.modules())
+
+
 def run(config: TrainConfig) -> dict[str, Any]:
     """Train, test, write ``<out_dir>/metrics.json``; return the result dict (see :func:`main`)."""
     start = time.perf_counter()
@@ -219,6 +237,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
         if run_cfg.devices not in (1, "auto") or run_cfg.num_nodes != 1 or run_cfg.strategy != "auto":
             warnings.warn(f"{config.model} has no trainable parameters: running it on a single device", stacklevel=2)
         run_cfg = run_cfg.replace(max_epochs=1, gradient_clip_val=None, devices=1, strategy="auto", num_nodes=1)
+    sync_layers = synchronize_norms(system, run_cfg)
     result = fit(system, datamodule, run_cfg, callbacks=[RecordDataConfig(data_arguments(datamodule))])
     payload: dict[str, Any] = {
         "model": config.model,
@@ -231,6 +250,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
         "last_checkpoint": result.last_checkpoint,
         "out_dir": run_cfg.out_dir,
         "data_files": [str(p) for p in datamodule.data.files],
+        "sync_bkn_layers": sync_layers,
         "wall_s": time.perf_counter() - start,
         "config": config_to_dict(config),
     }

@@ -21,7 +21,12 @@ from typing import Any, ClassVar
 __all__ = ["SHARED_FIELDS", "METHOD_MODULES", "SearchMethod", "register", "get_method", "list_methods"]
 
 SHARED_FIELDS = ("out_dir", "seed", "progress", "resume")  # every method config has these (the shared flags)
-METHOD_MODULES = {"dna": "nas.methods.dna", "bossnas": "nas.methods.bossnas"}  # imported on first use
+METHOD_MODULES = {
+    "dna": "nas.methods.dna",
+    "bossnas": "nas.methods.bossnas",
+    "pinas": "nas.methods.pinas",
+    "mlp": "nas.methods.mlp",
+}  # imported on first use
 _REGISTRY: dict[str, type[SearchMethod]] = {}
 
 
@@ -64,10 +69,38 @@ class SearchMethod(ABC):
     def search(self) -> dict[str, Any]:
         """Every stage in the method's order, skipping what ``out_dir`` already holds; the result summary."""
 
+    # block-parallel search (nas/parallel.py): methods whose blocks are independent after a shared stage
+    @property
+    def independent_blocks(self) -> bool:
+        """True when every block can be trained and rated on its own once :meth:`prepare_blocks` has run."""
+        return False
+
+    def prepare_blocks(self) -> None:
+        """The stage every block needs (DNA: the teacher); in a worker it only loads what the parent wrote."""
+        return None
+
+    def parallel_blocks(self) -> list[int]:
+        """The blocks a parallel run dispatches (default: all)."""
+        return list(range(self.num_blocks))
+
+    def block_done(self, k: int) -> bool:
+        """Whether ``out_dir`` already holds block ``k``'s result (a parallel run skips it)."""
+        return False
+
+    def run_block(self, k: int) -> dict[str, float]:
+        """Train and rate block ``k`` and save its result into ``out_dir`` (what a worker runs)."""
+        raise NotImplementedError(f"{type(self).__name__} does not run single blocks")
+
     def run(self) -> dict[str, Any]:
-        """:meth:`search`, after checking ``resume`` against ``out_dir``."""
+        """:meth:`search`, after checking ``resume`` against ``out_dir``; with a config field ``workers > 1`` and
+        independent blocks, the blocks run in worker processes (:func:`nas.parallel.run_blocks_parallel`)."""
         if not self.cfg.resume and self.out_dir.is_dir() and any(self.out_dir.iterdir()):
             raise ValueError(f"{self.out_dir} already holds a run: resume it (--resume) or choose another --out-dir")
+        workers = int(getattr(self.cfg, "workers", 1) or 1)
+        if workers > 1 and self.independent_blocks:
+            from nas.parallel import run_blocks_parallel
+
+            return run_blocks_parallel(self, workers, getattr(self.cfg, "worker_threads", None))
         return self.search()
 
 

@@ -1,6 +1,7 @@
 """BossNAS: self-supervised block-wise search with ensemble bootstrapping (Li et al., ICCV 2021).
 
-Pipeline (one block at a time, earlier blocks fixed to their searched best path):
+Pipeline (one block at a time, earlier blocks fixed to their searched best path; by default they keep
+training along that path, as in the authors' code; ``earlier_blocks: frozen`` freezes them):
 
 1. Siamese supernets: online and target (EMA of online, momentum ``base -> 1`` by cosine over
    the block's steps); per-block projector MLP (both nets) and predictor MLP (online), as BYOL.
@@ -99,6 +100,10 @@ class BossNASConfig:
     recal_batches: int = 2
     rate_views: int = 2  # view pairs per validation image when rating
     center_normalized: bool = False  # population center of L2-normalized (True) or raw projections
+    # earlier blocks while block k trains: "train" (the authors': they keep training along their searched
+    # path, online gradients flow through them, the EMA averages stem + blocks 0..k into the target) or
+    # "frozen" (fixed weights and statistics; only block k, its projector and predictor learn)
+    earlier_blocks: str = "train"
     budget: float | None = None  # constrained search: total cost < budget (None: best per block)
     cost: str = "params"
     hytra_layers: tuple[int, ...] = (3, 3, 3)
@@ -108,6 +113,8 @@ class BossNASConfig:
     resume: bool = True
     limit_train_batches: int | None = None
     limit_val_batches: int | None = 2
+    workers: int = 1  # > 1: each block's candidates rated by that many worker processes (nas/parallel.py)
+    worker_threads: int | None = None  # torch threads per rating worker (None: the cores shared evenly)
 
     def __post_init__(self) -> None:
         if isinstance(self.views, dict):
@@ -118,6 +125,8 @@ class BossNASConfig:
             (self.norm in ("bn", "bkn"), f"norm must be 'bn' or 'bkn', got {self.norm!r}"),
             (0.0 <= self.bkn_prior_weight <= 1.0, f"bkn_prior_weight must be in [0, 1], got {self.bkn_prior_weight}"),
             (self.sampling in ("fair", "random"), f"sampling must be 'fair' or 'random', got {self.sampling!r}"),
+            (self.earlier_blocks in ("train", "frozen"),
+             f"earlier_blocks must be 'train' or 'frozen', got {self.earlier_blocks!r}"),
             (not (self.space == "hytra" and self.sampling == "fair"),
              "sampling 'fair' needs every op combination to be legal; HyTra restricts resolution changes, "
              "so use sampling: random"),
@@ -246,6 +255,11 @@ class SiameseSupernet(nn.Module):
         net = self.online if which == "online" else self.target
         return ([net.stem] if k == 0 else []) + [net.blocks[k]]
 
+    def earlier_modules(self, which: str, k: int) -> list[nn.Module]:
+        """The stem and blocks ``0..k-1`` of the ``which`` net (empty for block 0)."""
+        net = self.online if which == "online" else self.target
+        return [net.stem, *[net.blocks[j] for j in range(k)]] if k > 0 else []
+
     def _block(self, which: str, k: int, h: torch.Tensor, cand: Candidate) -> torch.Tensor:
         net = self.online if which == "online" else self.target
         if k == 0:
@@ -260,11 +274,19 @@ class SiameseSupernet(nn.Module):
         """Block input (B, C, H, W) -> target projector(block k path) (B, D)."""
         return self.target_proj[k](self._block("target", k, h, cand))
 
-    def block_pairs(self, k: int) -> tuple[nn.ModuleList, nn.ModuleList]:
-        """(target, online) modules trained for block ``k``, aligned for the EMA."""
+    def block_pairs(self, k: int, earlier: bool = False) -> tuple[nn.ModuleList, nn.ModuleList]:
+        """(target, online) modules trained for block ``k``, aligned for the EMA; ``earlier``: also the
+        stem and blocks ``0..k-1`` (the authors average the whole backbone; blocks after ``k`` are still
+        equal in both nets, so leaving them out changes nothing)."""
         return (
-            nn.ModuleList([*self.trained_modules("target", k), self.target_proj[k]]),
-            nn.ModuleList([*self.trained_modules("online", k), self.online_proj[k]]),
+            nn.ModuleList(
+                [*(self.earlier_modules("target", k) if earlier else []), *self.trained_modules("target", k),
+                 self.target_proj[k]]
+            ),
+            nn.ModuleList(
+                [*(self.earlier_modules("online", k) if earlier else []), *self.trained_modules("online", k),
+                 self.online_proj[k]]
+            ),
         )
 
 
@@ -292,15 +314,19 @@ class BossNASBlockSystem(pl.LightningModule):
     def sample_paths(self, rng: random.Random) -> list[Candidate]:
         if self.cfg.sampling == "fair":
             return self.adapter.fair_paths(self.k, self.prefix_paths, rng)
-        n = min(self.cfg.num_paths, len(self.candidates))
-        return rng.sample(self.candidates, n)
+        return self.adapter.random_paths(self.k, self.prefix_paths, self.cfg.num_paths, rng)
+
+    @property
+    def train_earlier(self) -> bool:
+        return self.cfg.earlier_blocks == "train" and self.k > 0
 
     def _set_modes(self) -> None:
-        """Train mode for what block ``k`` trains (both nets: batch statistics, as in BYOL); eval mode
-        (fixed statistics) for the stem and the searched earlier blocks. Lightning keeps whatever
-        modes the modules had, and rating leaves them in eval mode, so set them every step."""
+        """Train mode for what block ``k`` trains (both nets: batch statistics, as in BYOL); the stem and
+        the searched earlier blocks too when they keep training (the authors'), else eval mode (fixed
+        statistics). Lightning keeps whatever modes the modules had, and rating leaves them in eval
+        mode, so set them every step."""
         self.model.train()
-        if self.k == 0:
+        if self.k == 0 or self.train_earlier:
             return
         for net in (self.model.online, self.model.target):
             net.stem.eval()
@@ -308,8 +334,13 @@ class BossNASBlockSystem(pl.LightningModule):
                 net.blocks[j].eval()
 
     def _features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(online, target) inputs of block ``k``; the online one carries gradients into the earlier
+        blocks when they keep training."""
         with torch.no_grad():
-            return self.model.prefix("online", x, self.prefix_paths), self.model.prefix("target", x, self.prefix_paths)
+            target = self.model.prefix("target", x, self.prefix_paths)
+        with torch.set_grad_enabled(self.train_earlier and torch.is_grad_enabled()):
+            online = self.model.prefix("online", x, self.prefix_paths)
+        return online, target
 
     def bootstrap_losses(
         self, x: torch.Tensor, paths: Sequence[Candidate], generator: torch.Generator | None, backward: bool
@@ -340,6 +371,7 @@ class BossNASBlockSystem(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         online = nn.ModuleList(
             [
+                *(self.model.earlier_modules("online", self.k) if self.train_earlier else []),
                 *self.model.trained_modules("online", self.k),
                 self.model.online_proj[self.k],
                 self.model.predictor[self.k],
@@ -360,12 +392,13 @@ class BossNASBlockSystem(pl.LightningModule):
         opt = self.optimizers()
         sched = self.lr_schedulers()
         opt.zero_grad()
+        step = self.global_step  # this step's index (0-based); manual optimization advances it in opt.step()
         rng = random.Random(torch.randint(0, 2**31 - 1, (1,)).item())  # follows the runner's per-epoch seeding
         losses = self.bootstrap_losses(x, self.sample_paths(rng), None, backward=True)
         opt.step()
         sched.step()
-        momentum = momentum_at(self.global_step, self.total_steps, self.cfg.base_momentum)
-        ema_update(*self.model.block_pairs(self.k), momentum)
+        momentum = momentum_at(step, self.total_steps, self.cfg.base_momentum)  # base at the first step
+        ema_update(*self.model.block_pairs(self.k, earlier=self.train_earlier), momentum)
         loss = torch.stack(losses).mean()
         self.log("train_loss", loss, prog_bar=True, batch_size=x.shape[0])
         self.log("momentum", momentum, batch_size=x.shape[0])
@@ -575,16 +608,22 @@ class BossNAS(SearchMethod):
     def rate_block(self, k: int) -> dict[str, float]:
         assert self.model is not None, "prepare() first"
         adapter, prefix, bdir = self.adapter, self.prefix, self.out_dir / f"block{k}"
-        scores = rate_block(
-            self.model,
-            adapter,
-            k,
-            prefix,
-            self.recal_images,
-            self.eval_pairs,
-            normalized_center=self.cfg.center_normalized,
-            progress=self.cfg.progress,
-        )
+        _prepare_prefix(self.model, prefix, self.recal_images)  # the prefix trained on (earlier_blocks: train)
+        if self.cfg.workers > 1:  # blocks stay sequential (each trains on the searched prefix); candidates split
+            from nas.parallel import rate_candidates_parallel
+
+            scores = rate_candidates_parallel(self, k, self.cfg.workers, self.cfg.worker_threads)
+        else:
+            scores = rate_block(
+                self.model,
+                adapter,
+                k,
+                prefix,
+                self.recal_images,
+                self.eval_pairs,
+                normalized_center=self.cfg.center_normalized,
+                progress=self.cfg.progress,
+            )
         cands = adapter.candidates(k, prefix)
         block_costs = {adapter.key(k, c): adapter.cost(k, prefix, c, self.norm_layer) for c in cands}
         best_key = min(scores, key=scores.__getitem__)

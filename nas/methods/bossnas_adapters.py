@@ -9,7 +9,6 @@ constrained search over a rating table that respects the space's cross-block rul
 from __future__ import annotations
 
 import itertools
-import math
 import random
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -42,6 +41,8 @@ class SpaceAdapter(Protocol):
     def out_channels(self, k: int) -> list[int]: ...  # every width block k's output can have
 
     def fair_paths(self, k: int, prefix: Sequence[Candidate], rng: random.Random) -> list[Candidate]: ...
+
+    def random_paths(self, k: int, prefix: Sequence[Candidate], n: int, rng: random.Random) -> list[Candidate]: ...
 
     def cost(
         self, k: int, prefix: Sequence[Candidate], candidate: Sequence[int], norm_layer: NormFactory
@@ -92,10 +93,16 @@ class MBConvAdapter:
 
     def fair_paths(self, k: int, prefix: Sequence[Candidate], rng: random.Random) -> list[Candidate]:
         block = self.space.blocks[k]
-        sizes = [math.prod(len(layer.ops) for layer in cell.layers) for cell in block.cells]
-        cell = rng.choices(range(len(sizes)), weights=sizes)[0]
+        cell = rng.choices(range(len(block.cells)))[0]  # cells uniformly, whatever their number of paths
         paths = fair_paths([len(layer.ops) for layer in block.cells[cell].layers], rng)
         return [((cell,) if block.multi_cell else ()) + p for p in paths]
+
+    def random_paths(self, k: int, prefix: Sequence[Candidate], n: int, rng: random.Random) -> list[Candidate]:
+        """``n`` distinct random paths of one cell drawn uniformly (all of its paths if it has fewer)."""
+        block = self.space.blocks[k]
+        cell = rng.randrange(len(block.cells)) if block.multi_cell else 0
+        cands = [c for c in self.space.enumerate_block(k) if block.split(c)[0] == cell]
+        return rng.sample(cands, min(n, len(cands)))
 
     def cost(
         self, k: int, prefix: Sequence[Candidate], candidate: Sequence[int], norm_layer: NormFactory
@@ -143,6 +150,11 @@ class HyTraAdapter:
 
     def out_channels(self, k: int) -> list[int]:
         return [self.space.widths[lv] for lv in self.space.blocks[k].levels]
+
+    def random_paths(self, k: int, prefix: Sequence[Candidate], n: int, rng: random.Random) -> list[Candidate]:
+        """``n`` distinct legal paths drawn uniformly (all of them if there are fewer)."""
+        cands = self.candidates(k, prefix)
+        return rng.sample(cands, min(n, len(cands)))
 
     def fair_paths(self, k: int, prefix: Sequence[Candidate], rng: random.Random) -> list[Candidate]:
         raise ValueError(

@@ -8,7 +8,21 @@ Pipeline (each stage resumable from ``out_dir``):
    (``block_<k>/``, resumed from its ``last.ckpt``); then EVERY candidate is rated after
    recalibrating its normalization statistics (``block_<k>/ratings.json`` marks the block done);
 3. rating table (``ratings.json``) with computed costs, exact constrained search;
-4. the winner retrained stand-alone (``retrain/``); ``architecture.json`` and ``report.md``.
+4. the winner retrained stand-alone (``retrain/``, weights in ``retrain/model.pt``); ``architecture.json``
+   and ``report.md``.
+
+The DNA family, one config switch ``variant`` (``docs/nas.md``, "DNA family"):
+
+- ``cells``: a space whose blocks offer several cells (layer counts / widths, e.g. ``space: digits-cells``);
+  every multi-cell block trains ONE supernet per cell (``block_<k>/cell_<c>/``, each the full
+  ``block_epochs``, as the authors do), and the ratings of all cells are pooled into the block's table
+  (keys ``c<cell>_...``) for the exact search. Any multi-cell space trains this way; ``cells`` checks the
+  space has cells (and picks the packaged ``dna_cells_digits`` config);
+- ``plus`` (DNA+, progressive): ``generations`` searches in ``gen_<g>/``; generation g+1's teacher is
+  generation g's searched net retrained stand-alone (``gen_<g>/retrain/model.pt``); ``generations.json``
+  records every generation (searched net, accuracy) and finished generations are reused;
+- ``selfsup`` (DNA++, :mod:`nas.methods.dna_selfsup`): no labelled teacher; each block learns its own EMA
+  copy's output on another augmented view with an anti-collapse term; blocks train in order.
 
 ``python -m nas.search dna [--config dna_digits|FILE] [--out-dir DIR] [--norm bkn] [--blocks '[1]'] [--retrain false]``;
 the method class :class:`DNA` implements :class:`nas.methods.base.SearchMethod`.
@@ -19,6 +33,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -32,14 +47,16 @@ from tqdm.auto import tqdm
 
 from nas.costs import block_cost_table, count_flops, count_params
 from nas.data import DigitsDataModule
+from nas.data.views import ViewConfig
 from nas.export import Network, block_strings, build_network
 from nas.methods.base import SearchMethod, register
+from nas.methods.dna_selfsup import FixedPath, SelfSupBlockSystem, rate_block_selfsup
 from nas.ops import make_norm, seeded_init
 from nas.recalibration import recalibrate_norm_stats
 from nas.search.constrained import search_table
 from nas.search.ratings import RatingTable, save_ratings
-from nas.spaces import OpSpec, SearchSpace, op_from_dict
-from nas.supernet import BlockSupernet
+from nas.spaces import OpSpec, SearchSpace, op_from_dict, space_preset
+from nas.supernet import BlockSupernet, make_stem
 from nas.systems import ClassifierSystem
 from stflow.runner import RunConfig, fit, last_checkpoint
 
@@ -54,10 +71,15 @@ __all__ = [
     "train_block",
     "rate_block",
     "run_dna",
+    "train_block_selfsup",
+    "rate_selfsup",
+    "VARIANTS",
     "block_score",
 ]
 
 RATING_METRICS = ("relative_l1", "mse")
+VARIANTS = ("plain", "cells", "plus", "selfsup")
+VARIANT_CONFIGS = {"cells": "dna_cells_digits", "plus": "dna_plus_digits", "selfsup": "dna_selfsup_digits"}
 
 
 def _digits_space() -> dict[str, Any]:
@@ -86,10 +108,17 @@ def _digits_space() -> dict[str, Any]:
 class DNAConfig:
     """Everything a DNA search needs (defaults: the small digits search of the packaged ``dna_digits`` config).
 
-    ``space`` and ``teacher`` are given as mappings (YAML) and become a :class:`SearchSpace` and an :class:`OpSpec`.
+    ``space`` and ``teacher`` are given as mappings (YAML) and become a :class:`SearchSpace` and an :class:`OpSpec`;
+    ``space`` may also name a preset of :data:`nas.spaces.SPACE_PRESETS` (``digits-cells``).
     """
 
-    space: Any = field(default_factory=_digits_space)  # a SearchSpace, or its mapping (SearchSpace.from_dict)
+    space: Any = field(default_factory=_digits_space)  # a SearchSpace, its mapping, or a preset name
+    variant: str = "plain"  # plain | cells (one supernet per cell) | plus (DNA+) | selfsup (DNA++)
+    generations: int = 2  # DNA+: searches, each teaching the next through its retrained searched net
+    ema_momentum: float = 0.99  # DNA++: momentum of the EMA target block
+    var_weight: float = 1.0  # DNA++: weight of the anti-collapse variance term (per-channel std kept >= 1)
+    cov_weight: float = 0.04  # DNA++: weight of the anti-collapse decorrelation term (off-diagonal covariance)
+    selfsup_target: str = "center"  # DNA++ rating target: EMA population centre | the same path's EMA ("path")
     norm: str = "bn"  # normalization inside the block supernets: "bn" | "bkn"
     bkn_prior_weight: float = 0.5  # BKN's prior weight p inside the supernets (see nas.ops.make_norm)
     teacher: Any = field(default_factory=lambda: {"kernel": 3, "expansion": 6})  # an OpSpec, or its mapping
@@ -113,14 +142,33 @@ class DNAConfig:
     resume: bool = True
     blocks: list[int] | None = None  # train and rate only these blocks (parallel workers); no search
     retrain: bool = True  # retrain the searched architecture stand-alone
+    workers: int = 1  # > 1: blocks trained and rated in that many worker processes (nas/parallel.py)
+    worker_threads: int | None = None  # torch threads per worker (None: the cores shared evenly)
 
     def __post_init__(self) -> None:
+        if isinstance(self.space, str):
+            self.space = space_preset(self.space)
         if isinstance(self.space, dict):
             self.space = SearchSpace.from_dict(self.space)
         if isinstance(self.teacher, dict):
             self.teacher = op_from_dict(self.teacher)
         if not isinstance(self.space, SearchSpace) or not isinstance(self.teacher, OpSpec):
             raise ValueError("space and teacher must be mappings (or a SearchSpace and an OpSpec)")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        if self.variant == "cells" and not any(b.multi_cell for b in self.space.blocks):
+            raise ValueError(f"variant 'cells' needs a space whose blocks offer several cells (e.g. space: "
+                             f"digits-cells); {self.space.name} has one cell per block")
+        if self.variant == "selfsup" and any(b.multi_cell for b in self.space.blocks):
+            raise ValueError("variant 'selfsup' supports single-cell spaces only")
+        if self.generations < 1:
+            raise ValueError(f"generations must be >= 1, got {self.generations}")
+        if not 0.0 <= self.ema_momentum < 1.0:
+            raise ValueError(f"ema_momentum must be in [0, 1), got {self.ema_momentum}")
+        if self.var_weight < 0 or self.cov_weight < 0:
+            raise ValueError(f"var_weight and cov_weight must be >= 0, got {self.var_weight}, {self.cov_weight}")
+        if self.selfsup_target not in ("center", "path"):
+            raise ValueError(f"selfsup_target must be 'center' or 'path', got {self.selfsup_target!r}")
         if self.rating_metric not in RATING_METRICS:
             raise ValueError(f"rating_metric must be one of {RATING_METRICS}, got {self.rating_metric!r}")
         if self.norm not in ("bn", "bkn"):
@@ -131,7 +179,7 @@ class DNAConfig:
             raise ValueError(f"budget_cost must be 'params' or 'flops', got {self.budget_cost!r}")
         if self.budget is None and not 0 < self.budget_fraction <= 1:
             raise ValueError(f"budget_fraction must be in (0, 1], got {self.budget_fraction}")
-        for name in ("teacher_epochs", "block_epochs", "retrain_epochs", "batch_size", "recal_batches"):
+        for name in ("teacher_epochs", "block_epochs", "retrain_epochs", "batch_size", "recal_batches", "workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -230,11 +278,16 @@ def train_teacher(
     """Train the teacher (or load ``out_dir/teacher/teacher.pt``); returns it in eval mode and its metrics."""
     tdir = Path(out_dir) / "teacher"
     weights, info_path = tdir / "teacher.pt", tdir / "teacher.json"
+    if weights.is_file() and info_path.is_file():
+        info = json.loads(info_path.read_text())
+        # a DNA+ teacher is a searched architecture of the space (its encoding is recorded)
+        teacher = build_teacher(cfg) if "encoding" not in info else build_network(
+            cfg.space, info["encoding"], DigitsDataModule.num_classes
+        )
+        teacher.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        return teacher.eval(), info
     with seeded_init(cfg.seed):
         teacher = build_teacher(cfg)
-    if weights.is_file() and info_path.is_file():
-        teacher.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-        return teacher.eval(), json.loads(info_path.read_text())
     dm = datamodule or _datamodule(cfg)
     system = ClassifierSystem(teacher, lr=cfg.teacher_lr, max_epochs=cfg.teacher_epochs)
     result = fit(system, dm, _run_cfg(cfg, tdir, cfg.teacher_epochs, monitor="val_loss"))
@@ -248,13 +301,26 @@ def train_teacher(
 
 
 def train_block(
-    cfg: DNAConfig, teacher: Network, k: int, out_dir: str | Path, datamodule: DigitsDataModule | None = None
+    cfg: DNAConfig,
+    teacher: Network,
+    k: int,
+    out_dir: str | Path,
+    datamodule: DigitsDataModule | None = None,
+    cell: int | None = None,
 ) -> BlockSupernet:
-    """Distill block ``k`` into its supernet (resumes from ``block_<k>/checkpoints/last.ckpt``)."""
-    with seeded_init(cfg.seed * 1000 + k + 1):  # same init whether blocks run in one process or many
-        student = BlockSupernet(cfg.space.blocks[k], make_norm(cfg.norm, cfg.bkn_prior_weight))
-    system = BlockDistillSystem(teacher, student, k, lr=cfg.block_lr, seed=cfg.seed + k, max_epochs=cfg.block_epochs)
+    """Distill block ``k`` into its supernet (resumes from ``block_<k>/checkpoints/last.ckpt``); with ``cell``,
+    the supernet of that cell alone (``block_<k>/cell_<c>/``, every step on that cell's paths)."""
+    salt = 0 if cell is None else 7919 * (cell + 1)  # distinct init and paths per cell; unchanged without cells
+    with seeded_init(cfg.seed * 1000 + k + 1 + salt):  # same init whether blocks run in one process or many
+        student = BlockSupernet(
+            cfg.space.blocks[k], make_norm(cfg.norm, cfg.bkn_prior_weight), cells=None if cell is None else [cell]
+        )
+    system = BlockDistillSystem(
+        teacher, student, k, lr=cfg.block_lr, seed=cfg.seed + k + salt, max_epochs=cfg.block_epochs
+    )
     bdir = Path(out_dir) / f"block_{k}"
+    if cell is not None:
+        bdir = bdir / f"cell_{cell}"
     fit(system, datamodule or _datamodule(cfg), _run_cfg(cfg, bdir, cfg.block_epochs, test=False))
     return student
 
@@ -334,12 +400,81 @@ def build_rating_table(cfg: DNAConfig, ratings: list[dict[str, float]]) -> Ratin
 def retrain(
     cfg: DNAConfig, encoding: Sequence[Sequence[int]], out_dir: str | Path, datamodule: DigitsDataModule | None = None
 ) -> dict:
-    """Train the searched architecture from scratch (BatchNorm); returns its test metrics."""
+    """Train the searched architecture from scratch (BatchNorm); returns its test metrics. The tested weights are
+    saved as ``retrain/model.pt`` (DNA+'s next teacher)."""
     with seeded_init(cfg.seed):
         model = build_network(cfg.space, encoding, DigitsDataModule.num_classes)
     system = ClassifierSystem(model, lr=cfg.retrain_lr, max_epochs=cfg.retrain_epochs)
-    result = fit(system, datamodule or _datamodule(cfg), _run_cfg(cfg, Path(out_dir) / "retrain", cfg.retrain_epochs))
+    rdir = Path(out_dir) / "retrain"
+    result = fit(system, datamodule or _datamodule(cfg), _run_cfg(cfg, rdir, cfg.retrain_epochs))
+    torch.save(model.state_dict(), rdir / "model.pt")
     return result.test_metrics
+
+
+def _selfsup_prefix(cfg: DNAConfig, k: int, out_dir: Path, dm: DigitsDataModule) -> FixedPath:
+    """DNA++ input of block k > 0: the EMA stem and EMA blocks 0..k-1 on their best-rated candidates (frozen,
+    norm statistics recalibrated for that path on the rating's training batches)."""
+    norm = make_norm(cfg.norm, cfg.bkn_prior_weight)
+    stem = make_stem(cfg.space, norm)
+    blocks = []
+    for j in range(k):
+        bdir = out_dir / f"block_{j}"
+        if not (bdir / "ratings.json").is_file():
+            raise ValueError(f"DNA++ trains blocks in order: block {j} must be finished before block {k}")
+        state = torch.load(bdir / "selfsup.pt", map_location="cpu", weights_only=True)
+        if j == 0:
+            stem.load_state_dict(state["ema_stem"])
+        supernet = BlockSupernet(cfg.space.blocks[j], norm)
+        supernet.load_state_dict(state["ema_student"])
+        ratings = json.loads((bdir / "ratings.json").read_text())["ratings"]
+        blocks.append((supernet, cfg.space.blocks[j].parse_key(min(ratings, key=ratings.get))))
+    prefix = FixedPath(stem, blocks)
+    recal, _ = _rating_inputs(cfg, dm)
+    recalibrate_norm_stats(prefix, recal, num_batches=len(recal))
+    return prefix.eval()
+
+
+def _selfsup_system(cfg: DNAConfig, k: int, out_dir: Path, dm: DigitsDataModule) -> SelfSupBlockSystem:
+    norm = make_norm(cfg.norm, cfg.bkn_prior_weight)
+    with seeded_init(cfg.seed * 1000 + k + 1):
+        student = BlockSupernet(cfg.space.blocks[k], norm)
+        prefix = make_stem(cfg.space, norm) if k == 0 else _selfsup_prefix(cfg, k, out_dir, dm)
+    return SelfSupBlockSystem(
+        student, prefix, train_prefix=k == 0, lr=cfg.block_lr, seed=cfg.seed + k, max_epochs=cfg.block_epochs,
+        momentum=cfg.ema_momentum, var_weight=cfg.var_weight, cov_weight=cfg.cov_weight, views=ViewConfig(),
+    )
+
+
+def train_block_selfsup(
+    cfg: DNAConfig, k: int, out_dir: str | Path, datamodule: DigitsDataModule | None = None
+) -> SelfSupBlockSystem:
+    """DNA++: train block ``k`` against its EMA copy (``block_<k>/``, resumable); saves ``block_<k>/selfsup.pt``."""
+    dm = datamodule or _datamodule(cfg)
+    bdir = Path(out_dir) / f"block_{k}"
+    system = _selfsup_system(cfg, k, Path(out_dir), dm)
+    fit(system, dm, _run_cfg(cfg, bdir, cfg.block_epochs, test=False))
+    state = {"student": system.student.state_dict(), "ema_student": system.ema_student.state_dict()}
+    if system.train_prefix:
+        assert system.ema_prefix is not None
+        state |= {"stem": system.prefix.state_dict(), "ema_stem": system.ema_prefix.state_dict()}
+    torch.save(state, bdir / "selfsup.pt")
+    return system
+
+
+def rate_selfsup(
+    cfg: DNAConfig, k: int, system: SelfSupBlockSystem, datamodule: DigitsDataModule | None = None
+) -> dict[str, float]:
+    """DNA++ ratings of every candidate of block ``k`` (:func:`nas.methods.dna_selfsup.rate_block_selfsup`)."""
+    recal, val = _rating_inputs(cfg, datamodule or _datamodule(cfg))
+    online = system.prefix
+    ema = system.ema_prefix if system.train_prefix else system.prefix
+    assert ema is not None
+    for prefix in {id(online): online, id(ema): ema}.values():  # the stems' statistics on clean images
+        recalibrate_norm_stats(prefix, recal, num_batches=len(recal))
+    return rate_block_selfsup(
+        system.student, system.ema_student, online, ema, recal, val, system.views, cfg.rating_metric,
+        cfg.selfsup_target, progress=cfg.progress,
+    )
 
 
 def run_dna(
@@ -374,40 +509,86 @@ class DNA(SearchMethod):
         self.datamodule = _datamodule(cfg)
         self.teacher: Network | None = None
         self.teacher_info: dict[str, Any] = {}
-        self.supernets: dict[int, BlockSupernet] = {}
+        self.supernets: dict[int, list[BlockSupernet]] = {}  # per block: one supernet, or one per cell
+        self.selfsup_systems: dict[int, Any] = {}  # DNA++: per block, its trained SelfSupBlockSystem
         self._t0 = time.perf_counter()
+
+    @classmethod
+    def default_config(cls, argv: Sequence[str]) -> str | None:
+        """``--variant cells|plus|selfsup`` without ``--config``: that variant's packaged digits config."""
+        for i, arg in enumerate(argv):
+            value = arg.split("=", 1)[1] if arg.startswith("--variant=") else (
+                argv[i + 1] if arg == "--variant" and i + 1 < len(argv) else None
+            )
+            if value is not None:
+                return VARIANT_CONFIGS.get(value)
+        return None
 
     @property
     def num_blocks(self) -> int:
         return len(self.cfg.space.blocks)
 
-    def prepare(self) -> Network:
-        """The trained teacher (trained once, then loaded from ``out_dir/teacher``)."""
+    def prepare(self) -> Network | None:
+        """The trained teacher (trained once, then loaded from ``out_dir/teacher``); DNA++ has none."""
+        if self.cfg.variant == "selfsup":
+            return None
         if self.teacher is None:
             self.teacher, self.teacher_info = train_teacher(self.cfg, self.out_dir, self.datamodule)
         return self.teacher
 
     def train_block(self, k: int) -> None:
-        self.supernets[k] = train_block(self.cfg, self.prepare(), k, self.out_dir, self.datamodule)
+        if self.cfg.variant == "selfsup":
+            self.selfsup_systems[k] = train_block_selfsup(self.cfg, k, self.out_dir, self.datamodule)
+            return
+        teacher = self.prepare()
+        assert teacher is not None
+        block = self.cfg.space.blocks[k]
+        cells: list[int | None] = list(range(len(block.cells))) if block.multi_cell else [None]
+        # one supernet per cell, each trained on its own paths for the full schedule (the authors' cells)
+        self.supernets[k] = [train_block(self.cfg, teacher, k, self.out_dir, self.datamodule, c) for c in cells]
 
     def rate_block(self, k: int) -> dict[str, float]:
+        if self.cfg.variant == "selfsup":
+            return rate_selfsup(self.cfg, k, self.selfsup_systems[k], self.datamodule)
+        teacher = self.prepare()
+        assert teacher is not None
         recal, val = _rating_inputs(self.cfg, self.datamodule)
-        return rate_block(
-            self.prepare(), self.supernets[k], k, recal, val, self.cfg.rating_metric, progress=self.cfg.progress
-        )
+        ratings: dict[str, float] = {}
+        for student in self.supernets[k]:  # pooled over the cells' supernets (same teacher target and scale)
+            ratings.update(
+                rate_block(teacher, student, k, recal, val, self.cfg.rating_metric, progress=self.cfg.progress)
+            )
+        return ratings
+
+    @property
+    def independent_blocks(self) -> bool:
+        """Blocks are independent given the teacher (plain, cells); DNA++ trains blocks in order, DNA+ runs
+        generations (each a plain search)."""
+        return self.cfg.variant in ("plain", "cells")
+
+    def prepare_blocks(self) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.prepare()
+
+    def parallel_blocks(self) -> list[int]:
+        return list(range(self.num_blocks)) if self.cfg.blocks is None else list(self.cfg.blocks)
+
+    def block_done(self, k: int) -> bool:
+        return (self.out_dir / f"block_{k}" / "ratings.json").is_file()
 
     def run_block(self, k: int) -> dict[str, float]:
         """Train then rate block ``k``; a block whose ``ratings.json`` exists is skipped (resume)."""
         done = self.out_dir / f"block_{k}" / "ratings.json"
         if done.is_file():
             return json.loads(done.read_text())["ratings"]
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         self.train_block(k)
         ratings = self.rate_block(k)
         payload = {
             "block": k,
             "metric": self.cfg.rating_metric,
             "seconds": time.perf_counter() - t0,
+            "cpu_seconds": time.process_time() - c0,  # this process's CPU time (wall time depends on the load)
             "ratings": ratings,
         }
         tmp = done.with_suffix(".tmp")
@@ -417,6 +598,8 @@ class DNA(SearchMethod):
 
     def search(self) -> dict[str, Any]:
         cfg = self.cfg
+        if cfg.variant == "plus":
+            return self.progressive()
         todo = range(self.num_blocks) if cfg.blocks is None else cfg.blocks
         for k in todo:
             if not 0 <= k < self.num_blocks:
@@ -428,6 +611,46 @@ class DNA(SearchMethod):
         if cfg.blocks is not None:
             return {"blocks": sorted(ratings), "out_dir": str(self.out_dir)}
         return self.report([ratings[k] for k in range(self.num_blocks)])
+
+    def progressive(self) -> dict[str, Any]:
+        """DNA+: ``generations`` DNA searches in ``gen_<g>/``; the teacher of generation g+1 is generation g's
+        searched net retrained stand-alone. Finished generations are reused; ``generations.json`` records all."""
+        cfg = self.cfg
+        if cfg.blocks is not None:
+            raise ValueError("variant 'plus' runs whole generations; --blocks is not supported")
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        gens: list[dict[str, Any]] = []
+        prev: Path | None = None
+        for g in range(1, cfg.generations + 1):
+            gdir = self.out_dir / f"gen_{g}"
+            if prev is not None:
+                _seed_teacher(gdir, prev, g - 1)
+            arch_path, weights = gdir / "architecture.json", gdir / "retrain" / "model.pt"
+            if arch_path.is_file() and weights.is_file():
+                arch = json.loads(arch_path.read_text())
+            else:
+                arch = DNA(replace(cfg, variant="plain", out_dir=str(gdir), retrain=True)).search()
+            teacher_info = json.loads((gdir / "teacher" / "teacher.json").read_text())
+            gens.append({
+                "generation": g,
+                "teacher": teacher_info.get("encoding", f"fixed {cfg.teacher.name} x{cfg.teacher_layers}"),
+                "teacher_test_acc": teacher_info.get("test_acc"),
+                **{key: arch[key] for key in ("encoding", "keys", "block_strings", "score", "params", "flops")},
+                "test_acc": arch["retrain"].get("test_acc"),
+                "out_dir": str(gdir),
+            })
+            (self.out_dir / "generations.json").write_text(json.dumps(gens, indent=1))
+            prev = gdir
+        lines = [f"# DNA+ (progressive) on {cfg.space.name}", "", "| generation | teacher | searched | params | "
+                 "test acc |", "|---|---|---|---|---|"]
+        for r in gens:
+            lines.append(f"| {r['generation']} | {r['teacher']} (acc {r['teacher_test_acc']}) | {r['encoding']} | "
+                         f"{r['params']} | {r['test_acc']} |")
+        (self.out_dir / "report.md").write_text("\n".join(lines) + "\n")
+        final = gens[-1]
+        shutil.copyfile(Path(final["out_dir"]) / "ratings.json", self.out_dir / "ratings.json")
+        return {"generations": gens, "encoding": final["encoding"], "test_acc": final["test_acc"],
+                "out_dir": str(self.out_dir)}
 
     def report(self, ratings: Sequence[dict[str, float]]) -> dict[str, Any]:
         cfg, out = self.cfg, self.out_dir
@@ -456,14 +679,27 @@ class DNA(SearchMethod):
         return arch
 
 
+def _seed_teacher(gdir: Path, prev: Path, prev_generation: int) -> None:
+    """Make generation ``prev``'s retrained searched net the teacher of ``gdir`` (once)."""
+    tdir = gdir / "teacher"
+    if (tdir / "teacher.pt").is_file() and (tdir / "teacher.json").is_file():
+        return
+    arch = json.loads((prev / "architecture.json").read_text())
+    tdir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(prev / "retrain" / "model.pt", tdir / "teacher.pt")
+    info = {"encoding": arch["encoding"], "test_acc": arch["retrain"].get("test_acc"), "params": arch["params"],
+            "generation": prev_generation, "source": str(prev / "retrain" / "model.pt")}
+    (tdir / "teacher.json").write_text(json.dumps(info, indent=1))
+
+
 def _report(cfg: DNAConfig, teacher_info: dict, table: RatingTable, arch: dict) -> str:
     lines = [
         f"# DNA search on {cfg.space.name}",
         "",
         f"- space: {len(cfg.space.blocks)} blocks, {cfg.space.num_architectures()} architectures "
         f"({', '.join(str(b.num_candidates()) for b in cfg.space.blocks)} candidates per block)",
-        f"- teacher: every layer {cfg.teacher.name} x{cfg.teacher_layers}, test accuracy "
-        f"{teacher_info.get('test_acc')}, {teacher_info.get('params')} params",
+        f"- variant: {cfg.variant}",
+        f"- teacher: {_teacher_line(cfg, teacher_info)}",
         f"- block supernets: norm {cfg.norm}, {cfg.block_epochs} epochs each; rating metric {cfg.rating_metric} "
         f"after recalibrating norm statistics on {cfg.recal_batches} batches",
         f"- search: exact, {cfg.budget_cost} < {arch['budget']:g}",
@@ -485,3 +721,11 @@ def _report(cfg: DNAConfig, teacher_info: dict, table: RatingTable, arch: dict) 
         lines += ["", f"Retrained stand-alone: test accuracy {arch['retrain'].get('test_acc')}"]
     lines += ["", f"Total time {arch['seconds']:.1f} s"]
     return "\n".join(lines) + "\n"
+
+
+def _teacher_line(cfg: DNAConfig, info: dict) -> str:
+    if cfg.variant == "selfsup":
+        return f"none (self-supervised: EMA copy of each block, momentum {cfg.ema_momentum}, on another view)"
+    what = (f"the previous generation's searched net {info['encoding']}" if "encoding" in info
+            else f"every layer {cfg.teacher.name} x{cfg.teacher_layers}")
+    return f"{what}, test accuracy {info.get('test_acc')}, {info.get('params')} params"

@@ -7,11 +7,13 @@ released search (nested walks of loss-sorted lists with index caps), which is NO
 kept to reproduce the paper's procedure and to measure its gap.
 
 Scores are summed over blocks; lower is better unless the table says otherwise. The budget is
-strict: total cost < budget.
+strict: total cost < budget. Whole-architecture rows (:class:`nas.search.ratings.ArchitectureRatings`,
+e.g. Pi-NAS) are not block-additive: ``search_rows`` scans the rated rows (exact over what was rated).
 
 CLI::
 
     python -m nas.search.constrained --ratings R.json --budget 30000 [--cost params|flops] [--method exact|reference]
+    # R: a block table, or whole-architecture rows (exact scan)
 """
 
 from __future__ import annotations
@@ -24,11 +26,20 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from nas.search.ratings import RatingTable, load_ratings
-from nas.spaces import parse_candidate_key
+from nas.search.ratings import ArchitectureRatings, RatingTable, load_any_ratings
+from nas.spaces import candidate_key, parse_candidate_key
 from stflow.config import parse_cli, run_cli
 
-__all__ = ["SearchResult", "exact_search", "reference_traversal", "brute_force", "search_table", "main"]
+__all__ = [
+    "SearchResult",
+    "exact_search",
+    "reference_traversal",
+    "brute_force",
+    "search_table",
+    "search_rows",
+    "search_any",
+    "main",
+]
 
 Solution = tuple[list[int], float, float]  # (candidate index per block, total score, total cost)
 
@@ -224,11 +235,49 @@ def search_table(table: RatingTable, budget: float, cost: str = "params", method
     return SearchResult(method, float(budget), cost, chosen, encoding, float(score), float(total))
 
 
+def search_rows(
+    rows: ArchitectureRatings, budget: float | None, cost: str = "params", method: str = "exact"
+) -> SearchResult:
+    """Best rated architecture with ``cost < budget`` (``budget`` None: the best overall); ties go to the
+    first row. Exact over the rated rows (a scan); the block-wise ``reference`` traversal does not apply."""
+    if method != "exact":
+        raise ValueError(f"whole-architecture rows are searched exactly (a scan); method {method!r} does not apply")
+    if budget is not None and (
+        isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget) or budget <= 0
+    ):
+        raise ValueError(f"budget must be a finite positive number, got {budget!r}")
+    costs = rows.costs(cost) if budget is not None else [0.0] * len(rows.rows)
+    sign = 1.0 if rows.lower_is_better else -1.0
+    best: int | None = None
+    for i, (row, c) in enumerate(zip(rows.rows, costs)):
+        if budget is not None and not c < budget:
+            continue
+        if best is None or sign * row["score"] < sign * rows.rows[best]["score"]:
+            best = i
+    if best is None:
+        raise ValueError(f"no rated architecture has {cost} < budget {budget:g}; the cheapest costs {min(costs):g}")
+    row = rows.rows[best]
+    encoding = [list(b) for b in row["encoding"]]
+    keys = row.get("keys") or [candidate_key(b) for b in encoding]
+    total = float(costs[best]) if budget is not None else float(row.get(cost, float("nan")))
+    return SearchResult(method, float(budget) if budget is not None else math.inf, cost, list(keys), encoding,
+                        float(row["score"]), total)
+
+
+def search_any(
+    table: RatingTable | ArchitectureRatings, budget: float, cost: str = "params", method: str = "exact"
+) -> SearchResult:
+    """:func:`search_table` for a block table, :func:`search_rows` for whole-architecture rows."""
+    if isinstance(table, ArchitectureRatings):
+        return search_rows(table, budget, cost, method)
+    return search_table(table, budget, cost, method)
+
+
 @dataclass
 class ConstrainedSearchConfig:
     """``python -m nas.search.constrained``'s options (fields = flags)."""
 
-    ratings: str  # rating table JSON with block_costs
+    ratings: str  # rating table JSON with block_costs, or whole-architecture rows with costs
     budget: float  # strict upper bound on the total cost
     cost: str = "params"  # cost field: params | flops
     method: str = "exact"  # exact | reference | brute_force
@@ -251,7 +300,7 @@ def _main(argv: list[str]) -> int:
         description=__doc__.split("\n")[0],
         packages=("nas",),
     )
-    result = search_table(load_ratings(args.ratings), args.budget, args.cost, args.method)  # errors: ValueErrors
+    result = search_any(load_any_ratings(args.ratings), args.budget, args.cost, args.method)  # errors: ValueErrors
     print(json.dumps(result.to_json()))
     return 0
 

@@ -25,19 +25,34 @@ from nas.data import DigitsDataModule
 from nas.export import build_network
 from nas.ops import NormFactory, seeded_init
 from nas.spaces import Candidate, SearchSpace
+from nas.spaces.hytra import HyTraSpace, build_hytra_network
 from nas.systems import ClassifierSystem
 from stflow.pool import run_tasks
 from stflow.runner import RunConfig, fit
 
-__all__ = ["sample_architectures", "train_standalone", "build_ground_truth", "seed_ceiling"]
+__all__ = ["sample_architectures", "train_standalone", "build_ground_truth", "seed_ceiling", "build_any",
+           "cross_validated_accuracy"]
+
+
+def build_any(
+    space: SearchSpace | HyTraSpace, encoding: Sequence[Sequence[int]], num_classes: int,
+    norm_layer: NormFactory = nn.BatchNorm2d,
+) -> nn.Module:
+    """Stand-alone network of an MBConv-style space (``nas.export.build_network``) or a HyTra space."""
+    if isinstance(space, HyTraSpace):
+        return build_hytra_network(space, encoding, num_classes, norm_layer)
+    return build_network(space, encoding, num_classes, norm_layer)
 
 
 def sample_architectures(space: SearchSpace, n: int, seed: int = 0) -> list[tuple[Candidate, ...]]:
-    """``n`` distinct architectures drawn uniformly (fixed ``seed``)."""
+    """``n`` distinct architectures drawn uniformly (fixed ``seed``); a HyTra space (blocks not
+    independent) samples uniformly among its legal whole-network encodings."""
     total = space.num_architectures()
     if n > total:
         raise ValueError(f"cannot sample {n} distinct architectures from a space of {total}")
     rng = random.Random(seed)
+    if isinstance(space, HyTraSpace):
+        return rng.sample(list(space.enumerate_architectures()), n)
     per_block = [list(b.enumerate()) for b in space.blocks]
     seen: set[tuple[Candidate, ...]] = set()
     out: list[tuple[Candidate, ...]] = []
@@ -63,7 +78,7 @@ def train_standalone(
     """Test accuracy of the architecture trained from scratch with ``seed`` (last epoch, no checkpoints)."""
     dm = datamodule or DigitsDataModule(batch_size=batch_size, seed=data_seed)
     with seeded_init(seed):  # the initialization depends on the seed only, not on earlier runs
-        model = build_network(space, encoding, DigitsDataModule.num_classes, norm_layer)
+        model = build_any(space, encoding, DigitsDataModule.num_classes, norm_layer)
     system = ClassifierSystem(model, lr=lr, max_epochs=epochs)
     with tempfile.TemporaryDirectory(prefix="nas-gt-") as tmp:
         cfg = RunConfig(
@@ -125,13 +140,38 @@ def build_ground_truth(
     return _ground_truth_data(space, archs, header, done, list(seeds))
 
 
+def cross_validated_accuracy(
+    space: SearchSpace | HyTraSpace,
+    archs: Sequence[Sequence[Sequence[int]]],
+    seeds: Sequence[int] = (0, 1, 2),
+    epochs: int = 10,
+    folds: int = 5,
+    workers: int = 1,
+    progress: bool = False,
+) -> list[list[float]]:
+    """Per architecture, per seed: the ``folds``-fold cross-validated stand-alone accuracy (correct answers
+    pooled over all folds), trained exactly as :func:`build_ground_truth` trains (same folds, epochs, seeds),
+    so the numbers sit on the ground truth's scale (e.g. a searched net beside the ground truth)."""
+    archs = [tuple(tuple(c) for c in a) for a in archs]
+    fold_ids: list[int | None] = list(range(folds)) if folds > 1 else [None]
+    jobs = [(a, s, f) for a in range(len(archs)) for s in seeds for f in fold_ids]
+    tasks = [(space, archs[a], s, epochs, f, folds) for a, s, f in jobs]
+    outcomes = run_tasks(_fold_job, tasks, workers, 1 if workers > 1 else None, "cross-validation", progress)
+    results = dict(zip(jobs, outcomes))
+    return [
+        [sum(results[(a, s, f)][0] * results[(a, s, f)][1] for f in fold_ids)
+         / sum(results[(a, s, f)][1] for f in fold_ids) for s in seeds]
+        for a in range(len(archs))
+    ]
+
+
 def _ground_truth_data(space: SearchSpace, archs: Sequence[tuple[Candidate, ...]], header: dict[str, Any],
                        done: dict[int, list[float]], seeds: list[int]) -> dict[str, Any]:
     """The file format (module docstring) for ``seeds``, from per-seed accuracies."""
     entries = []
     for a, arch in enumerate(archs):
         accs = [done[s][a] for s in seeds]
-        params = count_params(build_network(space, arch, DigitsDataModule.num_classes))
+        params = count_params(build_any(space, arch, DigitsDataModule.num_classes))
         entries.append(
             {
                 "encoding": [list(b) for b in arch],

@@ -1,11 +1,13 @@
 """Rank correlation between rating-table architecture scores and ground-truth accuracy.
 
 Ground truth JSON: ``{"architectures": [{"encoding": [[ops of block 0], ...], "<metric>": value}, ...]}``.
-An architecture's score is the sum of its blocks' ratings (see :class:`nas.search.ratings.RatingTable`).
+An architecture's score is the sum of its blocks' ratings (see :class:`nas.search.ratings.RatingTable`), or,
+for a whole-architecture rater, its row's score (:class:`nas.search.ratings.ArchitectureRatings`; every
+ground-truth encoding must have been rated).
 
 CLI::
 
-    python -m nas.search.ranking --ratings R.json --ground-truth G.json [--metric top1] [--json]
+    python -m nas.search.ranking --ratings R.json --ground-truth G.json [--metric top1] [--json]  # block table or rows
 """
 
 from __future__ import annotations
@@ -22,11 +24,11 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from nas.search.ratings import RatingTable, load_ratings
+from nas.search.ratings import ArchitectureRatings, RatingTable, load_any_ratings
 from nas.spaces import candidate_key
 from stflow.config import parse_cli, run_cli
 
-__all__ = ["correlations", "load_ground_truth", "architecture_keys", "evaluate", "main"]
+__all__ = ["correlations", "load_ground_truth", "architecture_keys", "architecture_scores", "evaluate", "main"]
 
 
 def correlations(scores: Sequence[float], truth: Sequence[float]) -> dict[str, float]:
@@ -87,11 +89,20 @@ def architecture_keys(table: RatingTable, encoding: Sequence[Sequence[int]]) -> 
     return keys
 
 
+def architecture_scores(
+    table: RatingTable | ArchitectureRatings, encodings: Sequence[Sequence[Sequence[int]]]
+) -> list[float]:
+    """The table's score of each encoding: sum of block ratings (block table) or the row's score (rows)."""
+    if isinstance(table, ArchitectureRatings):
+        return [table.score(e) for e in encodings]
+    return [table.score(architecture_keys(table, e)) for e in encodings]
+
+
 def evaluate(
-    table: RatingTable, encodings: Sequence[Sequence[Sequence[int]]], values: Sequence[float]
+    table: RatingTable | ArchitectureRatings, encodings: Sequence[Sequence[Sequence[int]]], values: Sequence[float]
 ) -> dict[str, Any]:
-    """Correlations between the table's architecture scores and ``values``."""
-    scores = [table.score(architecture_keys(table, e)) for e in encodings]
+    """Correlations between the table's architecture scores and ``values`` (block table or whole-architecture rows)."""
+    scores = architecture_scores(table, encodings)
     out: dict[str, Any] = correlations(scores, values)
     out["metric"] = table.metric
     out["lower_is_better"] = table.lower_is_better
@@ -102,7 +113,7 @@ def evaluate(
 class RankingConfig:
     """``python -m nas.search.ranking``'s options (fields = flags)."""
 
-    ratings: str  # rating table JSON
+    ratings: str  # rating table JSON (block ratings or whole-architecture rows)
     ground_truth: str  # ground truth JSON
     metric: str | None = None  # ground-truth field (default: the only numeric one)
     json: bool = False  # print JSON instead of text
@@ -117,7 +128,7 @@ def _main(argv: list[str]) -> int:
     args, _ = parse_cli(
         RankingConfig, argv, prog="python -m nas.search.ranking", description=__doc__.split("\n")[0], packages=("nas",)
     )
-    table = load_ratings(args.ratings)
+    table = load_any_ratings(args.ratings)
     encodings, values, metric = load_ground_truth(args.ground_truth, args.metric)
     result = evaluate(table, encodings, values)
     result["ground_truth_metric"] = metric

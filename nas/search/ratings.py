@@ -8,6 +8,15 @@ JSON layout::
 
 Keys follow :mod:`nas.spaces` (``"0110"``). ``metric`` defaults to ``"loss"`` and
 ``lower_is_better`` to true, so the released BossNAS file loads as is.
+
+Whole-architecture raters (Pi-NAS: a score per network, not a sum of block scores) write rows instead::
+
+    {"architectures": [{"encoding": [[ops of block 0], ...], "score": s,
+                        "params": n, "flops": n, ...}, ...],            # costs optional, extra fields kept
+     "metric": "probe_accuracy", "lower_is_better": false, ...}
+
+(:class:`ArchitectureRatings`; the same layout as a ground-truth file, with ``score`` as the metric).
+:func:`load_any_ratings` reads either kind; :func:`load_ratings` only block tables.
 """
 
 from __future__ import annotations
@@ -20,7 +29,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RatingTable", "RatingTableError", "load_ratings", "save_ratings"]
+__all__ = [
+    "RatingTable",
+    "ArchitectureRatings",
+    "RatingTableError",
+    "load_ratings",
+    "load_any_ratings",
+    "save_ratings",
+]
 
 
 class RatingTableError(ValueError):
@@ -129,19 +145,125 @@ class RatingTable:
         return table
 
 
-def load_ratings(path: str | os.PathLike) -> RatingTable:
-    """Read and validate a rating table JSON file (clear errors naming the file)."""
+def _finite(v: Any) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+
+
+@dataclass
+class ArchitectureRatings:
+    """Scores of whole architectures: one row ``{"encoding": [[...], ...], "score": s, ...}`` per rated network.
+
+    Extra row fields (``params``, ``flops``, ``accuracy``, ...) are kept; costs, where present, must be
+    finite and >= 0. Encodings are unique. The rated rows may be a sample of the space."""
+
+    rows: list[dict[str, Any]]
+    metric: str = "score"
+    lower_is_better: bool = False
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self, source: str = "architecture ratings") -> None:
+        if not isinstance(self.rows, list) or not self.rows:
+            raise RatingTableError(f"{source}: 'architectures' must be a non-empty list of rows")
+        seen: set[tuple[tuple[int, ...], ...]] = set()
+        for i, row in enumerate(self.rows):
+            if not isinstance(row, dict) or "encoding" not in row or "score" not in row:
+                raise RatingTableError(f"{source}: row {i} needs 'encoding' and 'score'")
+            enc = row["encoding"]
+            if not isinstance(enc, list) or not enc or not all(
+                isinstance(b, list) and all(isinstance(j, int) and not isinstance(j, bool) for j in b) for b in enc
+            ):
+                raise RatingTableError(f"{source}: row {i} encoding must be a list of lists of ints, got {enc!r}")
+            if not _finite(row["score"]):
+                raise RatingTableError(f"{source}: row {i} has a non-finite score {row['score']!r}")
+            for name in ("params", "flops"):
+                if name in row and (not _finite(row[name]) or row[name] < 0):
+                    raise RatingTableError(f"{source}: row {i} has an invalid {name} cost {row[name]!r}")
+            key = _encoding_key(enc)
+            if key in seen:
+                raise RatingTableError(f"{source}: encoding {enc} is rated twice")
+            seen.add(key)
+        if len({len(r["encoding"]) for r in self.rows}) != 1:
+            raise RatingTableError(f"{source}: rows have different numbers of blocks")
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.rows[0]["encoding"])
+
+    def score(self, encoding: Sequence[Sequence[int]]) -> float:
+        """The rated score of ``encoding`` (``RatingTableError`` when it was not rated)."""
+        lookup = self._lookup()
+        try:
+            return float(lookup[_encoding_key(encoding)]["score"])
+        except KeyError:
+            raise RatingTableError(
+                f"architecture {[list(b) for b in encoding]} is not rated ({len(self.rows)} rows)"
+            ) from None
+
+    def costs(self, cost: str) -> list[float]:
+        """Cost ``cost`` of every row, in row order."""
+        missing = [i for i, r in enumerate(self.rows) if cost not in r]
+        if missing:
+            raise RatingTableError(f"{len(missing)} row(s) have no {cost!r} cost (e.g. row {missing[0]})")
+        return [float(r[cost]) for r in self.rows]
+
+    def _lookup(self) -> dict[tuple[tuple[int, ...], ...], dict[str, Any]]:
+        return {_encoding_key(r["encoding"]): r for r in self.rows}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"architectures": self.rows, "metric": self.metric, "lower_is_better": self.lower_is_better,
+                **self.meta}
+
+    @classmethod
+    def from_json(cls, data: Any, source: str = "architecture ratings") -> ArchitectureRatings:
+        if not isinstance(data, dict) or "architectures" not in data:
+            raise RatingTableError(f"{source}: expected a JSON object with an 'architectures' list")
+        data = dict(data)
+        lower = data.pop("lower_is_better", False)
+        if not isinstance(lower, bool):
+            raise RatingTableError(f"{source}: 'lower_is_better' must be true or false, got {lower!r}")
+        out = cls.__new__(cls)
+        out.rows = data.pop("architectures")
+        out.metric = str(data.pop("metric", "score"))
+        out.lower_is_better = lower
+        out.meta = data
+        out.validate(source)
+        return out
+
+
+def _encoding_key(encoding: Sequence[Sequence[int]]) -> tuple[tuple[int, ...], ...]:
+    return tuple(tuple(int(j) for j in b) for b in encoding)
+
+
+def _read_json(path: str | os.PathLike) -> tuple[Path, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"rating table not found: {path}")
     try:
-        data = json.loads(path.read_text())
+        return path, json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise RatingTableError(f"{path}: not valid JSON ({exc})") from None
+
+
+def load_ratings(path: str | os.PathLike) -> RatingTable:
+    """Read and validate a rating table JSON file (clear errors naming the file)."""
+    path, data = _read_json(path)
+    if isinstance(data, dict) and "architectures" in data and "block_ratings" not in data:
+        raise RatingTableError(f"{path}: holds whole-architecture rows, not block ratings (use load_any_ratings)")
     return RatingTable.from_json(data, source=str(path))
 
 
-def save_ratings(table: RatingTable, path: str | os.PathLike) -> Path:
+def load_any_ratings(path: str | os.PathLike) -> RatingTable | ArchitectureRatings:
+    """A block rating table or whole-architecture rows, whichever the file holds."""
+    path, data = _read_json(path)
+    if isinstance(data, dict) and "architectures" in data and "block_ratings" not in data:
+        return ArchitectureRatings.from_json(data, source=str(path))
+    return RatingTable.from_json(data, source=str(path))
+
+
+def save_ratings(table: RatingTable | ArchitectureRatings, path: str | os.PathLike) -> Path:
     table.validate()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@
 
 from nas.spaces.base import (
     SKIP,
+    SPACE_PRESETS,
     BlockSpec,
     Candidate,
     CellSpec,
@@ -13,6 +14,7 @@ from nas.spaces.base import (
     mbconv,
     op_from_dict,
     parse_candidate_key,
+    space_preset,
 )
 
 __all__ = [
@@ -27,4 +29,6 @@ __all__ = [
     "SKIP",
     "mbconv",
     "op_from_dict",
+    "SPACE_PRESETS",
+    "space_preset",
 ]

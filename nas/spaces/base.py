@@ -28,6 +28,8 @@ __all__ = [
     "SKIP",
     "mbconv",
     "op_from_dict",
+    "SPACE_PRESETS",
+    "space_preset",
 ]
 
 Candidate = tuple[int, ...]
@@ -343,3 +345,31 @@ def op_from_dict(cfg: dict) -> OpSpec:
 
 def _down(size: int, stride: int) -> int:
     return (size + stride - 1) // stride
+
+
+# Named space configs (``SearchSpace.from_dict`` mappings), e.g. ``--space digits-cells`` of DNA.
+SPACE_PRESETS: dict[str, dict] = {
+    # Digits with DNA's depth/width cells: each block offers a 1-layer cell, a narrow 2-layer cell (inner
+    # width out/2) and a wide 2-layer cell (inner width 2 x out); every layer chooses MBConv e1 k3, e4 k3 or
+    # e4 k5 (no skip: depth is the cell's). 3 + 9 + 9 = 21 candidates per block, 9,261 architectures.
+    "digits-cells": {
+        "name": "digits-cells",
+        "input_channels": 1,
+        "input_size": 8,
+        "stem_channels": 8,
+        "stem_stride": 1,
+        "ops": [{"kernel": 3, "expansion": 1}, {"kernel": 3, "expansion": 4}, {"kernel": 5, "expansion": 4}],
+        "blocks": [
+            {"out_channels": 16, "stride": 1, "layers": [1, 2, 2], "widths": [None, 8, 32]},
+            {"out_channels": 24, "stride": 2, "layers": [1, 2, 2], "widths": [None, 12, 48]},
+            {"out_channels": 32, "stride": 2, "layers": [1, 2, 2], "widths": [None, 16, 64]},
+        ],
+    },
+}
+
+
+def space_preset(name: str) -> SearchSpace:
+    """The packaged space ``name`` (a key of :data:`SPACE_PRESETS`); ``KeyError`` naming the presets."""
+    if name not in SPACE_PRESETS:
+        raise KeyError(f"unknown space preset {name!r}; presets: {', '.join(sorted(SPACE_PRESETS))}")
+    return SearchSpace.from_dict(SPACE_PRESETS[name])

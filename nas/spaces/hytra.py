@@ -442,11 +442,21 @@ class HyTraNetwork(nn.Module):
         space.entry_level(len(space.blocks), [tuple(c) for c in encoding])  # validates the whole encoding
         self.stem = _stem(space, norm_layer)
         blocks, level = [], 0
+        self.feature_info: list[dict[str, int]] = []  # per block: exit channels and stride (input side / map side)
         for k, cand in enumerate(encoding):
             blocks.append(build_path(space, k, cand, level, norm_layer))
             level = space.ops[cand[-1]].level
+            self.feature_info.append({"channels": space.widths[level], "stride": space.stem_stride * 2**level})
         self.blocks = nn.Sequential(*blocks)
         self.head = nn.Linear(space.widths[level], num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """One map per block (feature taps); x: (B, C_in, H, W) -> map k (B, channels_k, H / stride_k, W / stride_k)."""
+        outs, h = [], self.stem(x)
+        for block in self.blocks:
+            h = block(h)
+            outs.append(h)
+        return outs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C_in, H, W) -> (B, num_classes)
         return self.head(self.blocks(self.stem(x)).mean((2, 3)))

@@ -29,6 +29,7 @@ straight-line Function, :class:`_NchwPriorFn`, reached through :func:`hot_train`
 
 from __future__ import annotations
 
+import ctypes
 import math
 from typing import Any
 
@@ -391,6 +392,267 @@ class _NchwPriorFn(torch.autograd.Function):
 _nchw_apply_c = super(torch.autograd.Function, _NchwPriorFn).apply
 
 
+# ---- the grouped / channels-last hot path -------------------------------------------------------------------------
+
+_PTR, _I64, _F64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
+_GROUPED_FORWARD_ARGTYPES = [_INT, _INT, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _F64, _F64, _F64,
+                             _PTR, _PTR, _F64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _PTR, _PTR]
+_GROUPED_BACKWARD_ARGTYPES = [_INT, _I64, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64,
+                              _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR]
+_grouped_bound: dict[int, Any] = {}  # id(library) -> library, once its grouped entry points are declared
+
+
+def _grouped_lib() -> Any:
+    """The C library with its grouped entry points declared, or ``None`` (torch-ops finalize)."""
+    lib = cfinalize.load()
+    if lib is None or id(lib) in _grouped_bound:
+        return lib
+    try:
+        lib.bkn_forward_finalize_grouped.argtypes = _GROUPED_FORWARD_ARGTYPES
+        lib.bkn_forward_finalize_grouped.restype = _F64
+        lib.bkn_backward_grouped.argtypes = _GROUPED_BACKWARD_ARGTYPES
+        lib.bkn_backward_grouped.restype = None
+    except AttributeError:  # a library built from an older source: the torch ops
+        return None
+    _grouped_bound[id(lib)] = lib
+    return lib
+
+
+_unit_rows: dict[tuple[int, torch.dtype], tuple[Tensor, Tensor]] = {}  # (rows, dtype) -> (zeros, ones), read-only
+
+
+def _unit(rows: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Zero means and unit variances of ``rows`` channels: eval-BN with eps = 0 is then ``x*scale + shift``."""
+    key = (rows, dtype)
+    unit = _unit_rows.get(key)
+    if unit is None:
+        if len(_unit_rows) > 32:
+            _unit_rows.clear()
+        unit = _unit_rows[key] = (torch.zeros(rows, dtype=dtype), torch.ones(rows, dtype=dtype))
+    return unit
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _cl_rows(t: Tensor, groups: int) -> Tensor:
+    """Channels-last (N, C, H, W) -> (G, g*H*W, C): each ghost group's pixels as rows of C channels (a view)."""
+    return t.permute(0, 2, 3, 1).reshape(groups, -1, t.shape[1])  # (N, C, H, W) -> (N, H, W, C) -> (G, gHW, C)
+
+
+def _cl_moments(x: Tensor, groups: int) -> tuple[Tensor, Tensor]:
+    """Per-group, per-channel biased ``(mean, var)`` (G, C) of channels-last ``x`` from BN's statistics kernel
+    (vectorized over the contiguous channels of the (g*H*W, C) rows), one call per ghost group."""
+    if groups == 1:
+        return torch.batch_norm_update_stats(x, None, None, 0.0)  # (C,) each: the C finalize reads them as (1, C)
+    moments = [torch.batch_norm_update_stats(part, None, None, 0.0) for part in x.chunk(groups, dim=0)]
+    return torch.stack([mv[0] for mv in moments]), torch.stack([mv[1] for mv in moments])  # G x (C,) -> (G, C)
+
+
+def _finalize_grouped_torch(m: Tensor, s: Tensor, var_rows: bool, groups: int, prior_mean: Tensor,
+                            prior_var: Tensor, p: float, eps: float, guard_ratio: float,
+                            running: Running | None) -> tuple[PriorWeight, Tensor, Tensor, Tensor, Tensor | None]:
+    """The grouped forward finalize in torch ops (the C one's arithmetic): ``(p used, mu_hat, var_hat, r, d)``,
+    statistics (G, C); ``p`` a float when every group agrees on the guard, else (G, 1); ``d`` None if all fired."""
+    c = m.shape[-1]
+    rows = m.numel() // c
+    var_n = s if var_rows else s.pow(-2)  # group norm's inverse deviations -> variances
+    mg = m.view(groups, rows // groups, c)  # (G*n, C) -> (G, n, C)
+    mu_b = mg.mean(dim=1)
+    dev = mg - mu_b[:, None]
+    var_b = torch.addcmul(var_n.view(groups, rows // groups, c), dev, dev).mean(dim=1)  # E[var_i] + Var[mu_i]
+    pe = _guarded_weight(prior_mean, prior_var, var_b, p, eps, guard_ratio, check=True)
+    d = None
+    if isinstance(pe, Tensor) or pe > 0.0:
+        d = mu_b - prior_mean
+        post_mean = torch.lerp(mu_b, prior_mean, pe)
+        post_var = torch.lerp(var_b, prior_var, pe)
+        if isinstance(pe, Tensor):
+            post_var.addcmul_(d * (pe * (1.0 - pe)), d)
+        else:
+            post_var.addcmul_(d, d, value=pe * (1.0 - pe))
+    else:
+        post_mean, post_var = mu_b, var_b
+    if running is not None:
+        _update_running(post_mean, post_var, *running)
+    return pe, post_mean, post_var, torch.add(post_var, _ONE, alpha=eps).rsqrt_(), d
+
+
+class _GroupedPriorFn(torch.autograd.Function):
+    """The hot path for ghost groups (``G > 1``; NCHW or channels-last) and for channels-last input with one
+    group: (x, gamma, beta, mu_P, var_P) -> (y, mu_hat, var_hat), statistics ``(C,)`` when ``G == 1``, else
+    ``(G, C)``; the prior ``(C,)`` (shared by the groups) or ``(G, C)``. Same arithmetic as
+    :class:`_BatchKalmanNormFn` up to rounding; reached through :func:`hot_train`.
+
+    Moments per row, combined per group by the per-channel finalize (one C call, or the torch ops of
+    :func:`_finalize_grouped_torch`):
+
+    * NCHW: group norm's per-(sample, channel) moments (N, C) (rows = samples, g rows per group); the
+      normalize is torch's vectorized eval-BN pass on the ``(1, N*C, L)`` view with per-row scale and shift
+      (``mean = 0, var = 1, eps = 0``: ``y = x*a + shift``) written into group norm's spare output.
+    * channels-last: BN's statistics kernel per group (rows = groups); the normalize is one broadcast
+      ``addcmul`` on the ``(G, g*H*W, C)`` view.
+
+    Backward (C finalize, ``gy`` in ``x``'s layout): one channels-last group and only ``y`` with a gradient:
+    BN's fused backward with weight ``(1-p)*gamma`` plus ``p*a*g``, as :class:`_NchwPriorFn`. Otherwise BN's
+    reductions per row (NCHW: on the ``(1, N*C, L)`` view at the rows' group statistics; channels-last: one
+    call per group), one C call for the prior's and the affine gradients and the per-row coefficients of
+    ``dx = a*g + k2*x + shift``, and two passes. The torch-ops finalize, a ``gy`` in another layout or no
+    input gradient: :func:`_closed_form_backward`.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor,
+        prior_mean: Tensor,
+        prior_var: Tensor,
+        p: float,
+        eps: float,
+        guard_ratio: float,
+        groups: int,
+        running: Running | None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        n, c = x.shape[0], x.shape[1]
+        dtype = x.dtype
+        nchw = x.is_contiguous()
+        length = x.numel() // (n * c)
+        if nchw:  # per-(sample, channel) moments (N, C): g rows per group
+            scratch, m, s = torch.native_group_norm(x, None, None, n, c, length, c, 0.0)
+            per_group, expand = n // groups, n // groups
+        else:  # channels-last: per-(group, channel) moments (G, C)
+            scratch = None
+            m, s = _cl_moments(x, groups)
+            per_group, expand = 1, 1
+        lib = _grouped_lib()
+        ctx.prior_shape = (prior_mean.shape, prior_var.shape)
+        stat_shape = (c,) if groups == 1 else (groups, c)
+        mean_rows = rstd_rows = scale_rows = None
+        if lib is not None:
+            post_mean, post_var = torch.empty(stat_shape, dtype=dtype), torch.empty(stat_shape, dtype=dtype)
+            if nchw:  # (G, C) internals for the backward; per-row (N, C) mean, r, a, shift
+                rstd, d, a = torch.empty(3, groups, c, dtype=dtype).unbind(0)
+                mean_rows, rstd_rows, scale_rows, shift = torch.empty(4, n, c, dtype=dtype).unbind(0)
+            else:  # rows = groups: (G, C) each
+                rstd, d, a, shift = torch.empty(4, groups, c, dtype=dtype).unbind(0)
+            p_used = torch.empty(groups, dtype=torch.float64)
+            running_mean = running_var = None
+            momentum, count = 0.0, 0
+            if running is not None:
+                running_mean, running_var, momentum, count = running
+            fired = lib.bkn_forward_finalize_grouped(
+                dtype is torch.float64, not nchw, groups, per_group, c, m.data_ptr(), s.data_ptr(),
+                prior_mean.data_ptr(), prior_var.data_ptr(), 0 if prior_mean.dim() == 1 else c, weight.data_ptr(),
+                bias.data_ptr(), p, eps, guard_ratio, _ptr(running_mean), _ptr(running_var), momentum, count,
+                post_mean.data_ptr(), post_var.data_ptr(), rstd.data_ptr(), d.data_ptr(), a.data_ptr(),
+                p_used.data_ptr(), expand, _ptr(mean_rows), _ptr(rstd_rows), _ptr(scale_rows), shift.data_ptr(),
+            )
+            if fired < 0.0:  # a NaN/inf or a negative variance in the prior
+                check_prior_values(prior_mean, prior_var)
+                raise ValueError("prior rejected by the C finalize")  # (check_prior_values raises first)
+            if running is not None:  # written through raw pointers: tell autograd's saved-tensor checks
+                _increment_version([running[0], running[1]])
+            # the prior weight used: a float when every group agrees, else (G, 1) (for the closed-form fallback)
+            pe: PriorWeight = p if fired == 0.0 else 0.0 if fired == groups else p_used.to(dtype)[:, None]
+        else:
+            pe, post_mean, post_var, rstd, d = _finalize_grouped_torch(
+                m, s, not nchw, groups, prior_mean, prior_var, p, eps, guard_ratio, running)
+            if groups == 1:
+                post_mean, post_var, rstd = post_mean.view(c), post_var.view(c), rstd.view(c)  # (1, C) -> (C,)
+                d = None if d is None else d.view(c)
+            a = rstd * weight  # (G, C) or (C,)
+            shift = torch.addcmul(bias, post_mean, a, value=-1.0)
+            if nchw:  # (G, C) -> (G, g, C) -> (N, C): a row per sample
+                scale_rows = a.view(groups, 1, c).expand(groups, expand, c).reshape(n, c)
+                shift = shift.view(groups, 1, c).expand(groups, expand, c).reshape(n, c)
+            p_used = mean_rows = rstd_rows = None
+        if nchw:  # y = x*a + shift per (sample, channel) row: eval BN with mean 0, var 1, eps 0, into the scratch
+            zeros, ones = _unit(n * c, dtype)
+            x_rows = x.view(1, n * c, length)  # (N, C, *) -> (1, N*C, L)
+            y = _native_batch_norm_out(x_rows, scale_rows.view(-1), shift.view(-1), zeros, ones, False, 0.0, 0.0,
+                                       out=scratch.view(1, n * c, length), save_mean=_EMPTY[dtype],
+                                       save_invstd=_EMPTY[dtype])[0].view(x.shape)
+        elif groups == 1:  # (C,) -> (C, 1, 1) to broadcast over channels-last (N, C, H, W); y keeps x's layout
+            y = torch.addcmul(shift.view(c, 1, 1), x, a.view(c, 1, 1))
+        else:  # (G, g*H*W, C) rows, broadcast (G, 1, C) coefficients; back to channels-last (N, C, H, W)
+            y = torch.addcmul(shift.view(groups, 1, c), _cl_rows(x, groups), a.view(groups, 1, c))
+            h, w = x.shape[2], x.shape[3]
+            y = y.view(n, h, w, c).permute(0, 3, 1, 2)  # (G, gHW, C) -> (N, H, W, C) -> (N, C, H, W)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, weight, post_mean, rstd, d, a, p_used, mean_rows, rstd_rows, scale_rows,
+                              pe if isinstance(pe, Tensor) else None)
+        ctx.pe = pe if isinstance(pe, float) else None
+        ctx.eps, ctx.groups, ctx.lib = eps, groups, lib
+        return y, post_mean, post_var
+
+    @staticmethod
+    def backward(ctx: Any, gy: Tensor | None, gm: Tensor | None, gv: Tensor | None):  # type: ignore[override]
+        x, weight, post_mean, rstd, d, a, p_used, mean_rows, rstd_rows, scale_rows, pe_t = ctx.saved_tensors
+        pe: PriorWeight = ctx.pe if pe_t is None else pe_t
+        lib, groups, needs, eps = ctx.lib, ctx.groups, ctx.needs_input_grad, ctx.eps
+        nchw = x.is_contiguous()
+        same_layout = gy is not None and (gy.is_contiguous() if nchw else
+                                          gy.is_contiguous(memory_format=torch.channels_last))
+        if lib is None or not (needs[0] and same_layout):
+            if d is not None and isinstance(pe, float) and pe == 0.0:
+                d = None  # every group's guard fired: plain BN
+            stat = (post_mean.shape[-1],) if groups == 1 else (groups, post_mean.shape[-1])
+            grads = _closed_form_backward(
+                needs, x, weight, post_mean.view(stat), rstd.view(stat), None if d is None else d.view(stat), pe,
+                eps, groups, weight.dtype, ctx.prior_shape, gy, gm, gv)
+            return *grads, None, None, None, None, None
+        n, c = x.shape[0], x.shape[1]
+        dtype = x.dtype
+        mean_shape = ctx.prior_shape[0]
+        dpm, dpv = torch.empty(mean_shape, dtype=dtype), torch.empty(mean_shape, dtype=dtype)
+        prior_stride = 0 if len(mean_shape) == 1 else c
+        gm = None if gm is None else gm.to(dtype).contiguous()
+        gv = None if gv is None else gv.to(dtype).contiguous()
+        dweight, dbias = torch.empty(c, dtype=dtype), torch.empty(c, dtype=dtype)
+        if nchw:  # BN's reductions per (sample, channel) row at the row's group statistics: (N*C,) each
+            length = x.numel() // (n * c)
+            x_rows, gy_rows = x.view(1, n * c, length), gy.view(1, n * c, length)  # (N, C, *) -> (1, N*C, L)
+            _, s2, s1 = _native_batch_norm_backward(gy_rows, x_rows, None, None, None, mean_rows.view(-1),
+                                                    rstd_rows.view(-1), True, eps, [False, True, True])
+            rows, per_group = n, n // groups
+        else:  # channels-last: one call per group, (G, C) each
+            if groups == 1:
+                _, s2, s1 = _native_batch_norm_backward(gy, x, None, None, None, post_mean, rstd.view(c), True, eps,
+                                                        [False, True, True])
+            else:
+                mu, r = post_mean.view(groups, c), rstd.view(groups, c)
+                parts = [_native_batch_norm_backward(g_k, x_k, None, None, None, mu[k], r[k], True, eps,
+                                                     [False, True, True])
+                         for k, (g_k, x_k) in enumerate(zip(gy.chunk(groups, dim=0), x.chunk(groups, dim=0)))]
+                s2, s1 = torch.stack([t[1] for t in parts]), torch.stack([t[2] for t in parts])
+            rows, per_group = groups, 1
+        k2, shift = torch.empty(2, rows, c, dtype=dtype).unbind(0)  # per row
+        lib.bkn_backward_grouped(
+            dtype is torch.float64, groups, per_group, c, x.numel() // (groups * c), s1.data_ptr(), s2.data_ptr(),
+            a.data_ptr(), rstd.data_ptr(), d.data_ptr(), post_mean.data_ptr(), p_used.data_ptr(), _ptr(gm), _ptr(gv),
+            prior_stride, dpm.data_ptr(), dpv.data_ptr(), dweight.data_ptr(), dbias.data_ptr(), rows // groups,
+            k2.data_ptr(), shift.data_ptr(),
+        )
+        if nchw:  # dx = g*a + shift (eval BN, mean 0, var 1, eps 0) + k2*x, per (sample, channel) row
+            zeros, ones = _unit(n * c, dtype)
+            dx = torch.native_batch_norm(gy_rows, scale_rows.view(-1), shift.view(-1), zeros, ones, False, 0.0,
+                                         0.0)[0]
+            dx = dx.addcmul_(x_rows, k2.view(1, n * c, 1)).view(x.shape)
+        elif groups == 1:  # (C,) -> (C, 1, 1) over channels-last (N, C, H, W)
+            dx = torch.addcmul(shift.view(c, 1, 1), gy, a.view(c, 1, 1)).addcmul_(x, k2.view(c, 1, 1))
+        else:  # (G, g*H*W, C) rows, (G, 1, C) coefficients, back to channels-last (N, C, H, W)
+            dx = torch.addcmul(shift.view(groups, 1, c), _cl_rows(gy, groups), a.view(groups, 1, c))
+            dx = dx.addcmul_(_cl_rows(x, groups), k2.view(groups, 1, c))
+            dx = dx.view(n, x.shape[2], x.shape[3], c).permute(0, 3, 1, 2)  # (G, gHW, C) -> (N, C, H, W)
+        return dx, dweight, dbias, dpm, dpv, None, None, None, None, None
+
+
+_grouped_apply_c = super(torch.autograd.Function, _GroupedPriorFn).apply
+
+
 def hot_train(
     x: Tensor,
     running_mean: Tensor | None,
@@ -402,15 +664,19 @@ def hot_train(
     momentum: float,
     eps: float,
     guard_ratio: float,
+    group_size: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor] | None:
-    """Training BKN through :class:`_NchwPriorFn` when it applies, else ``None`` (the caller takes the
-    general, fully validated path). Posteriors ``(C,)``; running buffers updated in place.
+    """Training BKN through a hot-path Function when one applies, else ``None`` (the caller takes the
+    general, fully validated path). Posteriors ``(C,)`` with one group, else ``(G, C)``; running buffers
+    updated in place.
 
-    Applies to: ``0 < prior_weight <= 1``, a ``(mean, var)`` prior of shape ``(C,)``, fp32/fp64
-    NCHW-contiguous ``x`` with more than one element per (sample, channel) and at least
-    ``_GROUP_NORM_MIN_NUMEL`` elements, contiguous affine parameters (and running buffers, if any) of
-    shape ``(C,)`` in ``x``'s dtype, outside ``torch.compile`` graphs. Every check is cheap; anything
-    else (including every invalid input) returns ``None``.
+    :class:`_NchwPriorFn`: one group (``group_size`` None or the batch size), a ``(C,)`` prior, NCHW.
+    :class:`_GroupedPriorFn`: ghost groups (``G > 1``, NCHW or channels-last 4-D), or channels-last with one
+    group; its prior is ``(C,)`` or, with ``G > 1``, ``(G, C)`` (mean and variance of one shape).
+    Both need: ``0 < prior_weight <= 1``, fp32/fp64 ``x`` contiguous in its layout with more than one
+    element per (sample, channel) and at least ``_GROUP_NORM_MIN_NUMEL`` elements, contiguous affine
+    parameters (and running buffers, if any) of shape ``(C,)`` in ``x``'s dtype, outside ``torch.compile``
+    graphs. Every check is cheap; anything else (including every invalid input) returns ``None``.
     """
     dtype = x.dtype
     if not (0.0 < prior_weight <= 1.0 and (dtype is torch.float32 or dtype is torch.float64)):
@@ -418,21 +684,41 @@ def hot_train(
     if not (isinstance(prior, tuple) and len(prior) == 2):
         return None
     prior_mean, prior_var = prior
-    c = x.shape[1]
+    n, c = x.shape[0], x.shape[1]
+    groups = 1
+    if group_size is not None:
+        if not (isinstance(group_size, int) and 0 < group_size <= n and n % group_size == 0):
+            return None
+        groups = n // group_size
     shape = (c,)
-    for t in (weight, bias, prior_mean, prior_var):  # the C finalize reads them as plain (C,) arrays
+    for t in (weight, bias):  # the C finalize reads them as plain (C,) arrays
         if not (isinstance(t, Tensor) and t.dtype is dtype and t.shape == shape and t.is_contiguous()):
+            return None
+    prior_shape = prior_mean.shape if isinstance(prior_mean, Tensor) else None
+    if not (prior_shape == shape or groups > 1 and prior_shape == (groups, c)):
+        return None
+    for t in (prior_mean, prior_var):
+        if not (isinstance(t, Tensor) and t.dtype is dtype and t.shape == prior_shape and t.is_contiguous()):
             return None
     if running_mean is not None or running_var is not None:
         for t in (running_mean, running_var):
             if not (isinstance(t, Tensor) and t.dtype is dtype and t.shape == shape and t.is_contiguous()):
                 return None
     numel = x.numel()
-    if not (x.is_contiguous() and numel >= _GROUP_NORM_MIN_NUMEL and numel > x.shape[0] * c) or _is_compiling():
+    if not (numel >= _GROUP_NORM_MIN_NUMEL and numel > n * c) or _is_compiling():
         return None
-    running = None if running_mean is None else (running_mean, running_var, momentum, numel // c)
-    apply = _NchwPriorFn.apply if torch._C._are_functorch_transforms_active() else _nchw_apply_c
-    return apply(x, weight, bias, prior_mean, prior_var, float(prior_weight), float(eps), float(guard_ratio), running)
+    nchw = x.is_contiguous()
+    if nchw and groups == 1:
+        running = None if running_mean is None else (running_mean, running_var, momentum, numel // c)
+        apply = _NchwPriorFn.apply if torch._C._are_functorch_transforms_active() else _nchw_apply_c
+        return apply(x, weight, bias, prior_mean, prior_var, float(prior_weight), float(eps), float(guard_ratio),
+                     running)
+    if not (nchw or x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)):
+        return None
+    running = None if running_mean is None else (running_mean, running_var, momentum, numel // (groups * c))
+    apply = _GroupedPriorFn.apply if torch._C._are_functorch_transforms_active() else _grouped_apply_c
+    return apply(x, weight, bias, prior_mean, prior_var, float(prior_weight), float(eps), float(guard_ratio), groups,
+                 running)
 
 
 _is_compiling = torch.compiler.is_compiling

@@ -25,11 +25,14 @@ conv's own weights, the per-channel spatial moments.
   ``normlayers.convert`` chains ReLU-like nets only; its SELU moments are :func:`selu_gaussian_moments`.
 * ST-ResNet (ReLU units): :func:`kalman_stresnet` runs ``normlayers.convert`` on each component's stack of residual
   units, which derives exactly the chain above (ReLU's rectified-Gaussian moments for the analytic transition).
+* DeepSTN+ (ReLU ResPlus units): :func:`kalman_deepstn` runs ``normlayers.convert`` on the units plus the output
+  norm; a unit's second norm follows a concatenation (local conv | whole-grid dense branch) and keeps no prior.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +49,7 @@ __all__ = [
     "KalmanFrameEncoder",
     "kalman_acfm",
     "kalman_stresnet",
+    "kalman_deepstn",
 ]
 
 SELU_ALPHA = 1.6732632423543772848170429916717
@@ -169,4 +173,13 @@ def kalman_stresnet(model: nn.Module, prior_weight: float, transition: str = "an
         raise ValueError("ST-ResNet with res_units=0 has no norm layer to chain with BKN")
     for component in model.components.values():
         convert(component.units, prior_weight=prior_weight, transition=transition)
+    return model
+
+
+def kalman_deepstn(model: nn.Module, prior_weight: float, transition: str = "analytic") -> nn.Module:
+    """A DeepSTN+ built with BatchNorm -> the same network with ``model.body`` (ResPlus units + output norm) as a
+    Kalman chain via ``normlayers.convert``; each unit's ``norm2`` (fed by a concatenation) keeps no prior."""
+    with warnings.catch_warnings():  # convert warns about the concatenation-fed norm2 layers: expected here
+        warnings.filterwarnings("ignore", message="normlayers.convert: .*norm2 left without prior")
+        convert(model.body, prior_weight=prior_weight, transition=transition, strict=False)
     return model

@@ -8,6 +8,10 @@ Every factory takes the data keywords of :mod:`stflow.models.registry` plus its 
 - ``stresnet*``: any :class:`STResNetConfig` field except the data-given ones (``norm="none"`` gives DeepST's
   un-normalized network, which collapses into tanh saturation within one epoch on BikeNYC with torch's default
   init, measured at lr 2e-4 and 1e-3);
+- ``deepstn``: any :class:`DeepSTNConfig` field except the data-given ones (``filters``, ``plus_channels``,
+  ``pool_rate``, ``res_units``, ``dropout``, ...); every norm; BKN chains the ResPlus units (:func:`kalman_deepstn`);
+- ``stid``: any :class:`STIDConfig` field except the data-given ones (``embed_dim``, ``layers``, ``time_embeddings``,
+  ...); no norm layers (None or "none"); its time embeddings need the features="acfm" external vector;
 - ``persistence``: ``mode`` ("last" or "week"); ``historical_average``: no option (fit with ``fit_history``).
 
 The trainable models also take ``norm`` ("bn", "gn", "bkn" or "none"; None = the model's default, BatchNorm) and
@@ -26,8 +30,10 @@ from torch import nn
 from normlayers.select import NormFactory, NormOptions, check_norm_kind
 from stflow.models.acfm import ACFM, ACFM_PRESETS, ACFMConfig
 from stflow.models.baselines import HistoricalAverage, Persistence
-from stflow.models.kalman import kalman_acfm, kalman_stresnet
+from stflow.models.deepstn import DeepSTN, DeepSTNConfig
+from stflow.models.kalman import kalman_acfm, kalman_deepstn, kalman_stresnet
 from stflow.models.registry import register_model
+from stflow.models.stid import STID, STIDConfig
 from stflow.models.stresnet import STResNet, STResNetConfig
 
 _DATA_FIELDS = {"grid_shape", "ext_dim", "len_closeness", "len_period", "len_trend"}
@@ -125,6 +131,39 @@ def _stresnet(
     return model
 
 
+def _deepstn(
+    *, grid_shape: tuple[int, int], ext_dim: int, len_closeness: int, len_period: int, len_trend: int,
+    slots_per_day: int, norm: str | None = None, norm_options: NormOptions | None = None, **options: Any,
+) -> DeepSTN:
+    own = {f.name for f in dataclasses.fields(DeepSTNConfig)} - _DATA_FIELDS
+    _check_options("deepstn", options, own)
+    try:
+        config = DeepSTNConfig(grid_shape=tuple(grid_shape), ext_dim=ext_dim, len_closeness=len_closeness,
+                               len_period=len_period, len_trend=len_trend, **options)
+    except ValueError as err:
+        raise ValueError(f"deepstn: {err}") from err
+    norm, norm_options = norm or "bn", norm_options or NormOptions()
+    model = DeepSTN(config, norm_layer=_base_norm("deepstn", norm, norm_options))
+    if norm == "bkn":
+        model = kalman_deepstn(model, norm_options.prior_weight_value(), norm_options.transition)
+    return model
+
+
+def _stid(
+    *, grid_shape: tuple[int, int], ext_dim: int, len_closeness: int, len_period: int, len_trend: int,
+    slots_per_day: int, norm: str | None = None, norm_options: NormOptions | None = None, **options: Any,
+) -> STID:
+    _check_baseline_norm("stid", norm)
+    own = {f.name for f in dataclasses.fields(STIDConfig)} - _DATA_FIELDS - {"slots_per_day"}
+    _check_options("stid", options, own)
+    try:
+        config = STIDConfig(grid_shape=tuple(grid_shape), ext_dim=ext_dim, len_closeness=len_closeness,
+                            len_period=len_period, len_trend=len_trend, slots_per_day=slots_per_day, **options)
+    except ValueError as err:
+        raise ValueError(f"stid: {err}") from err
+    return STID(config)
+
+
 @register_model("acfm_bikenyc")
 def acfm_bikenyc(**kwargs: Any) -> ACFM:
     return _acfm("bikenyc", "clean", **kwargs)
@@ -155,6 +194,18 @@ def stresnet(**kwargs: Any) -> STResNet:
 def stresnet_taxibj(**kwargs: Any) -> STResNet:
     """ST-ResNet with the TaxiBJ depth (12 residual units)."""
     return _stresnet("taxibj", **kwargs)
+
+
+@register_model("deepstn")
+def deepstn(**kwargs: Any) -> DeepSTN:
+    """DeepSTN+ (ResPlus units, closeness/period/trend stem, time maps; no POI gate)."""
+    return _deepstn(**kwargs)
+
+
+@register_model("stid")
+def stid(**kwargs: Any) -> STID:
+    """STID: per-cell MLP over the window with spatial, time-of-day and day-of-week embeddings."""
+    return _stid(**kwargs)
 
 
 @register_model("persistence")

@@ -155,7 +155,8 @@ def test_quick_digits_study_writes_one_row_per_norm_and_batch(tmp_path):
         runs = [r for r in payload["runs"]
                 if r["cell"] == Cell(row["norm"], int(row["batch"]), int(row["group"]) if row["group"] else None).name]
         assert len(runs) == 1 and float(row["test_acc"]) == pytest.approx(100 * runs[0]["final_test_acc"], rel=1e-6)
-        assert row["p"] == ("" if row["norm"] in ("bn", "gn") else f"{round(prior_weight_for(int(row['group'] or row['batch'])), 3)}")
+        stat_batch = int(row["group"] or row["batch"])
+        assert row["p"] == ("" if row["norm"] in ("bn", "gn") else f"{round(prior_weight_for(stat_batch), 3)}")
     for name in ("bkn_digits_curves.png", "bkn_digits_ghost_curves.png", "bkn_digits_by_batch.png"):
         png = out / name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size < 200_000

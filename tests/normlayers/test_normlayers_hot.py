@@ -61,13 +61,14 @@ def test_layer_takes_the_hot_path_only_where_it_applies():
     x, _, _, pm, pv = _inputs(HOT_SHAPE, torch.float32)
     assert _node_name(bkn(x, prior=(pm, pv))) == "_NchwPriorFnBackward"
     assert bkn.posterior[0].shape == (8,)
+    # channels-last and ghost groups: the grouped hot path (tests/normlayers/test_normlayers_hot_grouped.py)
+    assert _node_name(bkn(x.to(memory_format=torch.channels_last), prior=(pm, pv))) == "_GroupedPriorFnBackward"
     # everything else goes through the general Function
-    assert _node_name(bkn(x.to(memory_format=torch.channels_last), prior=(pm, pv))) == "_BatchKalmanNormFnBackward"
     assert _node_name(bkn(x[:, :, :8, :8], prior=(pm, pv))) == "_BatchKalmanNormFnBackward"  # too small
     assert _node_name(bkn(x, prior=(pm[None], pv[None]))) == "_BatchKalmanNormFnBackward"  # (1, C) prior
     assert _node_name(bkn(x)) == "_BatchKalmanNormFnBackward"  # no prior
     grouped = BatchKalmanNorm2d(8, group_size=1, backend="torch")
-    assert _node_name(grouped(x, prior=(pm, pv))) == "_BatchKalmanNormFnBackward"
+    assert _node_name(grouped(x, prior=(pm, pv))) == "_GroupedPriorFnBackward"
     bkn.double()  # fp32 input with fp64 parameters: dtypes differ
     assert _node_name(bkn(x, prior=(pm.double(), pv.double()))) == "_BatchKalmanNormFnBackward"
 

@@ -39,7 +39,8 @@ def _cases() -> dict[str, dict]:
             "gm": torch.randn(c, generator=g, dtype=dt), "gv": torch.randn(c, generator=g, dtype=dt),
             "weight": 1.0 + 0.3 * torch.randn(c, generator=g, dtype=dt),
             "bias": 0.2 * torch.randn(c, generator=g, dtype=dt),
-            "prior_mean": torch.randn(c, generator=g, dtype=dt), "prior_var": 1.0 + torch.rand(c, generator=g, dtype=dt),
+            "prior_mean": torch.randn(c, generator=g, dtype=dt),
+            "prior_var": 1.0 + torch.rand(c, generator=g, dtype=dt),
         }
 
     def chain_case(split, transition):

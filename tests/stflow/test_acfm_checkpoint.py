@@ -49,7 +49,9 @@ def test_loads_strictly_and_fused_equals_literal(checkpoint, state):
     assert (cfg.len_closeness, cfg.len_period, cfg.variant) == (4, 2, "reference")
     assert not fused.training
     # Spot checks that tensors landed where they belong.
-    torch.testing.assert_close(fused.encoder.units[1].norm2.running_var, state["resnn.resblocks.0.2.layer2.0.running_var"])
+    torch.testing.assert_close(
+        fused.encoder.units[1].norm2.running_var, state["resnn.resblocks.0.2.layer2.0.running_var"]
+    )
     torch.testing.assert_close(fused.fusion[2].weight, state["time_aware_extnn.model.2.weight"])
     torch.testing.assert_close(fused.lstm_p.cell.peephole_weight[2], state["conv_lstm_t._lstm_cell.o_gate.w"])
     literal = load_reference_checkpoint(checkpoint, cell="literal")
@@ -66,11 +68,15 @@ def test_missing_key_is_named(state):
     mangled = dict(state)
     del mangled["conv_lstm_c._conv_layer.bias"]
     del mangled["concat_conv_t.model.1.2.weight"]
-    with pytest.raises(ReferenceCheckpointError, match=r"missing \(model keys not filled\): attention_p\.1\.2\.weight; head_c\.bias"):
+    with pytest.raises(
+        ReferenceCheckpointError, match=r"missing \(model keys not filled\): attention_p\.1\.2\.weight; head_c\.bias"
+    ):
         load_reference_state_dict(_model(state), mangled)
     mangled = dict(state)
     del mangled["conv_lstm._lstm_cell.i_gate.b"]
-    with pytest.raises(ReferenceCheckpointError, match=r"cannot fuse conv_lstm\._lstm_cell\.\*.*conv_lstm\._lstm_cell\.i_gate\.b"):
+    with pytest.raises(
+        ReferenceCheckpointError, match=r"cannot fuse conv_lstm\._lstm_cell\.\*.*conv_lstm\._lstm_cell\.i_gate\.b"
+    ):
         load_reference_state_dict(_model(state), mangled)
 
 
@@ -88,7 +94,9 @@ def test_wrong_shape_and_unexpected_keys_are_named(state):
 def test_encoder_copies_must_be_identical(state):
     mangled = dict(state)
     mangled["resnn.resblocks.3.4.bias"] = state["resnn.resblocks.3.4.bias"] + 1
-    with pytest.raises(ReferenceCheckpointError, match=r"resnn\.resblocks\.3 differs from resnn\.resblocks\.0 at \['4\.bias'\]"):
+    with pytest.raises(
+        ReferenceCheckpointError, match=r"resnn\.resblocks\.3 differs from resnn\.resblocks\.0 at \['4\.bias'\]"
+    ):
         load_reference_state_dict(_model(state), mangled)
 
 

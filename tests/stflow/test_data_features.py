@@ -125,7 +125,9 @@ def test_meteorology_previous_slot_and_hh30_bug(tiny_meteorology) -> None:
 
 def test_meteorology_not_covering_a_slot(tiny_meteorology) -> None:
     ts = pd.DatetimeIndex(["2015-06-01 00:00"])  # its previous slot is 2015-05-31 23:30
-    with pytest.raises(DataFormatError, match=r"Meteorology\.h5: no meteorology for 1 needed slot\(s\), first 2015-05-31 23:30"):
+    with pytest.raises(
+        DataFormatError, match=r"Meteorology\.h5: no meteorology for 1 needed slot\(s\), first 2015-05-31 23:30"
+    ):
         external_features(ts, "acfm", 48, meteorology=tiny_meteorology, previous_slot=True)
 
 

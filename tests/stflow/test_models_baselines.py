@@ -46,8 +46,11 @@ def test_historical_average_matches_numpy():
     expected = []
     for t in test_index:  # independent recomputation
         same = [
-            i for i in range(n)
-            if train[i] and timestamps[i].weekday() == timestamps[t].weekday() and timestamps[i].hour == timestamps[t].hour
+            i
+            for i in range(n)
+            if train[i]
+            and timestamps[i].weekday() == timestamps[t].weekday()
+            and timestamps[i].hour == timestamps[t].hour
         ]
         expected.append(scaler.transform(np.mean([flows[i] for i in same], axis=0)))
     np.testing.assert_allclose(pred, np.array(expected), rtol=1e-6, atol=1e-6)
@@ -64,8 +67,9 @@ def test_historical_average_fallback_and_state_roundtrip():
     model.fit_history(flows, timestamps, train, _Scaler(0.0, 50.0))
     wednesday_0000 = 2 * 4
     slot0 = flows[[0, 4]].mean(axis=0)  # no Wednesday in history -> mean of slot 0 over all training days
-    np.testing.assert_allclose(model({"index": torch.tensor([wednesday_0000])})[0].numpy(),
-                               _Scaler(0.0, 50.0).transform(slot0), rtol=1e-6)
+    np.testing.assert_allclose(
+        model({"index": torch.tensor([wednesday_0000])})[0].numpy(), _Scaler(0.0, 50.0).transform(slot0), rtol=1e-6
+    )
     clone = HistoricalAverage(4, (2, 3, 2))
     clone.load_state_dict(model.state_dict())
     index = torch.arange(len(flows))
@@ -107,8 +111,15 @@ def test_persistence():
 @pytest.mark.parametrize("preset, name", [("bikenyc", "stresnet"), ("taxibj", "stresnet_taxibj")])
 def test_stresnet_presets_forward_shapes(preset, name):
     cfg = STResNetConfig.preset(preset, ext_dim=8)
-    model = build_model(name, grid_shape=cfg.grid_shape, ext_dim=8, len_closeness=cfg.len_closeness,
-                        len_period=cfg.len_period, len_trend=cfg.len_trend, slots_per_day=24)
+    model = build_model(
+        name,
+        grid_shape=cfg.grid_shape,
+        ext_dim=8,
+        len_closeness=cfg.len_closeness,
+        len_period=cfg.len_period,
+        len_trend=cfg.len_trend,
+        slots_per_day=24,
+    )
     assert isinstance(model, STResNet) and model.config.res_units == cfg.res_units
     h, w = cfg.grid_shape
     n = 2 if preset == "bikenyc" else 1  # keep the 32x32, 12-unit model cheap
@@ -139,8 +150,15 @@ def test_stresnet_norm_layer_and_validation():
 
 def test_registry():
     names = list_models()
-    for required in ("acfm_bikenyc", "acfm_taxibj", "acfm_reference_bikenyc", "acfm_reference_taxibj",
-                     "historical_average", "persistence", "stresnet"):
+    for required in (
+        "acfm_bikenyc",
+        "acfm_taxibj",
+        "acfm_reference_bikenyc",
+        "acfm_reference_taxibj",
+        "historical_average",
+        "persistence",
+        "stresnet",
+    ):
         assert required in names
     with pytest.raises(KeyError, match="unknown model 'acfm'; registered models: acfm_bikenyc"):
         build_model("acfm", **DATA)
@@ -151,13 +169,27 @@ def test_registry():
 def test_naive_baselines_reproduce_bikenyc_readme_figures(bikenyc_dir):
     """../shared/data/README.md: HA 8.64, repeat last hour 11.76, same hour last week 10.66 (RMSE, 81 cells)."""
     data = pytest.importorskip("stflow.data")
-    dm = data.CrowdFlowDataModule(dataset="bikenyc", data_dir=str(bikenyc_dir), len_closeness=1, len_period=0,
-                                  len_trend=1, val_fraction=0.0, batch_size=512, shuffle_train=False)
+    dm = data.CrowdFlowDataModule(
+        dataset="bikenyc",
+        data_dir=str(bikenyc_dir),
+        len_closeness=1,
+        len_period=0,
+        len_trend=1,
+        val_fraction=0.0,
+        batch_size=512,
+        shuffle_train=False,
+    )
     dm.setup("test")
     (batch,) = list(dm.test_dataloader())
     assert len(batch["target"]) == 240
-    keywords = dict(grid_shape=dm.grid_shape, ext_dim=dm.ext_dim, len_closeness=1, len_period=0, len_trend=1,
-                    slots_per_day=dm.slots_per_day)
+    keywords = dict(
+        grid_shape=dm.grid_shape,
+        ext_dim=dm.ext_dim,
+        len_closeness=1,
+        len_period=0,
+        len_trend=1,
+        slots_per_day=dm.slots_per_day,
+    )
 
     def rmse(model) -> float:
         err = (model(batch) - batch["target"]).double().numpy() * (dm.scaler.max - dm.scaler.min) / 2

@@ -20,7 +20,18 @@ def test_reference_lr_steps_through_lambda_lr() -> None:
     for epoch in range(460):
         seen[epoch] = opt["optimizer"].param_groups[0]["lr"]
         scheduler.step()
-    expected = {0: 3e-4, 49: 3e-4, 50: 2e-4, 149: 2e-4, 150: 1e-4, 250: 5e-5, 350: 2e-5, 449: 2e-5, 450: 1e-5, 459: 1e-5}
+    expected = {
+        0: 3e-4,
+        49: 3e-4,
+        50: 2e-4,
+        149: 2e-4,
+        150: 1e-4,
+        250: 5e-5,
+        350: 2e-5,
+        449: 2e-5,
+        450: 1e-5,
+        459: 1e-5,
+    }
     for epoch, lr in expected.items():
         assert seen[epoch] == pytest.approx(lr), epoch
     assert StepSchedule(3e-4, REFERENCE_LR_MILESTONES)(500) == pytest.approx(1e-5 / 3e-4)
@@ -32,8 +43,12 @@ def test_hparams_rebuild_the_same_model() -> None:
     clone = ForecastingSystem(**system.hparams)
     clone.load_state_dict(system.state_dict())
     batch = {
-        "closeness": torch.rand(3, 2, 2, 4, 4), "period": torch.rand(3, 1, 2, 4, 4), "trend": torch.rand(3, 0, 2, 4, 4),
-        "ext_closeness": torch.rand(3, 2, 5), "ext_period": torch.rand(3, 1, 5), "ext_trend": torch.rand(3, 0, 5),
+        "closeness": torch.rand(3, 2, 2, 4, 4),
+        "period": torch.rand(3, 1, 2, 4, 4),
+        "trend": torch.rand(3, 0, 2, 4, 4),
+        "ext_closeness": torch.rand(3, 2, 5),
+        "ext_period": torch.rand(3, 1, 5),
+        "ext_trend": torch.rand(3, 0, 5),
         "ext_target": torch.rand(3, 5),
     }
     system.eval(), clone.eval()
@@ -70,5 +85,7 @@ def test_unknown_model_name() -> None:
 def test_scaler_mismatch_with_data_module_is_refused() -> None:
     system = ForecastingSystem("persistence", 0.0, 267.0, model_kwargs=KW)
     dm = SimpleNamespace(scaler=SimpleNamespace(min=0.0, max=239.0))
-    with pytest.raises(ValueError, match=r"scales with min/max \(0.0, 239.0\) but the system was built for \(0.0, 267.0\)"):
+    with pytest.raises(
+        ValueError, match=r"scales with min/max \(0.0, 239.0\) but the system was built for \(0.0, 267.0\)"
+    ):
         system._check_scaler(dm)

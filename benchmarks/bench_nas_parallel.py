@@ -1,0 +1,182 @@
+"""Block-parallel DNA search: serial vs ``--workers`` worker processes on the digits search (blocks + rating).
+
+``python -m benchmarks nas_parallel [--workers 2] [--threads 1] [--block-epochs 15] [--large-blocks 12]``.
+
+The teacher is trained once (the shared, serial stage; timed) and copied into two fresh run directories;
+then the blocks stage (train + rate every block, :func:`nas.parallel.run_blocks_parallel`) runs serially
+(``workers=1``: in this process, ``--threads`` torch threads) and on ``--workers`` spawned processes with
+``--threads`` threads each; finally each run's report (the rating table, the exact search; no retrain). The
+two rating tables are compared exactly (``identical``). Speed-up = serial blocks-stage wall time / parallel.
+
+Projection for N workers (Amdahl with the measured parts): ``T(N) = T_shared + T_report + overhead(N>1) +
+makespan_N(block times)``, where ``makespan_N`` schedules the measured per-block times longest first on N
+workers (for N >= #blocks: the slowest block) and ``overhead`` = measured parallel blocks-stage time minus the
+makespan of the blocks' in-worker times (process spawn, imports, loading the teacher). Two spaces: the digits
+space (3 blocks, measured) and a larger one of ``--large-blocks`` blocks, each costing the measured mean
+block time, same teacher and overhead (an assumption: a space of that many blocks of digits-sized supernets).
+Writes ``benchmarks/results/nas_parallel.{csv,json}`` and ``nas_parallel.png`` (speed-up and projected time).
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from benchmarks.harness import RESULTS_DIR, report
+from nas.methods.dna import DNA, DNAConfig
+from nas.parallel import run_blocks_parallel
+from nas.search.ratings import load_ratings
+from stflow.config import load_config, parse_cli
+
+
+@dataclass(frozen=True)
+class Options:
+    """``python -m benchmarks nas_parallel`` options."""
+
+    workers: int = 2  # parallel run's worker processes
+    threads: int = 1  # torch threads per block (serial run and each worker: identical arithmetic)
+    block_epochs: int | None = None  # None: the packaged dna_digits config's 15
+    teacher_epochs: int | None = None
+    large_blocks: int = 12  # blocks of the larger space in the projection
+    max_workers: int = 16  # projection up to this many workers
+    out_dir: str | None = None  # results (default benchmarks/results)
+    keep_runs: str | None = None  # keep the run directories here (default: a temporary directory)
+
+    def validate(self) -> None:
+        if self.workers < 2 or self.threads < 1 or self.large_blocks < 1 or self.max_workers < 1:
+            raise ValueError("workers >= 2, threads >= 1, large_blocks >= 1, max_workers >= 1")
+
+
+def makespan(times: list[float], workers: int) -> float:
+    """Longest-processing-time-first schedule of ``times`` on ``workers``: the finishing time of the last."""
+    loads = [0.0] * max(1, workers)
+    for t in sorted(times, reverse=True):
+        heapq.heapreplace(loads, loads[0] + t)
+    return max(loads)
+
+
+def _run(cfg: DNAConfig, out: Path, teacher: Path, workers: int, threads: int) -> dict:
+    shutil.copytree(teacher, out / "teacher")
+    method = DNA(replace(cfg, out_dir=str(out), workers=workers, worker_threads=threads))
+    t0 = time.perf_counter()
+    run_blocks_parallel(method, workers, threads)
+    total = time.perf_counter() - t0
+    timing = json.loads((out / "parallel.json").read_text())
+    block_times = [json.loads((out / f"block_{k}" / "ratings.json").read_text())["seconds"]
+                   for k in range(method.num_blocks)]
+    # report: the search() after the blocks (gathering the ratings, the table, the exact search; no retrain)
+    report_s = timing["total_seconds"] - timing["blocks_seconds"] - timing["shared_seconds"]
+    return {"blocks_s": timing["blocks_seconds"], "report_s": report_s, "total_s": total, "block_times": block_times}
+
+
+def projection(t_shared: float, t_report: float, overhead: float, block_times: list[float], n: int) -> float:
+    return t_shared + t_report + (overhead if n > 1 else 0.0) + makespan(block_times, n)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, _ = parse_cli(Options, argv, prog="python -m benchmarks nas_parallel", description=__doc__.splitlines()[0])
+    cfg = load_config(DNAConfig, "dna_digits", packages=("nas",))
+    changes = {"retrain": False, "progress": False}
+    if args.block_epochs is not None:
+        changes["block_epochs"] = args.block_epochs
+    if args.teacher_epochs is not None:
+        changes["teacher_epochs"] = args.teacher_epochs
+    cfg = replace(cfg, **changes)
+    load_start = os.getloadavg()
+    saved_threads = torch.get_num_threads()
+    root = Path(args.keep_runs) if args.keep_runs else Path(tempfile.mkdtemp(prefix="nas-parallel-"))
+    try:
+        torch.set_num_threads(args.threads)
+        t0 = time.perf_counter()
+        shared = DNA(replace(cfg, out_dir=str(root / "shared")))
+        shared.prepare_blocks()  # the teacher: the serial stage
+        t_shared = time.perf_counter() - t0
+        serial = _run(cfg, root / "serial", root / "shared" / "teacher", 1, args.threads)
+        torch.set_num_threads(args.threads)  # (the in-process serial run set it too)
+        parallel = _run(cfg, root / "parallel", root / "shared" / "teacher", args.workers, args.threads)
+        identical = (load_ratings(root / "serial" / "ratings.json").block_ratings
+                     == load_ratings(root / "parallel" / "ratings.json").block_ratings)
+    finally:
+        torch.set_num_threads(saved_threads)
+        if not args.keep_runs:
+            shutil.rmtree(root, ignore_errors=True)
+    load_end = os.getloadavg()
+    blocks = serial["block_times"]
+    overhead = max(0.0, parallel["blocks_s"] - makespan(parallel["block_times"], args.workers))
+    t_report = serial["report_s"]
+    rows = [
+        {"run": "serial", "workers": 1, "blocks_stage_s": serial["blocks_s"], "speedup": 1.0,
+         "block_s": " ".join(f"{t:.1f}" for t in serial["block_times"]), "identical_table": True},
+        {"run": "parallel", "workers": args.workers, "blocks_stage_s": parallel["blocks_s"],
+         "speedup": serial["blocks_s"] / parallel["blocks_s"],
+         "block_s": " ".join(f"{t:.1f}" for t in parallel["block_times"]), "identical_table": identical},
+    ]
+    mean_block = sum(blocks) / len(blocks)
+    spaces = {"digits (3 blocks, measured)": blocks,
+              f"larger ({args.large_blocks} blocks of the mean digits block)": [mean_block] * args.large_blocks}
+    proj = []
+    for name, times in spaces.items():
+        t1 = projection(t_shared, t_report, overhead, times, 1)
+        for n in range(1, args.max_workers + 1):
+            tn = projection(t_shared, t_report, overhead, times, n)
+            proj.append({"space": name, "workers": n, "projected_s": tn, "projected_speedup": t1 / tn,
+                         "blocks_speedup": makespan(times, 1) / (makespan(times, n) + (overhead if n > 1 else 0.0))})
+    load = f"start {' '.join(f'{v:.1f}' for v in load_start)}, end {' '.join(f'{v:.1f}' for v in load_end)}"
+    out_dir = Path(args.out_dir) if args.out_dir else RESULTS_DIR
+    figure = _plot(proj, rows, out_dir / "nas_parallel.png", args)
+    report(
+        "nas_parallel",
+        rows,
+        columns=["run", "workers", "blocks_stage_s", "speedup", "block_s", "identical_table"],
+        notes=[f"digits DNA (dna_digits, block_epochs {cfg.block_epochs}), blocks + rating only; teacher (shared, "
+               f"serial) {t_shared:.1f} s, report {t_report:.1f} s; {args.threads} torch thread(s) per block; "
+               f"{os.cpu_count()} cpus; load average {load}",
+               f"parallel overhead (spawn, imports, teacher load) {overhead:.1f} s; goal speed-up >= 1.7 on 2 workers",
+               "projection (T(N) = shared + report + overhead + LPT makespan of the block times): "
+               + "; ".join(f"{r['space']} N={r['workers']}: {r['projected_s']:.0f} s (x{r['projected_speedup']:.2f})"
+                           for r in proj if r["workers"] in (1, 2, 4, 8, args.max_workers)),
+               f"figure: {figure}"],
+        extra={"projection": proj, "shared_s": t_shared, "report_s": t_report, "overhead_s": overhead,
+               "load_average": load, "block_epochs": cfg.block_epochs, "threads": args.threads},
+        out_dir=out_dir,
+    )
+    return 0
+
+
+def _plot(proj: list[dict], rows: list[dict], path: Path, args: Options) -> str:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "(matplotlib missing: no figure)"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for space in dict.fromkeys(r["space"] for r in proj):
+        pts = [r for r in proj if r["space"] == space]
+        ax1.plot([r["workers"] for r in pts], [r["projected_s"] for r in pts], marker="o", ms=3, label=space)
+        ax2.plot([r["workers"] for r in pts], [r["blocks_speedup"] for r in pts], marker="o", ms=3, label=space)
+    ax2.plot([1, args.workers], [1.0, rows[1]["speedup"]], "k*", ms=12, label="measured (digits blocks stage)")
+    ax2.axhline(1.7, color="grey", ls=":", label="goal 1.7 on 2 workers")
+    ax1.set(xlabel="workers N", ylabel="projected search time (s)", title="Projected time (Amdahl)")
+    ax2.set(xlabel="workers N", ylabel="blocks-stage speed-up", title="Speed-up of the blocks stage")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,273 @@
+"""EfficientBERT-style FFN search: expression space, weight slicing, distillation loss, space partition, method."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nas.data.listops import evaluate_listops, generate_listops, tokenize
+from nas.ffn.distill import build_model, distill_losses, load_task, soft_cross_entropy
+from nas.ffn.expressions import (
+    STANDARD_FFN,
+    encode,
+    evaluate,
+    expression_hash,
+    ffn_params,
+    invalid_reason,
+    is_valid,
+    parse,
+    sample_expression,
+)
+from nas.ffn.partition import PartitionTree, run_search
+from nas.ffn.transformer import FFNArch, SearchableFFN, SharedLinear
+
+# ---------------------------------------------------------------------------------------------- expressions
+
+
+def test_parse_roundtrip_and_height():
+    e = parse("linear( gelu(linear(x, wb1)), wb2)")
+    assert str(e) == STANDARD_FFN
+    assert e.height == 3
+    assert parse(str(e)) == e
+    with pytest.raises(ValueError):
+        parse("linear(gelu(x)")
+    with pytest.raises(ValueError):
+        parse("cosh(x)")
+
+
+@pytest.mark.parametrize(
+    "expr, reason",
+    [
+        ("linear(x,wb1)", "height"),  # too shallow (and no wb2)
+        ("linear(gelu(linear(x,wb2)),wb1)", "wb1 must come before wb2"),
+        ("linear(gelu(linear(x,wb1)),wb1)", "exactly once"),
+        ("linear(gelu(tanh(linear(x,wb1))),wb2)", "nested activations"),
+        ("linear(linear(gelu(x),wb1),wb2)", "nested linears"),
+        ("linear(gelu(linear(add(x,x),wb1)),wb2)", "add(a, a)"),
+        ("linear(gelu(max(linear(x,wb1),linear(x,wb1))),wb2)", "exactly once"),
+        ("linear(gelu(linear(tanh(add(x,elu(sigmoid(add(x,relu(x)))))),wb1)),wb2)", "height"),
+        ("linear(gelu(add(linear(x,wb1),wb2)),wb2)", "exactly once"),
+    ],
+)
+def test_validity_rules(expr, reason):
+    assert reason in invalid_reason(expr)
+    assert not is_valid(expr)
+
+
+def test_valid_examples_and_sampler_only_returns_valid():
+    for e in (STANDARD_FFN, "add(linear(gelu(linear(x,wb1)),wb2),x)", "linear(gelu(mul(x,linear(x,wb1))),wb2)",
+              "sigmoid(linear(relu(linear(x,wb1)),wb2))"):
+        assert is_valid(e), invalid_reason(e)
+    rng = random.Random(0)
+    samples = [sample_expression([STANDARD_FFN], rng) for _ in range(100)]
+    assert all(is_valid(s) for s in samples)
+    assert len({str(s) for s in samples}) > 40  # the sampler explores
+
+
+def test_hash_equal_for_equivalent_expressions_and_different_otherwise():
+    h = expression_hash
+    assert h("linear(gelu(linear(add(x,tanh(x)),wb1)),wb2)") == h("linear(gelu(linear(add(tanh(x),x),wb1)),wb2)")
+    assert h("mul(x,linear(gelu(linear(x,wb1)),wb2))") == h("mul(linear(gelu(linear(x,wb1)),wb2),x)")
+    assert h("linear(gelu(linear(max(x,relu(x)),wb1)),wb2)") == h("linear(gelu(linear(relu(x),wb1)),wb2)")
+    distinct = [STANDARD_FFN, "linear(relu(linear(x,wb1)),wb2)", "tanh(linear(gelu(linear(x,wb1)),wb2))",
+                "linear(gelu(mul(x,linear(x,wb1))),wb2)", "add(linear(gelu(linear(x,wb1)),wb2),x)"]
+    assert len({h(e) for e in distinct}) == len(distinct)
+    a, b = "linear(relu(linear(x,wb1)),wb2)", STANDARD_FFN
+    assert h([a, b]) != h([b, a])  # a chain hashes its layers in order
+    assert h([a, b]) == h([a, b])
+
+
+def test_encode_is_prefix_tokens_padded():
+    ids = encode([STANDARD_FFN], pad=8)
+    assert len(ids) == 8 and ids[6:] == [0, 0] and all(i > 0 for i in ids[:6])  # 6 nodes
+
+
+# ---------------------------------------------------------------------------------------------- slicing / params
+
+
+def test_narrow_linear_is_a_slice_of_the_wide_one():
+    torch.manual_seed(0)
+    lin = SharedLinear(8, 16)
+    x = torch.randn(3, 4, 8)
+    wide = lin(x, 16)
+    assert torch.allclose(lin(x, 6), wide[..., :6])  # narrower output = first columns
+    assert torch.allclose(wide, F.linear(x, lin.weight, lin.bias))
+    narrow_in = lin(x[..., :5], 6)  # narrower input: first input columns of the shared weight
+    assert torch.allclose(narrow_in, x[..., :5] @ lin.weight[:6, :5].T + lin.bias[:6], atol=1e-6)
+    narrow_in.sum().backward()
+    g = lin.weight.grad
+    assert g[6:].abs().sum() == 0 and g[:, 5:].abs().sum() == 0 and g[:6, :5].abs().sum() > 0
+
+
+@pytest.mark.parametrize("expr", [STANDARD_FFN, "linear(gelu(mul(x,linear(x,wb1))),wb2)",
+                                  "add(linear(gelu(linear(x,wb1)),wb2),x)"])
+@pytest.mark.parametrize("width", [8, 24])
+def test_ffn_params_counts_the_weights_an_expression_uses(expr, width):
+    torch.manual_seed(0)
+    d = 8
+    ffn = SearchableFFN(d, 32, max_stack=1)
+    ffn(torch.randn(2, 3, d), expr, width, 1).pow(2).sum().backward()
+    used = sum(int((p.grad != 0).sum()) for n, p in ffn.named_parameters() if n.startswith(("wb1", "wb2")))
+    assert used == ffn_params(expr, d, width)
+    assert FFNArch.uniform(expr, 2, width, 2).ffn_params(d) == 2 * (2 * ffn_params(expr, d, width) + 2 * d)
+
+
+def test_evaluate_standard_ffn_is_bert_ffn():
+    torch.manual_seed(0)
+    w1, b1, w2, b2 = torch.randn(12, 4), torch.randn(12), torch.randn(4, 12), torch.randn(4)
+    x = torch.randn(2, 3, 4)
+    lin = lambda t, slot: F.linear(t, w1, b1) if slot == "wb1" else F.linear(t, w2, b2)  # noqa: E731
+    assert torch.allclose(evaluate(STANDARD_FFN, x, lin), F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2))
+
+
+# ---------------------------------------------------------------------------------------------- distillation
+
+
+def _np_softmax(z):
+    z = z - z.max(-1, keepdims=True)
+    return np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+
+
+def test_distillation_loss_recomputed_with_numpy():
+    torch.manual_seed(0)
+    task, splits = load_task("listops")  # token ids with padding: exercises the attention-mask rule
+    x = splits["train"][0][:5]
+    student = build_model(task, 8, 2, 2, 16)
+    teacher = build_model(task, 12, 2, 4, 48)
+    fit = torch.nn.Linear(8, 12)
+    s_out = student(x, FFNArch.standard(2, 16), return_all=True)
+    t_out = teacher(x, FFNArch.standard(4, 48), return_all=True)
+    with torch.no_grad():
+        got = distill_losses(s_out, t_out, fit, hidden_ratio=0.7, pred_ratio=1.3, temperature=1.0)
+
+    npy = lambda t: t.detach().double().numpy()  # noqa: E731
+    W, b = npy(fit.weight), npy(fit.bias)
+    mse = lambda a, c: float(np.mean((a - c) ** 2))  # noqa: E731
+    sh, th = [npy(h) for h in s_out[1]], [npy(h) for h in t_out[1]]
+    sa, ta = [npy(a) for a in s_out[2]], [npy(a) for a in t_out[2]]
+    hidden = mse(sh[0] @ W.T + b, th[0]) + mse(sh[1] @ W.T + b, th[2]) + mse(sh[2] @ W.T + b, th[4])
+    clean = lambda a: np.where(a <= -100, 0.0, a)  # noqa: E731
+    attn = mse(clean(sa[0]), clean(ta[1])) + mse(clean(sa[1]), clean(ta[3]))
+    pred = float(np.mean(-(_np_softmax(npy(t_out[0])) * np.log(_np_softmax(npy(s_out[0])))).sum(-1)))
+    assert (sa[0] <= -100).any()  # padding is present, so the masking rule matters
+    np.testing.assert_allclose(float(got["hidden"]), hidden, rtol=1e-5)
+    np.testing.assert_allclose(float(got["attn"]), attn, rtol=1e-5)
+    np.testing.assert_allclose(float(got["pred"]), pred, rtol=1e-5)
+    np.testing.assert_allclose(float(got["total"]), 0.7 * (hidden + attn) + 1.3 * pred, rtol=1e-5)
+
+
+def test_soft_cross_entropy_temperature():
+    s, t = torch.randn(4, 5), torch.randn(4, 5)
+    T = 2.0
+    ref = -(F.softmax(t / T, -1) * F.log_softmax(s / T, -1)).sum(-1).mean()
+    assert torch.allclose(soft_cross_entropy(s, t, T), ref)
+    assert soft_cross_entropy(t, t) <= soft_cross_entropy(s, t)  # minimized at the teacher (Gibbs)
+
+
+# ---------------------------------------------------------------------------------------------- partition
+
+
+def _toy(n, rng):
+    x = rng.uniform(0, 1, size=(n, 3))
+    return x, x[:, 0] + 0.5 * x[:, 1]  # fitness grows with features 0 and 1
+
+
+def test_partition_sampler_draws_only_from_the_chosen_region():
+    rng = np.random.default_rng(0)
+    x, y = _toy(64, rng)
+    tree = PartitionTree(x, y, height=2, seed=0)
+    assert tree.height == 2
+    path = tree.select_path()
+    assert [side for _, side in path] == [True, True]  # greedy: the better half, twice
+    prng = random.Random(1)
+    propose = lambda: (lambda f: (f, tuple(f)))([prng.random() for _ in range(3)])  # noqa: E731
+    drawn = [tree.sample(propose, lambda c: True) for _ in range(60)]
+    assert all(flag for _, flag in drawn)
+    feats = np.array([f for (f, _), _ in drawn])
+    for node, side in path:  # independently: every classifier on the path puts every draw on the path's side
+        assert (node.model.predict(feats).astype(bool) == side).all()
+    uniform = np.array([propose()[0] for _ in range(2000)])
+    fit = lambda f: f[:, 0] + 0.5 * f[:, 1]  # noqa: E731
+    assert fit(feats).mean() > fit(uniform).mean() + 0.2  # the region is the good one
+
+
+def test_partition_sampler_falls_back_when_nothing_new_is_in_the_region():
+    rng = np.random.default_rng(0)
+    x, y = _toy(32, rng)
+    tree = PartitionTree(x, y, height=1, seed=0)
+    (f, _), flag = tree.sample(lambda: ([0.0, 0.0, 0.0], (0,)), lambda c: True, max_tries=20)
+    assert flag is False  # the worst corner is never in the good region
+
+
+@pytest.mark.parametrize("searcher", ["partition", "random"])
+def test_run_search_equal_budget_distinct_candidates(searcher):
+    propose = lambda r: (lambda f: (f, tuple(round(v, 3) for v in f)))([r.random() for _ in range(3)])  # noqa: E731
+    rec = run_search(propose, lambda c: c[0] + 0.5 * c[1], lambda c: c, 30, searcher, n_init=10,
+                     retrain_interval=5, height_levels=(20,), seed=0)
+    assert len(rec.fitness) == 30 and len(set(rec.candidates)) == 30
+    flags = [f for f in rec.in_region if f is not None]
+    assert (len(flags) == 20) == (searcher == "partition")
+    if searcher == "partition":
+        assert np.mean(rec.fitness[10:]) > np.mean(rec.fitness[:10])
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def test_listops_labels_and_tokens():
+    tree = ("MAX", [2, 9, ("MIN", [4, 7]), 0])
+    assert evaluate_listops(tree) == 9
+    assert " ".join(tokenize(tree)) == "[MAX 2 9 [MIN 4 7 ] 0 ]"
+    assert evaluate_listops(("SM", [7, 8, ("MED", [1, 5, 9, 3])])) == (7 + 8 + 4) % 10  # int(median) = 4
+    x, y = generate_listops(200, seed=3)
+    x2, y2 = generate_listops(200, seed=3)
+    assert (x == x2).all() and (y == y2).all() and x.shape == (200, 24)
+    assert set(np.unique(y)) <= set(range(10)) and len(np.unique(y)) >= 8
+
+
+def test_seqdigits_tokens():
+    task, splits = load_task("seqdigits")
+    x, y = splits["train"]
+    assert x.shape[1:] == (8, 8) and task.max_len == 8
+    assert sum(len(s[1]) for s in splits.values()) == 1797
+
+
+# ---------------------------------------------------------------------------------------------- method
+
+
+@pytest.mark.slow
+def test_mlp_search_end_to_end_and_resume(tmp_path):
+    from nas.cli import main
+
+    out = tmp_path / "run"
+    args = ["mlp", "--out-dir", str(out), "--no-progress", "--teacher-epochs", "0.5", "--warmup-epochs", "0.5",
+            "--candidate-epochs", "0.1", "--stage1-evals", "5", "--stage2-evals", "3", "--init-samples", "2",
+            "--retrain-interval", "2", "--height-levels", "[3]", "--stage3-epochs", "0.3", "--retrain-epochs",
+            "0.3", "--retrain-seeds", "[0]", "--widths", "[32, 64, 128]", "--max-stack", "2"]
+    assert main(args) == 0
+    arch = json.loads((out / "architecture.json").read_text())
+    assert arch["param_ratio"] <= 0.6 and arch["valid"]
+    s0 = json.loads((out / "stage_0" / "ratings.json").read_text())
+    assert len(s0["ratings"]) == 5 and s0["in_region"][:2] == [None, None]
+    assert list(s0["ratings"])[0] == STANDARD_FFN  # seeded with the standard FFN
+    mtime = (out / "stage_0" / "ratings.json").stat().st_mtime
+    assert main(args) == 0  # resumes: nothing is recomputed
+    assert (out / "stage_0" / "ratings.json").stat().st_mtime == mtime
+    assert json.loads((out / "architecture.json").read_text())["arch"] == arch["arch"]
+
+
+def test_packaged_configs_parse_and_match_the_defaults():
+    from nas.cli import method_config
+    from nas.methods.mlp import MLPSearchConfig
+
+    cls, cfg = method_config("mlp", [])
+    assert cls.name == "mlp" and cfg == MLPSearchConfig()  # mlp_seqdigits is the default config
+    _, cfg = method_config("mlp", ["--config", "mlp_listops", "--searcher", "random"])
+    assert cfg.task == "listops" and cfg.searcher == "random" and cfg.out_dir == "runs/mlp-listops"
+    with pytest.raises(ValueError):
+        MLPSearchConfig(widths=[16, 32])  # a width below d
