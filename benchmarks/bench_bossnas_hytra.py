@@ -1,12 +1,12 @@
 """BossNAS on digits in the HyTra space: rank correlation against a cross-validated ground truth.
 
-``python -m benchmarks bossnas_hytra [--seeds 0] [--archs 20] [--gt-seeds 0 1 2] [--gt-epochs 5]``
+``python -m benchmarks bossnas_hytra [--seeds 0] [--archs 20] [--gt-seeds 0 1 2] [--gt-epochs 4] [--gt-folds 3]``
 
 Ground truth (``benchmarks/results/hytra_digits_ground_truth.json``, built by
 ``nas.search.groundtruth.build_ground_truth`` when absent, resumable per seed): ``--archs`` architectures
 drawn uniformly among the legal networks of ``hytra_digits(hytra_layers, hytra_width)`` (the packaged
 ``bossnas_hytra_digits`` space), each trained from scratch with every ground-truth seed, each seed's
-accuracy 5-fold cross-validated (pooled over all 1,797 images); printed with its seed-vs-seed ceiling.
+accuracy 3-fold cross-validated (pooled over all 1,797 images); printed with its seed-vs-seed ceiling.
 
 Rating an arbitrary HyTra architecture: a block's legal candidates depend on the level at which the
 previous block ends, so the search's own table (candidates after the SEARCHED prefix) does not cover
@@ -45,8 +45,8 @@ class BossNASHyTraBench:
     seeds: list[int] = field(default_factory=lambda: [0])  # BossNAS search seeds
     archs: int = 20
     gt_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    gt_epochs: int = 5
-    gt_folds: int = 5
+    gt_epochs: int = 4
+    gt_folds: int = 3
     gt_workers: int = 2
     earlier_blocks: str = "train"
     out_dir: str = "runs/bench-bossnas-hytra"

@@ -47,7 +47,9 @@ class DNAFamilyBench(GroundTruthOptions):
     cv_folds: int = 5
     cv_epochs: int = 10
     cells_gt_epochs: int = 5  # epochs per stand-alone run of the digits-cells ground truth (30 x 3 seeds x 5 folds)
+    cells_gt_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # its training seeds
     out_dir: str = "runs/bench-dna-family"
+    only_finished: bool = False  # train nothing: evaluate the runs (and ground-truth seeds) --out-dir already holds
 
     cli_aliases = {"--out": "--out_dir"}
 
@@ -62,8 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     return run_cli(_main, argv)
 
 
-def _block_seconds(run_dir: Path, blocks: int) -> float:
-    return sum(json.loads((run_dir / f"block_{k}" / "ratings.json").read_text())["seconds"] for k in range(blocks))
+def _block_seconds(run_dir: Path, blocks: int, key: str = "seconds") -> float | None:
+    """Sum over the blocks of ``key`` (wall ``seconds`` or ``cpu_seconds``) recorded when they ran."""
+    values = [json.loads((run_dir / f"block_{k}" / "ratings.json").read_text()).get(key) for k in range(blocks)]
+    return None if None in values else float(sum(values))
 
 
 def _fold_run(space: SearchSpace, encoding: list[list[int]], seed: int, epochs: int, fold: int, folds: int):
@@ -93,6 +97,30 @@ def cv_accuracies(space: SearchSpace, nets: list[tuple[list[list[int]], int]], o
     return [cache[key(e, s)] for e, s in nets]
 
 
+def _collect_finished(out: Path, seed: int, args: DNAFamilyBench, runs: dict, plus_gens: dict) -> None:
+    """``--only-finished``: the finished runs of ``seed`` in ``out`` (nothing is trained)."""
+    if "plus" in args.variants:
+        for g in range(1, args.generations + 1):
+            gdir = out / f"plus-seed{seed}" / f"gen_{g}"
+            if not (gdir / "ratings.json").is_file():
+                break
+            label = "DNA (plain)" if g == 1 else f"DNA+ generation {g}"
+            runs.setdefault(label, {})[seed] = gdir
+            arch_path = gdir / "architecture.json"
+            if arch_path.is_file() and (gdir / "retrain" / "model.pt").is_file():
+                arch = json.loads(arch_path.read_text())
+                teacher = json.loads((gdir / "teacher" / "teacher.json").read_text())
+                plus_gens.setdefault(seed, []).append({
+                    "generation": g, "encoding": arch["encoding"], "params": arch["params"],
+                    "test_acc": arch["retrain"].get("test_acc"), "teacher_test_acc": teacher.get("test_acc"),
+                })
+    labels = {"plain": "DNA (plain)", "selfsup": "DNA++ (self-supervised)", "cells": "DNA with cells"}
+    for variant, label in labels.items():
+        run_dir = out / f"{variant}-seed{seed}"
+        if variant in args.variants and (run_dir / "ratings.json").is_file():
+            runs.setdefault(label, {})[seed] = run_dir
+
+
 def _corr(res: dict, sign: float = 1.0) -> dict:
     return {k: sign * float(res[k]) for k in ("kendall", "spearman", "pearson")}
 
@@ -106,9 +134,13 @@ def _main(argv: list[str]) -> int:
     base = digits_config(progress=False)
     cells_space = space_preset("digits-cells")
     runs: dict[str, dict[int, Path]] = {}  # label -> seed -> run dir holding ratings.json
-    seconds: dict[str, dict[int, float]] = {}
+    seconds: dict[str, dict[int, float | None]] = {}
+    cpu: dict[str, dict[int, float | None]] = {}
     plus_gens: dict[int, list[dict[str, Any]]] = {}
     for seed in args.seeds:
+        if args.only_finished:
+            _collect_finished(out, seed, args, runs, plus_gens)
+            continue
         if "plus" in args.variants:
             cfg = replace(base, variant="plus", generations=args.generations, seed=seed)
             plus_gens[seed] = run_dna(cfg, out / f"plus-seed{seed}")["generations"]
@@ -129,18 +161,24 @@ def _main(argv: list[str]) -> int:
     for label, by_seed in runs.items():
         for seed, run_dir in by_seed.items():
             seconds.setdefault(label, {})[seed] = _block_seconds(run_dir, 3)
+            cpu.setdefault(label, {})[seed] = _block_seconds(run_dir, 3, "cpu_seconds")
 
     gt = ground_truth(base.space, args)
     gts = {"digits-mbconv": gt}
-    if "cells" in args.variants:
+    cells_seeds = list(args.cells_gt_seeds)
+    if args.only_finished:  # the seeds the file holds
+        cells_seeds = json.loads(CELLS_GT_PATH.read_text())["seeds"] if CELLS_GT_PATH.is_file() else []
+    if "cells" in args.variants and cells_seeds:
         gts["digits-cells"] = build_ground_truth(
-            cells_space, CELLS_GT_PATH, args.archs, args.gt_seeds, args.cells_gt_epochs, folds=args.gt_folds,
+            cells_space, CELLS_GT_PATH, args.archs, cells_seeds, args.cells_gt_epochs, folds=args.gt_folds,
             workers=args.gt_workers, progress=False,
         )
+    runs = {label: by_seed for label, by_seed in runs.items() if "cells" not in label or "digits-cells" in gts}
     rows: list[dict[str, Any]] = []
     for name, data in gts.items():
         acc = [a["accuracy"] for a in data["architectures"]]
-        rows.append({"space": name, "rater": "seed-vs-seed ceiling", "seed": "-", "kendall": seed_ceiling(data)})
+        if len(data["seeds"]) > 1:
+            rows.append({"space": name, "rater": "seed-vs-seed ceiling", "seed": "-", "kendall": seed_ceiling(data)})
         rows.append({"space": name, "rater": "more params is better", "seed": "-",
                      **_corr(correlations([a["params"] for a in data["architectures"]], acc))})
     means: dict[str, float] = {}
@@ -153,7 +191,7 @@ def _main(argv: list[str]) -> int:
         for seed, run_dir in sorted(by_seed.items()):
             res = evaluate(load_ratings(run_dir / "ratings.json"), encodings, acc)
             row = {"space": name, "rater": label, "seed": seed, **_corr(res, sign=-1.0),
-                   "seconds": seconds[label][seed]}
+                   "seconds": seconds[label][seed], "cpu_seconds": cpu[label][seed]}
             taus.append(row["kendall"])
             rows.append(row)
         means[label] = float(np.mean(taus))
@@ -177,12 +215,13 @@ def _main(argv: list[str]) -> int:
     total = time.perf_counter() - t_start
     notes = [describe_ground_truth(d) for d in gts.values()] + [
         "Kendall etc. use -score (ratings are losses); 'DNA (plain)' = DNA+ generation 1 (same config and seed)",
-        "seconds = training + rating of every block, recorded when it ran (teacher, retraining not counted)",
+        "seconds / cpu_seconds = wall / CPU time of training + rating every block, recorded when it ran (teacher, "
+        "retraining not counted; CPU time of a block resumed after an interruption counts the resumed part only)",
         f"total {total:.0f} s (finished runs in {out} are reused); plot: {plot}",
     ]
-    report("dna_family", rows, columns=["space", "rater", "seed", "kendall", "spearman", "pearson", "seconds"],
-           notes=notes, extra={"generations": gen_rows, "ground_truth": {k: str(v) for k, v in {
-               "digits-mbconv": RESULTS_DIR / "nas_digits_ground_truth.json", "digits-cells": CELLS_GT_PATH}.items()}})
+    columns = ["space", "rater", "seed", "kendall", "spearman", "pearson", "seconds", "cpu_seconds"]
+    truth = {"digits-mbconv": str(RESULTS_DIR / "nas_digits_ground_truth.json"), "digits-cells": str(CELLS_GT_PATH)}
+    report("dna_family", rows, columns=columns, notes=notes, extra={"generations": gen_rows, "ground_truth": truth})
     if gen_rows:
         report("dna_family_generations", gen_rows,
                columns=["seed", "generation", "encoding", "params", "test_acc", "cv_acc", "teacher_test_acc"],

@@ -81,6 +81,23 @@ def is_finished(out: Path, config: TrainConfig) -> bool:
     return saved.get("config", {}).get("run", {}).get("max_epochs") == config.run.max_epochs
 
 
+def claim(out: Path) -> bool:
+    """Take ``out/.running`` (this process id) unless a live process holds it: several leaderboard processes can
+    then share the queue (e.g. one per model) without two of them training the same run."""
+    import os
+
+    out.mkdir(parents=True, exist_ok=True)
+    lock = out / ".running"
+    if lock.is_file():
+        try:
+            os.kill(int(lock.read_text().strip()), 0)
+            return False
+        except (ValueError, ProcessLookupError, PermissionError):
+            pass  # a stale lock: its process is gone
+    lock.write_text(str(os.getpid()))
+    return True
+
+
 def train_one(config: TrainConfig) -> dict[str, Any]:
     """Run (or resume) one seed; returns stflow.train.run's result."""
     out = Path(config.run.out_dir)
@@ -127,15 +144,18 @@ def parameter_count(out: Path) -> int | None:
 
 
 def collect(root: Path, rows: tuple[str, ...], seeds: tuple[int, ...], epochs: int | None,
-            data_dir: str | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(one summary row per model, one row per finished seed) from the run folders."""
-    summary, per_seed = [], []
+            data_dir: str | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """(one summary row per model, one row per finished seed, one row per unfinished run) from the run folders."""
+    summary, per_seed, in_progress = [], [], []
     for row in rows:
         runs = []
         for seed in seeds[:1] if row == "historical_average" else seeds:
             config = row_config(row, seed, root, epochs, data_dir)
             out = run_dir(root, row, seed)
             if not is_finished(out, config):
+                val = best_validation(out)
+                if val:  # started but not finished: its validation progress only (no test figure)
+                    in_progress.append({"row": row, "seed": seed, "max_epochs": config.run.max_epochs, **val})
                 continue
             saved = json.loads((out / "metrics.json").read_text())
             val = best_validation(out)
@@ -160,7 +180,7 @@ def collect(root: Path, rows: tuple[str, ...], seeds: tuple[int, ...], epochs: i
         line["wall_s"] = statistics.fmean(r["wall_s"] for r in runs)
         line["params"] = parameter_count(run_dir(root, row, runs[0]["seed"]))
         summary.append(line)
-    return summary, per_seed
+    return summary, per_seed, in_progress
 
 
 def _pm(value: float | None, sd: float | None) -> str:
@@ -185,7 +205,8 @@ def markdown_table(summary: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plot(summary: list[dict[str, Any]], per_seed: list[dict[str, Any]], results: Path) -> list[Path]:
+def plot(summary: list[dict[str, Any]], per_seed: list[dict[str, Any]], results: Path,
+         in_progress: list[dict[str, Any]] = ()) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -216,22 +237,28 @@ def plot(summary: list[dict[str, Any]], per_seed: list[dict[str, Any]], results:
         fig.savefig(path, dpi=120)
         plt.close(fig)
         written.append(path)
-    acfm = [s for s in per_seed if s["row"] == "acfm" and s.get("curve")]
+    acfm = sorted([s for s in [*per_seed, *in_progress] if s["row"] == "acfm" and s.get("curve")],
+                  key=lambda s: s["seed"])
     if acfm:
         fig, ax = plt.subplots(figsize=(8, 4))
         for i, s in enumerate(acfm):
             epochs = [c[0] for c in s["curve"]]
             color = f"C{i}"
-            ax.plot(epochs, [c[1] for c in s["curve"]], color=color, label=f"seed {s['seed']}: val (EMA)")
+            state = "" if "rmse" in s else f" (running: {s['epochs_run']}/{s['max_epochs']} epochs)"
+            ax.plot(epochs, [c[1] for c in s["curve"]], color=color, label=f"seed {s['seed']}: val (EMA){state}")
             if s["curve"][0][2] is not None:
                 ax.plot(epochs, [c[2] for c in s["curve"]], color=color, alpha=0.35, lw=0.8)
-            ax.plot([s["best_epoch"]], [s["rmse"]], "o", color=color, label=f"seed {s['seed']}: test {s['rmse']:.2f}")
+            if "rmse" in s:
+                ax.plot([s["best_epoch"]], [s["rmse"]], "o", color=color,
+                        label=f"seed {s['seed']}: test {s['rmse']:.2f}")
         ax.axhline(GOAL_RMSE, color="tab:green", ls=":", label=f"goal {GOAL_RMSE} (mean of 3 seeds)")
         ax.axhline(STRETCH_RMSE, color="tab:olive", ls=":", label=f"stretch {STRETCH_RMSE}")
         ax.set_ylim(5.0, 9.0)
         ax.set_xlabel("epoch")
         ax.set_ylabel("RMSE (deepst protocol)")
-        ax.set_title("ACFM from scratch: validation RMSE per epoch (faint: raw weights); test at the best epoch")
+        ax.set_xlim(0, max(s["max_epochs"] for s in acfm))
+        ax.set_title("ACFM from scratch: val RMSE per epoch (faint: raw weights); dots: test at the best epoch",
+                     fontsize=9)
         ax.legend(fontsize=7, ncol=2)
         fig.tight_layout()
         path = results / "leaderboard_acfm_curves.png"
@@ -270,10 +297,17 @@ def main(argv: list[str] | None = None) -> int:
                 if is_finished(Path(config.run.out_dir), config):
                     print(f"{row} seed {seed}: done already ({config.run.out_dir})", flush=True)
                     continue
-                result = train_one(config)
+                out = Path(config.run.out_dir)
+                if not claim(out):
+                    print(f"{row} seed {seed}: being trained by another process, skipped", flush=True)
+                    continue
+                try:
+                    result = train_one(config)
+                finally:
+                    (out / ".running").unlink(missing_ok=True)
                 print(f"{row} seed {seed}: test RMSE {result['test']['test_rmse']:.3f} after {result['epochs']} "
                       f"epochs ({result['wall_s']:.0f} s)", flush=True)
-    summary, per_seed = collect(root, tuple(ns.models), tuple(ns.seeds), ns.epochs, data_dir)
+    summary, per_seed, in_progress = collect(root, tuple(ns.models), tuple(ns.seeds), ns.epochs, data_dir)
     table = markdown_table(summary)
     print(table)
     report(
@@ -290,9 +324,13 @@ def main(argv: list[str] | None = None) -> int:
             f"ACFM goal: test RMSE <= {GOAL_RMSE} (stretch {STRETCH_RMSE}) within 150 epochs, mean of 3 seeds",
         ],
         extra={"per_seed": [{k: v for k, v in s.items() if k != "curve"} for s in per_seed],
+               "in_progress": [{k: v for k, v in s.items() if k != "curve"} for s in in_progress],
                "markdown": table, "seeds": list(ns.seeds), "epochs": ns.epochs},
         out_dir=results,
     )
-    for path in plot(summary, per_seed, results):
+    for s in in_progress:
+        print(f"{s['row']} seed {s['seed']}: unfinished, {s['epochs_run']}/{s['max_epochs']} epochs, best val RMSE "
+              f"{s['val_rmse']:.3f} at epoch {s['best_epoch']}")
+    for path in plot(summary, per_seed, results, in_progress):
         print(f"saved {path}")
     return 0

@@ -171,7 +171,7 @@ def _main(argv: list[str]) -> int:
     notes = [
         describe_ground_truth(gt),
         f"norm {args.norm}; {base.epochs} epochs, batch {base.batch_size}; "
-        f"{'every architecture rated' if base.rate_sample is None else f'{base.rate_sample} random + the 30 ground-truth architectures rated'}; "  # noqa: E501
+        f"{'every architecture rated' if base.rate_sample is None else f'{base.rate_sample} random + the ground-truth architectures rated'}; "  # noqa: E501
         f"total {total:.0f} s",
         "variants: full = cross-path + restricted teacher (Pi-NAS), cross = cross-path only, restricted = restricted "
         "teacher only, moco = neither (plain MoCo supernet, two paths per step)",

@@ -66,9 +66,12 @@ def _key(cfg: dict[str, Any]) -> str:
 
 
 def transfer_job(cfg_dict: dict[str, Any], cache: str) -> dict[str, Any]:
-    """One transfer run in a worker; the result is written to ``cache`` when it finishes."""
+    """One transfer run in a worker; the result is written to ``cache`` when it finishes (and read from it when
+    another process sharing ``--out-dir`` finished it meanwhile)."""
     from nas.transfer import SegConfig, transfer_seg
 
+    if Path(cache).is_file():
+        return json.loads(Path(cache).read_text())
     result = transfer_seg(SegConfig(**cfg_dict))
     Path(cache).parent.mkdir(parents=True, exist_ok=True)
     Path(cache).write_text(json.dumps(result))
@@ -134,8 +137,9 @@ def _main(argv: list[str]) -> int:
         searched = json.loads(DNA_DIGITS_ARCH)
         target = backbone_params(build_network(space, searched, 10))
         archs = [searched, *_random_archs(space, target, args, searched)]
-        results = _run_all(args, [cfg(a, s) for a in archs for s in args.seeds])
-        per_arch = [results[i * len(args.seeds):(i + 1) * len(args.seeds)] for i in range(len(archs))]
+        # seed-major order: an interrupted run has every architecture with its first seeds
+        results = _run_all(args, [cfg(a, s) for s in args.seeds for a in archs])
+        per_arch = [results[i::len(archs)] for i in range(len(archs))]
         per_arch = [[r for r in res if r is not None] for res in per_arch]  # cached_only: the finished seeds
         if not all(per_arch):
             raise ValueError("cached_only: some architectures of the searched part have no finished run yet")

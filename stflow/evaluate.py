@@ -21,15 +21,18 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 
 from stflow.config import parse_cli, run_cli
+from stflow.forecast import score, test_samples
+from stflow.models.baselines import HistoricalAverage
 from stflow.paths import shared_dir
 from stflow.plots import write_evaluation_plots
+from stflow.protocols import PROTOCOL_DESCRIPTIONS, check_protocol
 from stflow.safeload import safe_load
 from stflow.system import ForecastingSystem
 from stflow.train import CHECKPOINT_DATA_KEY, SHARED_DATA_DIRS, format_metrics
@@ -44,7 +47,34 @@ REFERENCE_DATA: dict[str, dict[str, Any]] = {
         options=dict(len_closeness=4, len_period=2, len_trend=0, features="acfm", compat_weekend_bug=True,
                      scale_min=0.0, scale_max=267.0),
     ),
+    # 77-dim vector (calendar, holidays, previous-slot meteorology) with both of the authors' slips; min-max fitted
+    # on every slot before the last 28 days (val_fraction 0), as their code does. Built and tested with a state
+    # dict generated from the model itself: the authors' TaxiBJ file is not available here.
+    "acfm_reference_taxibj": dict(
+        dataset="taxibj", data_dir=None,
+        options=dict(len_closeness=4, len_period=2, len_trend=0, features="acfm", compat_weekend_bug=True,
+                     compat_meteorology_bug=True, val_fraction=0.0),
+    ),
 }
+BASELINES = ("historical_average", "persistence")  # evaluated without a checkpoint (fitted on the protocol's train)
+
+
+def default_data_dir(dataset: str) -> str | None:
+    """The shared data folder of a real dataset (None for the others)."""
+    if dataset not in SHARED_DATA_DIRS:
+        return None
+    shared = shared_dir()
+    if shared is None:
+        raise FileNotFoundError(f"--data-dir is required for {dataset!r} (no shared data folder here)")
+    return str(shared / SHARED_DATA_DIRS[dataset])
+
+
+def recognise_reference(state: Any) -> str | None:
+    """The ``acfm_reference_*`` model an authors' state dict fits (from its tensor shapes), else None."""
+    if not isinstance(state, dict) or "extnn.model.0.weight" not in state:
+        return None
+    ext_dim = int(state["extnn.model.0.weight"].shape[1])
+    return {33: "acfm_reference_bikenyc", 77: "acfm_reference_taxibj"}.get(ext_dim)
 
 
 def load_checkpoint(
@@ -65,9 +95,10 @@ def load_checkpoint(
                            "scale_max": float(system.hparams.scaler_max)}
         return system, data
     if model is None:
+        guess = recognise_reference(raw)
+        hint = f"--model {guess}" if guess else f"--model ({' or '.join(REFERENCE_DATA)})"
         raise ValueError(
-            f"{path} is a plain state dict, not a stflow checkpoint: pass --model "
-            f"({' or '.join(REFERENCE_DATA)}) to evaluate the authors' weights"
+            f"{path} is a plain state dict, not a stflow checkpoint: pass {hint} to evaluate the authors' weights"
         )
     if model not in REFERENCE_DATA:
         raise ValueError(f"a plain state dict can only be loaded as {sorted(REFERENCE_DATA)}, got --model {model!r}")
@@ -100,9 +131,23 @@ def evaluate(
     hour: str | None = None,
     accelerator: str = "auto",
     progress_bar: bool = False,
+    protocol: str = "deepst",
+    horizon: int = 1,
 ) -> dict[str, Any]:
-    """Test metrics of ``checkpoint`` (keys ``test_rmse``, ``test_rmse_inflow``, ``test_rmse_outflow``,
-    ``test_mae``, ``test_samples``), plus ``plots`` (written PNG paths) when ``plots_dir`` is given."""
+    """Test metrics of ``checkpoint`` under ``protocol`` (:mod:`stflow.protocols`) and ``horizon``.
+
+    ``deepst`` with horizon 1 runs the Lightning test loop: keys ``test_rmse``, ``test_rmse_inflow``,
+    ``test_rmse_outflow``, ``test_mae``, ``test_samples``. Otherwise (``stssl``, or ``horizon > 1``: recursive
+    rollout, :func:`stflow.forecast.score`): ``test_<metric>`` = the mean over the steps, ``steps`` = one dict per
+    step. Every result holds ``protocol`` and ``horizon``; ``plots`` (PNG paths) when ``plots_dir`` is given.
+    ``checkpoint=None`` with ``model="historical_average"|"persistence"``: the baseline, fitted on the protocol's
+    training slots of ``data_overrides``' dataset.
+    """
+    check_protocol(protocol)
+    if horizon < 1:
+        raise ValueError(f"horizon must be >= 1, got {horizon}")
+    if checkpoint is None:
+        return _evaluate_baseline(model, data_overrides or {}, protocol, horizon)
     loaded, data = load_checkpoint(checkpoint, model)
     overrides = {k: v for k, v in (data_overrides or {}).items() if v is not None}
     datamodule = _datamodule(data, overrides)
@@ -118,6 +163,13 @@ def evaluate(
             metric_factor=float(datamodule.metric_factor),
             num_slots=len(datamodule.timestamps),
         )
+    if protocol != "deepst" or horizon > 1:
+        if plots_dir is not None:
+            raise ValueError("--plots is available with the deepst protocol at horizon 1 only")
+        scores = score(system.eval_model, datamodule, protocol, horizon)
+        return {"checkpoint": str(checkpoint), "model": model or system.hparams.get("model"),
+                "dataset": datamodule.hparams["dataset"], "data_files": [str(p) for p in datamodule.data.files],
+                **_flatten(scores)}
     trainer = pl.Trainer(
         accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=progress_bar, enable_model_summary=False,
@@ -129,6 +181,8 @@ def evaluate(
         "dataset": datamodule.hparams["dataset"],
         "data_files": [str(p) for p in datamodule.data.files],
         **{k: float(v) for k, v in results[0].items()},
+        "protocol": "deepst",
+        "horizon": 1,
     }
     if plots_dir is not None:
         batches = trainer.predict(system, dataloaders=datamodule.test_dataloader())
@@ -143,12 +197,61 @@ def evaluate(
     return out
 
 
+def _flatten(scores: dict[str, Any]) -> dict[str, Any]:
+    """:func:`stflow.forecast.score`'s result as the CLI's flat JSON (``test_*`` = the mean over the steps)."""
+    return {"protocol": scores["protocol"], "horizon": scores["horizon"], "test_samples": float(scores["origins"]),
+            **{f"test_{k}": v for k, v in scores["mean"].items()}, "steps": scores["steps"],
+            "test_period": [scores["test_first"], scores["test_last"]]}
+
+
+def _evaluate_baseline(model: str | None, overrides: dict[str, Any], protocol: str, horizon: int) -> dict[str, Any]:
+    """A parameter-free baseline on ``overrides``' dataset (ACFM's window), fitted on the protocol's train slots."""
+    if model not in BASELINES:
+        raise ValueError(f"--checkpoint is required (only the baselines {', '.join(BASELINES)} run without one)")
+    from stflow.data import CrowdFlowDataModule
+    from stflow.models.registry import build_model
+    from stflow.system import data_keywords
+
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    dataset = overrides.pop("dataset", "synthetic")
+    data_dir = overrides.pop("data_dir", None) or default_data_dir(dataset)
+    datamodule = CrowdFlowDataModule(dataset=dataset, data_dir=data_dir, **overrides)
+    datamodule.setup("test")
+    print(f"reading {', '.join(str(p) for p in datamodule.data.files)}", flush=True)
+    net = build_model(model, **data_keywords(datamodule))
+    if isinstance(net, HistoricalAverage):
+        _, train_mask = test_samples(datamodule.data, protocol)
+        net.fit_history(datamodule.flows, datamodule.timestamps, train_mask, datamodule.scaler)
+    scores = score(net, datamodule, protocol, horizon)
+    return {"checkpoint": None, "model": model, "dataset": dataset,
+            "data_files": [str(p) for p in datamodule.data.files], **_flatten(scores)}
+
+
+def format_result(result: dict[str, Any]) -> str:
+    """The metric table of an evaluation, protocol named in the header; one column per step when horizon > 1."""
+    protocol = result.get("protocol", "deepst")
+    if protocol == "deepst" and result.get("horizon", 1) == 1:
+        return f"protocol {PROTOCOL_DESCRIPTIONS['deepst']}\n" + format_metrics(result)
+    keys = list(result["steps"][0])
+    header = f"{'metric':<14}" + "".join(f"{'step ' + str(i + 1):>10}" for i in range(len(result["steps"])))
+    header += f"{'mean':>10}"
+    lines = [f"protocol {PROTOCOL_DESCRIPTIONS[protocol]}; horizon {result['horizon']} (recursive), "
+             f"{int(result['test_samples'])} origins", header, "-" * len(header)]
+    for key in keys:
+        fmt = "{:>10.0f}" if key.endswith("_values") else "{:>10.4f}"
+        lines.append(f"{key:<14}" + "".join(fmt.format(s[key]) for s in result["steps"])
+                     + fmt.format(result[f"test_{key}"]))
+    return "\n".join(lines)
+
+
 @dataclass(frozen=True)
 class EvaluateConfig:
     """``python -m stflow.evaluate`` options (also YAML keys through ``--config``)."""
 
-    checkpoint: str  # a stflow .ckpt, or the authors' .pt with --model
-    model: str | None = None  # for the authors' state dict: acfm_reference_bikenyc
+    checkpoint: str | None = None  # a stflow .ckpt, or the authors' .pt with --model; None: a baseline by --model
+    model: str | None = None  # the authors' state dict: acfm_reference_bikenyc|taxibj; no checkpoint: a baseline
+    protocol: Literal["deepst", "stssl"] = "deepst"  # stflow.protocols
+    horizon: int = 1  # steps ahead (recursive rollout beyond 1); metrics per step and averaged
     dataset: str | None = None  # evaluate on another dataset than the checkpoint's
     data_dir: str | None = None
     batch_size: int | None = None
@@ -162,6 +265,10 @@ class EvaluateConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.test_days is not None and self.test_days < 1:
             raise ValueError(f"test_days must be >= 1, got {self.test_days}")
+        if self.horizon < 1:
+            raise ValueError(f"horizon must be >= 1, got {self.horizon}")
+        if self.checkpoint is None and self.model not in BASELINES:
+            raise ValueError(f"--checkpoint is required (only the baselines {', '.join(BASELINES)} run without one)")
 
 
 def _json_flag(parser: Any) -> None:
@@ -177,10 +284,10 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
     # --json: stdout carries the JSON object only; progress bars and messages go to stderr.
     with contextlib.redirect_stdout(sys.stderr) if json_only else contextlib.nullcontext():
         result = evaluate(cfg.checkpoint, cfg.model, overrides, cfg.plots, cfg.hour, cfg.accelerator,
-                          progress_bar=not json_only)
+                          progress_bar=not json_only, protocol=cfg.protocol, horizon=cfg.horizon)
     if not json_only:
-        print(f"\n{result['model']} on {result['dataset']} ({result['checkpoint']}): original units, acfm.md protocol")
-        print(format_metrics(result))
+        print(f"\n{result['model']} on {result['dataset']} ({result['checkpoint']}): original units")
+        print(format_result(result))
         for path in result.get("plots", []):
             print(f"wrote {path}")
     print(json.dumps(result))

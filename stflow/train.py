@@ -73,6 +73,7 @@ class TrainConfig:
     lr_warmup_epochs: int = 0  # cosine only: linear warm-up epochs
     lr_final_factor: float = 0.01  # cosine only: the last epoch's lr / lr
     ema_decay: float | None = None  # weight averaging (EMA) used for validation/test; None: off
+    horizon: int = 1  # > 1: also test H steps ahead by recursive rollout (per-step metrics, stflow.forecast.score)
     run: RunConfig = field(default_factory=_default_run)  # how to run: epochs, out_dir, resume, devices, seed ...
 
     cli_aliases: ClassVar[dict[str, str]] = {
@@ -97,6 +98,8 @@ class TrainConfig:
             raise ValueError(f"epochs must be >= 1, got {run.max_epochs}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.horizon < 1:
+            raise ValueError(f"horizon must be >= 1, got {self.horizon}")
         if self.data.test_days == 0:
             raise ValueError("test_days must be >= 1 for stflow.train (0 test days leaves nothing to test), got 0")
         if not (math.isfinite(self.lr) and self.lr > 0):
@@ -254,6 +257,13 @@ def run(config: TrainConfig) -> dict[str, Any]:
         "wall_s": time.perf_counter() - start,
         "config": config_to_dict(config),
     }
+    payload["protocol"] = "deepst"
+    if config.horizon > 1 and result.trainer.global_rank == 0:
+        from stflow.evaluate import evaluate
+
+        checkpoint = result.best_checkpoint or result.last_checkpoint
+        multi = evaluate(checkpoint, horizon=config.horizon, accelerator="cpu")
+        payload["test_horizon"] = {k: multi[k] for k in ("protocol", "horizon", "test_samples", "steps")}
     if result.trainer.global_rank == 0:
         Path(run_cfg.out_dir, "metrics.json").write_text(json.dumps(payload, indent=2, default=str))
     payload["global_rank"] = result.trainer.global_rank
@@ -279,8 +289,10 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
         result = run(config)
     if result["global_rank"] == 0:
         if not json_only:
-            print(f"\n{config.model} on {config.dataset}: test metrics (original units, protocol of acfm.md)")
+            print(f"\n{config.model} on {config.dataset}: test metrics (original units, protocol deepst)")
             print(format_metrics(result["test"]))
+            for h, step in enumerate(result.get("test_horizon", {}).get("steps", [])[1:], start=2):
+                print(f"step {h} (recursive): RMSE {step['rmse']:.4f}, MAE {step['mae']:.4f}")
             print(f"wall time {result['wall_s']:.1f} s; out dir {result['out_dir']}")
         print(json.dumps({"model": config.model, "dataset": config.dataset, **result["test"]}))
     return result

@@ -74,7 +74,7 @@ class SharedLinear(nn.Module):
         k = x.shape[-1]
         if k > self.weight.shape[1] or out_features > self.weight.shape[0]:
             raise ValueError(f"slice {k} -> {out_features} exceeds the shared {tuple(self.weight.shape[::-1])}")
-        return F.linear(x, self.weight[:out_features, -k:], self.bias[:out_features])
+        return F.linear(x, self.weight[:out_features, :k], self.bias[:out_features])
 
 
 class SearchableFFN(nn.Module):

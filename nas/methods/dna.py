@@ -118,7 +118,7 @@ class DNAConfig:
     ema_momentum: float = 0.99  # DNA++: momentum of the EMA target block
     var_weight: float = 1.0  # DNA++: weight of the anti-collapse variance term (per-channel std kept >= 1)
     cov_weight: float = 0.04  # DNA++: weight of the anti-collapse decorrelation term (off-diagonal covariance)
-    selfsup_target: str = "center"  # DNA++ rating target: EMA population centre | the same path's EMA ("path")
+    selfsup_target: str = "path"  # DNA++ rating target: the same path's EMA ("path") | EMA population centre
     norm: str = "bn"  # normalization inside the block supernets: "bn" | "bkn"
     bkn_prior_weight: float = 0.5  # BKN's prior weight p inside the supernets (see nas.ops.make_norm)
     teacher: Any = field(default_factory=lambda: {"kernel": 3, "expansion": 6})  # an OpSpec, or its mapping
@@ -543,9 +543,13 @@ class DNA(SearchMethod):
         teacher = self.prepare()
         assert teacher is not None
         block = self.cfg.space.blocks[k]
-        cells: list[int | None] = list(range(len(block.cells))) if block.multi_cell else [None]
+        if not block.multi_cell:
+            self.supernets[k] = [train_block(self.cfg, teacher, k, self.out_dir, self.datamodule)]
+            return
         # one supernet per cell, each trained on its own paths for the full schedule (the authors' cells)
-        self.supernets[k] = [train_block(self.cfg, teacher, k, self.out_dir, self.datamodule, c) for c in cells]
+        self.supernets[k] = [
+            train_block(self.cfg, teacher, k, self.out_dir, self.datamodule, cell=c) for c in range(len(block.cells))
+        ]
 
     def rate_block(self, k: int) -> dict[str, float]:
         if self.cfg.variant == "selfsup":

@@ -14,8 +14,9 @@ Inputs: block 0 trains the stem with it (online stem + EMA stem); block k > 0 re
 and EMA blocks 0..k-1 on their best-rated path (:class:`FixedPath`, built by the caller), so blocks train in
 order. Rating (:func:`rate_block_selfsup`): for every candidate (online and EMA norm statistics recalibrated
 for it), the error between the online block on a fixed view A and the target on the fixed view B:
-``target="center"`` (default) the mean EMA output over ALL candidates of the block (the population centre),
-``"path"`` the EMA output of the same candidate; relative L1 or MSE as in DNA.
+``target="path"`` (default) the EMA output of the same candidate, i.e. the training objective on held-out
+images, as DNA rates by its distillation error; ``"center"`` the mean EMA output over ALL candidates of the
+block (the population centre); relative L1 or MSE as in DNA.
 """
 
 from __future__ import annotations
@@ -216,7 +217,7 @@ def rate_block_selfsup(
     val_inputs: Sequence[torch.Tensor],
     views: ViewConfig,
     metric: str = "relative_l1",
-    target: str = "center",
+    target: str = "path",
     candidates: Sequence[Sequence[int]] | None = None,
     progress: bool = False,
 ) -> dict[str, float]:

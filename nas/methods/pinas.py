@@ -120,7 +120,7 @@ class PiNASConfig:
     probe_epochs: int = 10
     probe_lr: float = 1e-2
     recal_batches: int = 2
-    rate_sample: int | None = None  # None: every architecture; else this many uniformly drawn (seeded)
+    rate_sample: int | None = None  # None: every architecture; else this many uniformly drawn (seeded), 0: none
     rate_include: str | None = None  # a ground-truth JSON whose encodings are always rated (with rate_sample)
     budget: float | None = None  # constrained search: cost < budget (None: the best rated architecture)
     cost: str = "params"
@@ -152,7 +152,8 @@ class PiNASConfig:
              f"shuffle_bn_groups must be in [1, batch_size / 2], got {self.shuffle_bn_groups}"),
             (self.lr > 0 and self.probe_lr > 0, "lr and probe_lr must be > 0"),
             (self.recal_batches >= 1, f"recal_batches must be >= 1, got {self.recal_batches}"),
-            (self.rate_sample is None or self.rate_sample >= 1, f"rate_sample must be >= 1, got {self.rate_sample}"),
+            (self.rate_sample is None or self.rate_sample >= 0, f"rate_sample must be >= 0, got {self.rate_sample}"),
+            (self.rate_sample != 0 or self.rate_include is not None, "rate_sample 0 rates only rate_include's"),
             (self.cost in ("params", "flops"), f"cost must be 'params' or 'flops', got {self.cost!r}"),
             (self.budget is None or (math.isfinite(self.budget) and self.budget > 0),
              f"budget must be a positive number or null, got {self.budget!r}"),
@@ -519,10 +520,8 @@ def _rating_encodings(cfg: PiNASConfig) -> list[Encoding] | None:
     from nas.search.groundtruth import sample_architectures
 
     chosen = [tuple(tuple(c) for c in e) for e in sample_architectures(space, cfg.rate_sample, seed=cfg.seed + 4242)]
-    if cfg.rate_include:
-        from nas.search.ranking import load_ground_truth
-
-        encodings, _, _ = load_ground_truth(cfg.rate_include)
+    if cfg.rate_include:  # a ground-truth (or rows) JSON: {"architectures": [{"encoding": ...}, ...]}
+        encodings = [a["encoding"] for a in json.loads(Path(cfg.rate_include).read_text())["architectures"]]
         seen = set(chosen)
         chosen += [e for e in (tuple(tuple(c) for c in enc) for enc in encodings) if e not in seen]
     return chosen

@@ -89,7 +89,7 @@ class SegConfig:
     split_seed: int = 0  # which digits are train / val / test sources (the digits classifier's split)
     # output
     num_pictures: int = 6
-    checkpoint: bool = True  # False: no checkpoints, logs or pictures (studies of many runs)
+    checkpoint: bool = True  # False (studies): checkpoints in a temporary folder; no logs, pictures, result.json
     progress: bool = True
     resume: bool = True  # return a finished run's result.json / continue an interrupted run
 
@@ -170,24 +170,22 @@ def load_backbone(arch: str, space: str = "digits-mbconv", num_classes: int = 10
     return build_hytra_network(sp, value, num_classes)
 
 
-def pretrain_backbone(
-    net: nn.Module, cfg: SegConfig, out_dir: Path | None
-) -> float | None:
-    """Train ``net`` as a digits classifier for ``cfg.pretrain_epochs`` (in place); returns its test accuracy.
-
-    With ``out_dir``: checkpoints in ``out_dir`` and the weights in ``out_dir/backbone.pt``, loaded instead of
-    retraining when present (resume).
+def pretrain_backbone(net: nn.Module, cfg: SegConfig, out_dir: Path, study: bool = False) -> float | None:
+    """Train ``net`` as a digits classifier for ``cfg.pretrain_epochs`` (in place, the best validation epoch's
+    weights kept); returns its test accuracy. Checkpoints go to ``out_dir``; unless ``study`` (a temporary
+    ``out_dir``, no logs) the weights are saved as ``out_dir/backbone.pt`` and loaded instead of retraining when
+    present (resume).
     """
     if cfg.pretrain_epochs == 0:
         return None
-    weights = out_dir / "backbone.pt" if out_dir is not None else None
+    weights = None if study else out_dir / "backbone.pt"
     if weights is not None and weights.is_file() and cfg.resume:
         saved = safe_load(weights)
         net.load_state_dict(saved["state_dict"])
         return saved["test_acc"]
     dm = DigitsDataModule(batch_size=64, seed=cfg.split_seed)
     system = ClassifierSystem(net, lr=cfg.pretrain_lr, max_epochs=cfg.pretrain_epochs)
-    result = fit(system, dm, _run_config(cfg, out_dir, cfg.pretrain_epochs, "val_loss", "min"))
+    result = fit(system, dm, _run_config(cfg, out_dir, cfg.pretrain_epochs, "val_loss", "min", study))
     acc = float(result.test_metrics["test_acc"])
     if result.best_checkpoint:  # test used the best epoch: keep those weights
         state = safe_load(result.best_checkpoint)["state_dict"]
@@ -197,32 +195,43 @@ def pretrain_backbone(
     return acc
 
 
-def _run_config(cfg: SegConfig, out_dir: Path | None, epochs: int, monitor: str, mode: str) -> RunConfig:
-    if out_dir is None:  # a study run: no checkpoints or logs (the runner then writes nothing)
-        return RunConfig(out_dir=tempfile.gettempdir(), max_epochs=epochs, seed=cfg.seed, checkpoint=False,
-                         loggers=(), progress_bar=False, monitor=monitor, monitor_mode=mode)
+def _run_config(cfg: SegConfig, out_dir: Path, epochs: int, monitor: str, mode: str, study: bool) -> RunConfig:
+    if study:  # checkpoints in a temporary folder (the best epoch is tested), no logs
+        return RunConfig(out_dir=str(out_dir), max_epochs=epochs, seed=cfg.seed, loggers=(), progress_bar=False,
+                         monitor=monitor, monitor_mode=mode)
     resume = cfg.resume and last_checkpoint(out_dir).is_file()
     return RunConfig(out_dir=str(out_dir), max_epochs=epochs, seed=cfg.seed, resume=resume, loggers=("csv",),
                      progress_bar=cfg.progress, monitor=monitor, monitor_mode=mode, overwrite=not resume)
 
 
 def transfer_seg(cfg: SegConfig) -> dict[str, Any]:
-    """One transfer run (module docstring); returns (and with ``cfg.checkpoint`` writes) the result dict."""
+    """One transfer run (module docstring); returns (and with ``cfg.checkpoint`` writes) the result dict.
+
+    ``cfg.checkpoint=False`` (studies): the same protocol with its checkpoints in a temporary folder, deleted
+    afterwards; nothing is written to ``out_dir``.
+    """
     cfg.validate()
-    out = Path(cfg.out_dir) if cfg.checkpoint else None
-    if out is not None and cfg.resume and (out / "result.json").is_file():
+    if not cfg.checkpoint:
+        with tempfile.TemporaryDirectory(prefix="nas-transfer-") as tmp:
+            return _transfer(cfg, Path(tmp), study=True)
+    out = Path(cfg.out_dir)
+    if cfg.resume and (out / "result.json").is_file():
         return json.loads((out / "result.json").read_text())
+    return _transfer(cfg, out, study=False)
+
+
+def _transfer(cfg: SegConfig, out: Path, study: bool) -> dict[str, Any]:
     t0, cpu0 = time.perf_counter(), time.process_time()
     with seeded_init(cfg.seed):
         net = load_backbone(cfg.arch, cfg.space)
     n_backbone = backbone_params(net)
-    pretrain_acc = pretrain_backbone(net, cfg, out / "pretrain" if out is not None else None)
+    pretrain_acc = pretrain_backbone(net, cfg, out / "pretrain", study)
     t_pretrain = time.perf_counter() - t0
     dm = cfg.datamodule()
     with seeded_init(cfg.seed + 1):
         model = DenseModel(net, NUM_CLASSES, cfg.head, cfg.head_channels, cfg.freeze)
     system = SegmentationSystem(model, NUM_CLASSES, BACKGROUND, cfg.lr, cfg.weight_decay, cfg.epochs)
-    run = fit(system, dm, _run_config(cfg, out / "seg" if out is not None else None, cfg.epochs, "val_miou", "max"))
+    run = fit(system, dm, _run_config(cfg, out / "seg", cfg.epochs, "val_miou", "max", study))
     summary = system.test_summary
     result = {
         "arch": _parse_arch(cfg.arch),
@@ -234,20 +243,24 @@ def transfer_seg(cfg: SegConfig) -> dict[str, Any]:
         "test_miou_fg": summary["miou_fg"],
         "test_pixel_acc": summary["pixel_acc"],
         "test_iou": summary["iou"],
-        "best_val_miou": float(run.trainer.checkpoint_callback.best_model_score)
-        if cfg.checkpoint and run.trainer.checkpoint_callback is not None
-        and run.trainer.checkpoint_callback.best_model_score is not None else None,
+        "best_val_miou": _best_score(run.trainer),
         "seconds": time.perf_counter() - t0,
         "cpu_seconds": time.process_time() - cpu0,  # this process's CPU time (the machine is shared)
         "pretrain_seconds": t_pretrain,
         "config": config_to_dict(cfg),
     }
-    if out is not None:
+    if not study:
         if run.best_checkpoint:  # the pictures show the tested (best) weights
             system.load_state_dict(safe_load(run.best_checkpoint)["state_dict"])
         save_prediction_grid(out / "predictions.png", system.model, dm, cfg.num_pictures)
         (out / "result.json").write_text(json.dumps(result, indent=1))
     return result
+
+
+def _best_score(trainer: Any) -> float | None:
+    callback = trainer.checkpoint_callback
+    score = getattr(callback, "best_model_score", None)
+    return None if score is None else float(score)
 
 
 def _palette() -> Any:

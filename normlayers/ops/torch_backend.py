@@ -24,7 +24,8 @@ costs ~0.3 ms on one core), so: the effective prior weight is a Python float whe
 group agrees on the guard (always when ungrouped), ungrouped statistics stay (C,) inside (views to
 (1, C) only at the outputs), and scalar arguments ride on ``alpha``/``value``/``lerp`` weights rather
 than separate multiplications. The layer's common case (one group, a (C,) prior, NCHW) has its own
-straight-line Function, :class:`_NchwPriorFn`, reached through :func:`hot_train`.
+straight-line Function, :class:`_NchwPriorFn`, reached through :func:`hot_train`; channels-last input and
+ghost groups take :class:`_GroupedPriorFn` (per-row moments combined per group by one C call each way).
 """
 
 from __future__ import annotations

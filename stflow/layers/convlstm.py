@@ -47,7 +47,10 @@ _FUSED_GATE_ORDER = ("f", "i", "o", "c")  # output-channel blocks of the fused c
 def _state_or_zeros(x: Tensor, state: tuple[Tensor, Tensor] | None, hidden: int) -> tuple[Tensor, Tensor]:
     """Zero state on the input's device/dtype when ``state`` is None."""
     if state is None:
-        zeros = x.new_zeros(x.shape[0], hidden, x.shape[2], x.shape[3])
+        # Derived from x's values, not its shape (new_zeros(x.shape[0], ...)): traced for TorchScript / ONNX export,
+        # the batch size then stays dynamic instead of being frozen to the example's (the ONNX exporter folds
+        # shape-only expressions into constants).
+        zeros = (x[:, :1] * 0).repeat(1, hidden, 1, 1)  # (B, 1, H, W) -> (B, hidden, H, W)
         return zeros, zeros
     return state
 

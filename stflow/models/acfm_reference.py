@@ -30,7 +30,8 @@ from stflow.layers.convlstm import fuse_literal_state
 from stflow.models.acfm import ACFM, ACFMConfig, NormLayer
 
 __all__ = [
-    "ReferenceCheckpointError", "load_reference_checkpoint", "load_reference_state_dict", "infer_reference_config"
+    "ReferenceCheckpointError", "load_reference_checkpoint", "load_reference_state_dict", "infer_reference_config",
+    "to_reference_state_dict",
 ]
 
 _CELLS = {"conv_lstm": "attention_lstm", "conv_lstm_c": "lstm_c", "conv_lstm_t": "lstm_p"}
@@ -214,3 +215,40 @@ def load_reference_checkpoint(
     model = ACFM(config, norm_layer=norm_layer)
     load_reference_state_dict(model, state, source=str(path))
     return model.eval()
+
+
+def to_reference_state_dict(model: ACFM) -> dict[str, Tensor]:
+    """The inverse of :func:`load_reference_state_dict`: ``model``'s weights under the authors' key layout (one
+    encoder copy per input frame). Needs ``variant="reference"`` and ``cell="literal"`` (the authors' gate-by-gate
+    cells). Used to test the loading path of a checkpoint that is not available here (TaxiBJ)."""
+    cfg = model.config
+    if cfg.variant != "reference" or cfg.cell != "literal":
+        raise ValueError(f"to_reference_state_dict needs variant='reference' and cell='literal', got {cfg.variant!r}, "
+                         f"{cfg.cell!r}")
+    rules = [
+        (r"ext_embed\.net\.(.+)", r"extnn.model.\1"), (r"fusion\.(.+)", r"time_aware_extnn.model.\1"),
+        (r"attention_c\.(.+)", r"concat_conv_c.model.\1"), (r"attention_p\.(.+)", r"concat_conv_t.model.\1"),
+        (r"head_c\.(.+)", r"conv_lstm_c._conv_layer.\1"), (r"head_p\.(.+)", r"conv_lstm_t._conv_layer.\1"),
+        (r"attention_lstm\.cell\.(.+)", r"conv_lstm._lstm_cell.\1"),
+        (r"lstm_c\.cell\.(.+)", r"conv_lstm_c._lstm_cell.\1"),
+        (r"lstm_p\.cell\.(.+)", r"conv_lstm_t._lstm_cell.\1"),
+    ]
+    out: dict[str, Tensor] = {}
+    for key, value in model.state_dict().items():
+        m = re.fullmatch(r"encoder\.(stem|head)\.(.+)", key)
+        u = re.fullmatch(r"encoder\.units\.(\d+)\.(norm|conv)([12])\.(.+)", key)
+        if m or u:
+            if m:
+                rest = f"{0 if m[1] == 'stem' else cfg.res_units + 2}.{m[2]}"
+            else:
+                rest = f"{int(u[1]) + 1}.layer{u[3]}.{0 if u[2] == 'norm' else 2}.{u[4]}"
+            for copy in range(cfg.len_closeness + cfg.len_periodic):
+                out[f"resnn.resblocks.{copy}.{rest}"] = value.clone()
+            continue
+        for pattern, repl in rules:
+            if re.fullmatch(pattern, key):
+                out[re.sub(pattern, repl, key)] = value.clone()
+                break
+        else:
+            raise ValueError(f"no authors' counterpart for {key}")
+    return out

@@ -82,19 +82,24 @@ def test_ensemble_target_is_the_target_networks_paths_and_views_cross_paired():
             return model.target_proj[1](tg.blocks[1](tg.blocks[0](tg.stem(v), prefix[0]), p)).numpy()
 
         def online_pred(v: torch.Tensor, p) -> np.ndarray:
-            return model.predictor[1](model.online_proj[1](on.blocks[1](on.blocks[0](on.stem(v), prefix[0]), p))).numpy()
+            h = on.blocks[1](on.blocks[0](on.stem(v), prefix[0]), p)
+            return model.predictor[1](model.online_proj[1](h)).numpy()
 
         b = x.shape[0]
         t = [target_proj(torch.cat(v), p) for v, p in zip(views, paths)]  # (2B, D): both views in one batch
         z = [online_pred(torch.cat(v), p) for v, p in zip(views, paths)]
     t1 = np.mean([unit(a[:b]) for a in t], 0)  # ensemble target of view 1 over the sampled paths
     t2 = np.mean([unit(a[b:]) for a in t], 0)
+
+    def sym(zi: np.ndarray, ta: np.ndarray, tb: np.ndarray) -> float:  # view 1 against ta, view 2 against tb
+        d1 = (2 - 2 * (unit(zi[:b]) * unit(ta)).sum(1)).mean()
+        return float(d1 + (2 - 2 * (unit(zi[b:]) * unit(tb)).sum(1)).mean())
+
     for zi, loss in zip(z, losses):
-        expected = (2 - 2 * (unit(zi[:b]) * unit(t2)).sum(1)).mean() + (2 - 2 * (unit(zi[b:]) * unit(t1)).sum(1)).mean()
-        assert float(loss) == pytest.approx(float(expected), rel=1e-4, abs=1e-5)
+        expected = sym(zi, t2, t1)
+        assert float(loss) == pytest.approx(expected, rel=1e-4, abs=1e-5)
         # the wrong variants give other numbers (so the equality above pins them): same-view pairing ...
-        same_view = (2 - 2 * (unit(zi[:b]) * unit(t1)).sum(1)).mean() + (2 - 2 * (unit(zi[b:]) * unit(t2)).sum(1)).mean()
-        assert abs(float(same_view) - float(expected)) > 1e-3
+        assert abs(sym(zi, t1, t2) - expected) > 1e-3
     # ... and an ensemble made by the ONLINE network
     with torch.no_grad():
         t_online = [model.online_proj[1](on.blocks[1](on.blocks[0](on.stem(torch.cat(v)), prefix[0]), p)).numpy()

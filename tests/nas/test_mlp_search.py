@@ -271,3 +271,12 @@ def test_packaged_configs_parse_and_match_the_defaults():
     assert cfg.task == "listops" and cfg.searcher == "random" and cfg.out_dir == "runs/mlp-listops"
     with pytest.raises(ValueError):
         MLPSearchConfig(widths=[16, 32])  # a width below d
+
+
+def test_ground_truth_expressions_are_distinct_and_valid():
+    from nas.ffn.groundtruth import sample_distinct
+
+    exprs = sample_distinct(12, seed=0)
+    assert exprs[0] == STANDARD_FFN and all(is_valid(e) for e in exprs)
+    assert len({expression_hash(e) for e in exprs}) == 12
+    assert sample_distinct(12, seed=0) == exprs  # fixed by the seed

@@ -261,6 +261,22 @@ def test_feature_shift_covers_every_layer_with_a_prefix():
     assert all(s["shift"] > 0 for s in shifts)
 
 
+def test_rating_selection_samples_and_includes(tmp_path: Path):
+    from nas.methods.pinas import _rating_encodings
+
+    gt = tmp_path / "gt.json"
+    include = [[[1, 2], [0, 0]], [[0, 1], [1, 2]]]
+    gt.write_text(json.dumps({"architectures": [{"encoding": e, "accuracy": 0.5, "params": 1} for e in include]}))
+    assert _rating_encodings(tiny_cfg()) is None  # every architecture
+    only = _rating_encodings(tiny_cfg(rate_sample=0, rate_include=str(gt)))
+    assert [[list(c) for c in e] for e in only] == include
+    mixed = _rating_encodings(tiny_cfg(rate_sample=5, rate_include=str(gt)))
+    assert len(set(mixed)) == len(mixed) and 5 <= len(mixed) <= 7
+    assert {tuple(tuple(c) for c in e) for e in include} <= set(mixed)
+    with pytest.raises(ValueError, match="rate_sample 0"):
+        tiny_cfg(rate_sample=0)
+
+
 # ---------------------------------------------------------------------------------------------
 # whole-architecture rows in the ranking and search tools
 # ---------------------------------------------------------------------------------------------

@@ -18,7 +18,15 @@ from nas.data.scenes import BACKGROUND, NUM_CLASSES, SPLITS, DigitScenesDataModu
 from nas.export import block_strings, build_network, build_network_from_strings
 from nas.search.groundtruth import sample_architectures
 from nas.spaces.hytra import build_hytra_network, hytra_digits
-from nas.transfer import DNA_DIGITS_ARCH, DenseModel, SegmentationSystem, load_backbone, load_space
+from nas.transfer import (
+    DNA_DIGITS_ARCH,
+    DenseModel,
+    SegConfig,
+    SegmentationSystem,
+    load_backbone,
+    load_space,
+    transfer_seg,
+)
 from nas.transfer.__main__ import main as transfer_main
 
 
@@ -178,6 +186,11 @@ def test_cli_end_to_end_and_errors(tmp_path, capsys):
     assert result["backbone_params"] == 19186 - (32 * 10 + 10)
     assert "test mIoU" in capsys.readouterr().out
     assert transfer_main(args) == 0  # finished: result.json is returned as is
+    study = tmp_path / "study"  # checkpoint=False (benchmark studies): same protocol, nothing left on disk
+    tiny = dict(epochs=1, pretrain_epochs=1, num_train=16, num_val=8, num_test=8, canvas=16, scales=[1],
+                max_digits=2, progress=False)
+    res = transfer_seg(SegConfig(out_dir=str(study), checkpoint=False, **tiny))
+    assert not study.exists() and 0 <= res["test_miou"] <= 1 and res["best_val_miou"] is not None
     assert transfer_main(["seg", "--head", "unet"]) == 2
     assert transfer_main(["seg", "--bogus", "1"]) == 2
     assert transfer_main(["nope"]) == 2
