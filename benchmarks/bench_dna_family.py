@@ -77,8 +77,11 @@ def _fold_run(space: SearchSpace, encoding: list[list[int]], seed: int, epochs: 
     return train_standalone(space, encoding, seed, epochs, datamodule=dm), len(dm.splits["test"][1])
 
 
-def cv_accuracies(space: SearchSpace, nets: list[tuple[list[list[int]], int]], opts: DNAFamilyBench) -> list[float]:
-    """Pooled ``cv_folds``-fold accuracy of each (encoding, training seed), cached in the out dir."""
+def cv_accuracies(
+    space: SearchSpace, nets: list[tuple[list[list[int]], int]], opts: DNAFamilyBench
+) -> list[float | None]:
+    """Pooled ``cv_folds``-fold accuracy of each (encoding, training seed), cached in the out dir
+    (``--only-finished``: cached values only, None for the others)."""
     cache_path = Path(opts.out_dir) / "cv_accuracy.json"
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
 
@@ -86,6 +89,8 @@ def cv_accuracies(space: SearchSpace, nets: list[tuple[list[list[int]], int]], o
         return f"{space.name}|{enc}|{seed}|{opts.cv_epochs}|{opts.cv_folds}"
 
     todo = list(dict.fromkeys((json.dumps(e), s) for e, s in nets if key(e, s) not in cache))
+    if opts.only_finished:
+        todo = []
     tasks = [(space, json.loads(e), s, opts.cv_epochs, f, opts.cv_folds) for e, s in todo for f in range(opts.cv_folds)]
     if tasks:
         out = run_tasks(_fold_run, tasks, opts.gt_workers, 1 if opts.gt_workers > 1 else None, "cv accuracy", False)
@@ -94,7 +99,7 @@ def cv_accuracies(space: SearchSpace, nets: list[tuple[list[list[int]], int]], o
             cache[key(json.loads(e), s)] = sum(a * n for a, n in runs) / sum(n for _, n in runs)
         cache_path.parent.mkdir(parents=True, exist_ok=True)
         cache_path.write_text(json.dumps(cache, indent=1))
-    return [cache[key(e, s)] for e, s in nets]
+    return [cache.get(key(e, s)) for e, s in nets]
 
 
 def _collect_finished(out: Path, seed: int, args: DNAFamilyBench, runs: dict, plus_gens: dict) -> None:
@@ -119,6 +124,10 @@ def _collect_finished(out: Path, seed: int, args: DNAFamilyBench, runs: dict, pl
         run_dir = out / f"{variant}-seed{seed}"
         if variant in args.variants and (run_dir / "ratings.json").is_file():
             runs.setdefault(label, {})[seed] = run_dir
+
+
+def _mean(values: list) -> float | None:
+    return None if not values or None in values else float(np.mean(values))
 
 
 def _corr(res: dict, sign: float = 1.0) -> dict:
@@ -210,7 +219,7 @@ def _main(argv: list[str]) -> int:
             sel = [r for r in gen_rows if r["generation"] == gen]
             gen_rows.append({"seed": "mean", "generation": gen, "params": float(np.mean([r["params"] for r in sel])),
                              "test_acc": float(np.mean([r["test_acc"] for r in sel])),
-                             "cv_acc": float(np.mean([r["cv_acc"] for r in sel]))})
+                             "cv_acc": _mean([r["cv_acc"] for r in sel])})
     plot = _plot(rows, gen_rows, RESULTS_DIR / "dna_family.png")
     total = time.perf_counter() - t_start
     notes = [describe_ground_truth(d) for d in gts.values()] + [
@@ -254,8 +263,9 @@ def _plot(rows: list[dict[str, Any]], gen_rows: list[dict[str, Any]], path: Path
         ax = axes[0][1]
         for seed in sorted({r["seed"] for r in gen_rows if r["seed"] != "mean"}):
             sel = [r for r in gen_rows if r["seed"] == seed]
+            sel = [r for r in sel if r["cv_acc"] is not None]
             ax.plot([r["generation"] for r in sel], [100 * r["cv_acc"] for r in sel], "o-", label=f"seed {seed}")
-        sel = [r for r in gen_rows if r["seed"] == "mean"]
+        sel = [r for r in gen_rows if r["seed"] == "mean" and r["cv_acc"] is not None]
         ax.plot([r["generation"] for r in sel], [100 * r["cv_acc"] for r in sel], "k-s", lw=2, label="mean")
         ax.set_xlabel("DNA+ generation", fontsize=8)
         ax.set_ylabel("searched net, 5-fold CV accuracy %", fontsize=8)

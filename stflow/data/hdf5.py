@@ -133,8 +133,13 @@ def _check_counts(values: np.ndarray, what: str, path: Path, nonneg: bool = True
 
 
 def read_flow_file(path: PathLike, slots_per_day: int, grid: tuple[int, int] | None = None) -> FlowFile:
-    """Read and validate one flow file (shape, grid, counts, dates)."""
+    """Read and validate one flow file (shape, grid, counts, dates); ``.npz`` / ``.csv`` grid files are read by
+    :func:`stflow.data.trips.read_grid_file` (the grid time-series schema)."""
     path = Path(path)
+    if path.suffix.lower() in (".npz", ".csv"):
+        from .trips import read_grid_file
+
+        return read_grid_file(path, slots_per_day, grid)
     with _open(path) as f:
         data = _get(f, "data", path)
         dates = _get(f, "date", path)

@@ -16,7 +16,7 @@ from nas.methods.bossnas import BossNAS, BossNASConfig
 from nas.methods.dna import DNA, DNAConfig
 from stflow.config import ConfigError
 
-METHODS = ("dna", "bossnas")
+METHODS = ("dna", "bossnas", "pinas", "mlp")  # every registered method
 
 
 def test_dna_and_bossnas_are_registered_and_implement_the_interface():
@@ -41,11 +41,11 @@ def test_help_of_every_method_lists_the_shared_flags(method):
 
 
 def test_unknown_method_is_a_one_line_error_listing_the_methods(capsys):
-    assert cli.main(["pinas"]) == 2
+    assert cli.main(["darts"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("error: unknown search method 'pinas'")
+    assert err.count("\n") == 1 and err.startswith("error: unknown search method 'darts'")
     assert all(m in err for m in METHODS)
-    res = subprocess.run([sys.executable, "-m", "nas.search", "pinas"], capture_output=True, text=True, timeout=120)
+    res = subprocess.run([sys.executable, "-m", "nas.search", "darts"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "dna" in res.stderr and "bossnas" in res.stderr
 
 
