@@ -217,8 +217,6 @@ def load_crowd_flow(
     slots_read = 0
     for i, path in enumerate(files):
         flow = read_flow_file(path, T, grid)
-        if not np.any(flow.data):
-            raise DataFormatError(f"{path}: every flow value is 0 ({len(flow.data)} slots), nothing to learn or scale")
         grid = grid or tuple(flow.data.shape[2:])  # later files must match the first one
         slots_read += len(flow.data)
         cleaned = remove_incomplete_days(flow.timestamps, T, keep_edge_days=spec.keep_edge_days)
@@ -231,6 +229,9 @@ def load_crowd_flow(
     file_ids = np.concatenate(ids)
     if not len(flows):
         raise DataFormatError(f"{data_dir}: no complete day left after removing incomplete days")
+    if not np.any(flows):  # one quiet file among others is data; nothing but zeros is not
+        names = ", ".join(str(p) for p in files)
+        raise DataFormatError(f"{names}: every flow value is 0 ({len(flows)} slots), nothing to learn or scale")
     overlap = np.flatnonzero(np.diff(timestamps.asi8) <= 0)
     if overlap.size:
         path = files[file_ids[overlap[0] + 1]]

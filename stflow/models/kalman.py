@@ -1,6 +1,6 @@
 """Batch Kalman Normalization wiring of the forecasting models: which norm hands its statistics to which.
 
-BKN (``normlayers``; spec ``../shared/docs/bkn.md``, background ``docs/normlayers.md`` and
+BKN (``normlayers``; background ``docs/background/bkn.md``, ``docs/normlayers.md`` and
 ``docs/bkn_experiments.md``) estimates a norm layer's statistics from its micro-batch moments mixed with a PRIOR
 predicted from the previous norm layer's estimate (its posterior), pushed through what lies between them. A model
 gets BKN by being built with BatchNorm, then chained here; the norm layers keep BatchNorm's parameter and buffer
@@ -24,7 +24,10 @@ conv's own weights, the per-channel spatial moments.
 * ACFM (SELU units): :class:`KalmanFrameEncoder` wires the shared frame encoder explicitly, because
   ``normlayers.convert`` chains ReLU-like nets only; its SELU moments are :func:`selu_gaussian_moments`.
 * ST-ResNet (ReLU units): :func:`kalman_stresnet` runs ``normlayers.convert`` on each component's stack of residual
-  units, which derives exactly the chain above (ReLU's rectified-Gaussian moments for the analytic transition).
+  units, which derives the chain above (ReLU's rectified-Gaussian moments for the analytic transition) with one
+  difference, convert's default ``shortcut="prior"`` (the BKN authors' choice): the identity branch carries
+  ``norm1``'s PRIOR (the sum of priors along the stream; its posterior only at the chain start) instead of its
+  posterior. ACFM's hand wiring keeps the posterior, the setting its published BKN figures were measured with.
 * DeepSTN+ (ReLU ResPlus units): :func:`kalman_deepstn` runs ``normlayers.convert`` on the units plus the output
   norm; a unit's second norm follows a concatenation (local conv | whole-grid dense branch) and keeps no prior.
 """

@@ -85,3 +85,15 @@ def test_train_with_a_packaged_config_from_the_wheel(installed: dict[str, str], 
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["model"] == "acfm_bikenyc" and result["test_samples"] == 48
+
+
+def test_nas_search_with_a_packaged_config_from_the_wheel(installed: dict[str, str], tmp_path: Path) -> None:
+    """``python -m nas.search dna --config dna_digits`` from the installed wheel: the packaged config is found, the
+    teacher, every block and the rating run (1 epoch each), and the search writes its architecture."""
+    out = tmp_path / "dna"
+    proc = _run(["-m", "nas.search", "dna", "--config", "dna_digits", "--out-dir", str(out), "--teacher-epochs", "1",
+                 "--block-epochs", "1", "--recal-batches", "1", "--retrain", "false", "--no-progress"],
+                installed, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    architecture = json.loads((out / "architecture.json").read_text())
+    assert len(architecture["encoding"]) == 3  # one searched candidate per block of the digits space

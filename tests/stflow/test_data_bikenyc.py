@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stflow.data import CrowdFlowDataModule, load_crowd_flow
 from stflow.config import run_cli
+from stflow.data import CrowdFlowDataModule, load_crowd_flow
 from stflow.data.__main__ import main
 
 

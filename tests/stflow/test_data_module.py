@@ -69,7 +69,9 @@ def test_index_maps_back_to_raw_slots(dm: CrowdFlowDataModule) -> None:
     np.testing.assert_allclose(batch["target"].numpy(), dm.scaler.transform(dm.flows[index]), atol=1e-6)
     # Closeness most recent first, period one day back, trend one week back.
     for k in range(3):
-        np.testing.assert_allclose(batch["closeness"][:, k].numpy(), dm.scaler.transform(dm.flows[index - 1 - k]), atol=1e-6)
+        np.testing.assert_allclose(
+            batch["closeness"][:, k].numpy(), dm.scaler.transform(dm.flows[index - 1 - k]), atol=1e-6
+        )
     np.testing.assert_allclose(batch["period"][:, 1].numpy(), dm.scaler.transform(dm.flows[index - 48]), atol=1e-6)
     np.testing.assert_allclose(batch["trend"][:, 0].numpy(), dm.scaler.transform(dm.flows[index - 168]), atol=1e-6)
     restored = dm.scaler.inverse_transform(batch["target"].double())

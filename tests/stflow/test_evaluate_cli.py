@@ -19,9 +19,22 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
                        "--no-progress-bar", "--out-dir", str(root / "run"), "--json"])
 
 
-def test_checkpoint_evaluation_matches_training_test(trained: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    result = evaluate.main(["--checkpoint", trained["best_checkpoint"], "--json", "--accelerator", "cpu",
-                            "--plots", str(tmp_path / "plots"), "--hour", "2015-03-16 08:00"])
+def test_checkpoint_evaluation_matches_training_test(
+    trained: dict, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    result = evaluate.main(
+        [
+            "--checkpoint",
+            trained["best_checkpoint"],
+            "--json",
+            "--accelerator",
+            "cpu",
+            "--plots",
+            str(tmp_path / "plots"),
+            "--hour",
+            "2015-03-16 08:00",
+        ]
+    )
     for key in ("test_rmse", "test_rmse_inflow", "test_rmse_outflow", "test_mae", "test_samples", "test_loss"):
         assert result[key] == pytest.approx(trained["test"][key], rel=1e-9), key
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -34,14 +47,27 @@ def test_checkpoint_evaluation_matches_training_test(trained: dict, tmp_path: Pa
 
 
 def test_plot_hour_outside_test_period(trained: dict, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="is not a test target; the test period is 2015-03-16 00:00:00 .. 2015-03-17 23:00:00"):
+    with pytest.raises(
+        ValueError, match="is not a test target; the test period is 2015-03-16 00:00:00 .. 2015-03-17 23:00:00"
+    ):
         evaluate.evaluate(trained["best_checkpoint"], plots_dir=tmp_path, hour="2015-03-02 08:00", accelerator="cpu")
 
 
 def test_authors_checkpoint_reproduces_published_figures(shared: Path, bikenyc_dir: Path) -> None:
     """acfm.md: RMSE 5.598, inflow 5.419, outflow 5.770, MAE over the 81 active cells 3.382."""
-    result = evaluate.main(["--checkpoint", str(shared / "checkpoints" / "atfm" / "bikenyc.pt"), "--model",
-                            "acfm_reference_bikenyc", "--data-dir", str(bikenyc_dir), "--json", "--accelerator", "cpu"])
+    result = evaluate.main(
+        [
+            "--checkpoint",
+            str(shared / "checkpoints" / "atfm" / "bikenyc.pt"),
+            "--model",
+            "acfm_reference_bikenyc",
+            "--data-dir",
+            str(bikenyc_dir),
+            "--json",
+            "--accelerator",
+            "cpu",
+        ]
+    )
     assert result["test_samples"] == 240
     assert result["test_rmse"] == pytest.approx(5.598, abs=0.01)
     assert result["test_rmse_inflow"] == pytest.approx(5.419, abs=0.01)

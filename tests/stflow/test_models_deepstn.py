@@ -12,7 +12,7 @@ import torch
 
 from normlayers import BatchKalmanNorm
 from stflow import train
-from stflow.data import CrowdFlowDataModule, generate_synthetic_city
+from stflow.data import CrowdFlowDataModule
 from stflow.evaluate import evaluate
 from stflow.models import DeepSTN, DeepSTNConfig, build_model
 
@@ -27,13 +27,6 @@ def _batch(b: int = 3, lc: int = 2, lp: int = 1, lt: int = 1, hw: tuple[int, int
     frames = lambda n: torch.rand(b, n, 2, *hw, generator=g) * 2 - 1  # noqa: E731
     return {"closeness": frames(lc), "period": frames(lp), "trend": frames(lt),
             "ext_target": torch.rand(b, d, generator=g)}
-
-
-@pytest.fixture(scope="module")
-def tiny_city(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("tiny_city_deepstn")
-    generate_synthetic_city(out, seed=1, days=16, grid=(4, 4))
-    return out
 
 
 def test_shapes_and_range() -> None:

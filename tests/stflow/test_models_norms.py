@@ -120,9 +120,14 @@ def test_bkn_priors_are_the_analytic_transition_of_the_previous_posterior(name):
                 assert _close(rec.prior[norm1], x_stats), f"unit {k}.norm1: prior != summed residual moments"
             assert rec.prior[norm2] is not None, f"unit {k}.norm2 got no prior"
             assert _close(rec.prior[norm2], _through(act, rec.posterior[norm1], conv1)), f"unit {k}.norm2"
-            # the residual sum x + branch: means add, variances add (x's statistics = norm1's posterior)
+            # the residual sum x + branch: means add, variances add. What the identity branch carries: ACFM's
+            # hand wiring carries norm1's posterior; ST-ResNet goes through normlayers.convert, whose default is
+            # the authors' prior sum (norm1's prior; its posterior only at the chain start, where it has none)
             branch = _through(act, rec.posterior[norm2], conv2)
-            x_stats = (rec.posterior[norm1][0] + branch[0], rec.posterior[norm1][1] + branch[1])
+            carried = rec.posterior[norm1]
+            if name == "stresnet" and rec.prior[norm1] is not None:
+                carried = rec.prior[norm1]
+            x_stats = (carried[0] + branch[0], carried[1] + branch[1])
     # eval: plain BN with running statistics, no prior anywhere
     model.eval()
     rec.prior.clear()

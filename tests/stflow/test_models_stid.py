@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from stflow import train
-from stflow.data import CrowdFlowDataModule, generate_synthetic_city
+from stflow.data import CrowdFlowDataModule
 from stflow.evaluate import evaluate
 from stflow.models import STID, build_model
 
@@ -33,13 +33,6 @@ def _batch(b: int = 3) -> dict:
     return {"closeness": torch.rand(b, 2, 2, 4, 4, generator=g) * 2 - 1,
             "period": torch.rand(b, 1, 2, 4, 4, generator=g) * 2 - 1, "trend": torch.zeros(b, 0, 2, 4, 4),
             "ext_target": _ext([i % 7 for i in range(b)], [(5 * i) % 24 for i in range(b)])}
-
-
-@pytest.fixture(scope="module")
-def tiny_city(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("tiny_city_stid")
-    generate_synthetic_city(out, seed=1, days=16, grid=(4, 4))
-    return out
 
 
 def test_shapes_and_range() -> None:

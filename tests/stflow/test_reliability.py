@@ -24,13 +24,6 @@ from stflow.safeload import UnsafeCheckpointError
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def tiny_city(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("tiny_city")
-    generate_synthetic_city(out, seed=1, days=16, grid=(4, 4))
-    return out
-
-
 def _args(city: Path, out: Path, *extra: str) -> list[str]:
     return ["--data-dir", str(city), "--test-days", "2", "--batch-size", "32", "--no-progress-bar",
             "--out-dir", str(out), "--json", "--limit-train-batches", "2", *extra]

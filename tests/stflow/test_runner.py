@@ -17,7 +17,9 @@ class TinyRegression(pl.LightningModule):
     def __init__(self, lr: float = 0.05) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.net = nn.Sequential(nn.Linear(3, 8), nn.Dropout(0.3), nn.Linear(8, 1))  # dropout: resume must replay its masks
+        self.net = nn.Sequential(
+            nn.Linear(3, 8), nn.Dropout(0.3), nn.Linear(8, 1)
+        )  # dropout: resume must replay its masks
 
     def _loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         x, y = batch
@@ -54,7 +56,9 @@ class TinyData(pl.LightningDataModule):
 
 
 def _cfg(out: Path, **kw) -> RunConfig:
-    base = dict(out_dir=str(out), max_epochs=4, progress_bar=False, loggers=("csv",), seed=3, accelerator="cpu", devices=1)
+    base = dict(
+        out_dir=str(out), max_epochs=4, progress_bar=False, loggers=("csv",), seed=3, accelerator="cpu", devices=1
+    )
     base.update(kw)
     return RunConfig(**base)
 
