@@ -72,7 +72,7 @@ def resolve_config(name_or_path: str | os.PathLike, packages: Iterable[str] = ("
     for package in packages:
         resource = importlib.resources.files(package) / "configs" / f"{name}.yaml"
         if resource.is_file():
-            with importlib.resources.as_file(resource) as real:  # a real file for wheels and zips alike
+            with importlib.resources.as_file(resource) as real:  # installed packages are plain files on disk
                 return Path(real)
     available = [n for package in packages for n in packaged_configs(package)]
     raise ConfigError(f"config not found: {name_or_path} (not a file, nor a packaged config: {', '.join(available)})")
