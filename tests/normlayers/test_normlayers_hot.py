@@ -4,9 +4,6 @@ Every test runs with both per-channel finalizes: the C call and the torch ops.""
 
 from __future__ import annotations
 
-import os
-import shutil
-
 import pytest
 import torch
 
@@ -15,30 +12,15 @@ from normlayers import (
     BatchKalmanNorm3d,
     batch_kalman_norm,
     batch_kalman_norm_reference,
-    cpu_finalize,
-    set_cpu_finalize,
 )
-from normlayers.ops import cfinalize, torch_backend
+from normlayers.ops import torch_backend
 from normlayers.ops.torch_backend import _BatchKalmanNormFn, hot_train
 from normlayers.reference import update_running_stats_reference
 
 HOT_SHAPE = (2, 8, 48, 48)  # 36,864 elements: above _GROUP_NORM_MIN_NUMEL, like the layer's CIFAR-size calls
 
 
-@pytest.fixture(params=["c", "torch"], autouse=True)
-def finalize(request):
-    """Run the test with the C finalize (skipped without a C compiler) and with the torch ops."""
-    saved = cfinalize._mode
-    if request.param == "c":
-        if shutil.which(os.environ.get("CC", "cc")) is None:
-            pytest.skip("no C compiler: the C finalize cannot be built here")
-        set_cpu_finalize("auto")
-        assert cpu_finalize() == "c"
-    else:
-        set_cpu_finalize("torch")
-        assert cpu_finalize() == "torch"
-    yield request.param
-    cfinalize._mode = saved
+pytestmark = pytest.mark.usefixtures("finalize")  # every test with the C finalize and with the torch ops
 
 
 def _inputs(shape, dtype=torch.float64, seed=0, prior_scale=1.0):
