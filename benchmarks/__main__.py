@@ -1,4 +1,8 @@
-"""``python -m benchmarks NAME [args]`` runs ``benchmarks/bench_NAME.py``'s ``main(argv)``."""
+"""``python -m benchmarks NAME [args]`` runs ``benchmarks/bench_NAME.py``'s ``main(argv)``.
+
+Tables, figures and new caches go to ``runs/benchmarks/`` (``--results-dir DIR`` for another folder); only
+``--update-results`` writes into the committed ``benchmarks/results/`` (:mod:`benchmarks.harness`).
+"""
 
 from __future__ import annotations
 
@@ -16,7 +20,9 @@ def available() -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "list"):
-        print("usage: python -m benchmarks NAME [options]\navailable: " + ", ".join(available()))
+        print("usage: python -m benchmarks NAME [options]\navailable: " + ", ".join(available())
+              + "\noutput: runs/benchmarks/ (--results-dir DIR: another folder; --update-results: the committed "
+              "benchmarks/results/); python -m benchmarks NAME --help lists a benchmark's options")
         return 0
     name, rest = argv[0], argv[1:]
     if name not in available():

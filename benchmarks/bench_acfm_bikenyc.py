@@ -7,7 +7,9 @@ lr 1e-3 and batch 32 by default instead of the reference 3e-4 / 64, which needs 
 (ACFM's windows and 33-dim external vector, so ST-ResNet here is the
 L4 network on lc=4/lp=2 frames, not the paper's 3/4/4 setting). The historical average uses every slot before
 the test period (val_fraction 0), as the data README's 8.64 baseline does. Test metrics follow acfm.md's
-protocol (stflow.metrics); the test uses the best-validation checkpoint.
+protocol (stflow.metrics); the test uses the best-validation checkpoint. Writes ``acfm_bikenyc.{csv,json}`` to the
+output folder (``runs/benchmarks/``; ``--results-dir DIR``; ``--update-results``: the committed
+``benchmarks/results/``).
 """
 
 from __future__ import annotations
@@ -17,8 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.harness import report
-from stflow.config import parse_cli
+from benchmarks.harness import check_at_least, check_not_empty, parse_bench, report
 from stflow.data import CrowdFlowOptions
 from stflow.paths import shared_dir
 from stflow.runner import RunConfig
@@ -52,6 +53,17 @@ class Study:
     models: tuple[str, ...] = ("historical_average", "persistence", "acfm_bikenyc", "stresnet")
     out: str | None = None  # run folder (default: a temporary folder)
 
+    def validate(self) -> None:
+        check_at_least(self, epochs=1, batch_size=1)
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        check_not_empty(self, "models")
+        from stflow.models import list_models
+
+        unknown = [m for m in self.models if m not in list_models()]
+        if unknown:
+            raise ValueError(f"models: unknown model(s) {unknown}")
+
 
 def train_config(study: Study, name: str, data_dir: str, out_dir: Path) -> TrainConfig:
     """The same recipe for every model; the historical average sees every slot before the test period."""
@@ -64,7 +76,7 @@ def train_config(study: Study, name: str, data_dir: str, out_dir: Path) -> Train
 
 
 def main(argv: list[str] | None = None) -> int:
-    ns, _ = parse_cli(Study, argv, prog="python -m benchmarks acfm_bikenyc", description=__doc__.split("\n\n")[0])
+    ns, _ = parse_bench(Study, argv, prog="python -m benchmarks acfm_bikenyc", description=__doc__.split("\n\n")[0])
     data_dir = ns.data_dir
     if data_dir is None:
         shared = shared_dir()

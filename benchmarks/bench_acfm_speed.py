@@ -16,8 +16,7 @@ from typing import Any, Literal
 
 import torch
 
-from benchmarks.harness import report, time_fn
-from stflow.config import parse_cli
+from benchmarks.harness import check_at_least, check_not_empty, parse_bench, report, time_fn
 from stflow.models import build_model
 
 # name -> (model, grid, ext_dim, training samples per epoch)
@@ -87,9 +86,13 @@ class Options:
     repeats: int = 5
     cpu_only: bool = False
 
+    def validate(self) -> None:
+        check_at_least(self, batch=1, warmup=0, repeats=1)
+        check_not_empty(self, "shapes")
+
 
 def main(argv: list[str] | None = None) -> int:
-    ns, _ = parse_cli(Options, argv, prog="python -m benchmarks acfm_speed", description=__doc__.split("\n\n")[0])
+    ns, _ = parse_bench(Options, argv, prog="python -m benchmarks acfm_speed", description=__doc__.split("\n\n")[0])
     devices = [torch.device("cpu")]
     if torch.cuda.is_available() and not ns.cpu_only:
         devices.append(torch.device("cuda"))

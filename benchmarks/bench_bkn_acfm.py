@@ -10,14 +10,16 @@ Adam 3e-4, grad-norm clip 0.1 (the reference's), the data module's seeded shuffl
 the lowest val_loss, then the test RMSE per the protocol (test period, original units, x sqrt(128/81)).
 BKN's prior weight follows ``normlayers.prior_weight_for(batch)`` with the number of SAMPLES in the batch (the
 6 frames of one sample are consecutive hours of the same city, not independent images). Skipped, with a
-message, when the real data is absent.
+message, when the real data is absent. Writes ``bkn_acfm.{csv,json}`` and two PNGs to the output folder
+(``runs/benchmarks/``; ``--results-dir DIR``, formerly ``--out``; ``--update-results``: the committed
+``benchmarks/results/``).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +37,7 @@ from benchmarks.bkn_study import (
     save_result,
     timing_note,
 )
-from benchmarks.harness import RESULTS_DIR, report
+from benchmarks.harness import check_at_least, check_not_empty, output_dir, parse_bench, report
 from normlayers.select import NORMS, NormOptions, norm_spec, prior_weight_for
 from stflow.callbacks import EpochRecorder
 from stflow.models import build_model
@@ -159,32 +161,43 @@ def table_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog=f"python -m benchmarks {NAME}", description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 1 epoch of 3 batches")
-    ap.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 (quick: 0)")
-    ap.add_argument("--epochs", type=int, default=None, help="default 4 (quick: 1); the same for every cell")
-    ap.add_argument("--batch-sizes", type=int, nargs="+", default=list(BATCHES))
-    ap.add_argument("--norms", nargs="+", default=list(ACFM_NORMS), choices=[n for n in NORMS if n != "gn"])
-    ap.add_argument("--workers", type=int, default=1, help="parallel training processes")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
-    ap.add_argument("--data-dir", type=Path, default=None, help="BikeNYC folder (default: the shared data)")
-    ap.add_argument("--out", type=Path, default=RESULTS_DIR)
-    ap.add_argument("--runs-dir", type=Path, default=None, help=f"per-run checkpoints/results (default runs/{NAME})")
-    ap.add_argument("--no-resume", action="store_true")
-    args = ap.parse_args(argv)
+@dataclass(frozen=True)
+class Options:
+    """``python -m benchmarks bkn_acfm`` options (flags or ``--config FILE``; ``--out`` is ``--results-dir``)."""
 
+    quick: bool = False  # smoke run: 1 seed, 1 epoch of 3 batches
+    seeds: tuple[int, ...] | None = None  # default 0 1 (quick: 0)
+    epochs: int | None = None  # default 4 (quick: 1); the same for every cell
+    batch_sizes: tuple[int, ...] = BATCHES
+    norms: tuple[str, ...] = ACFM_NORMS  # bn and the BKN variants (bkn_mc, bkn_an)
+    workers: int = 1  # parallel training processes
+    threads: int = 1  # torch threads per process
+    data_dir: str | None = None  # BikeNYC folder (default: the shared data)
+    runs_dir: str | None = None  # per-run checkpoints/results (default runs/bkn_acfm)
+    no_resume: bool = False  # retrain runs that already finished
+
+    cli_aliases = {"--out": "--results_dir"}
+
+    def validate(self) -> None:
+        check_at_least(self, seeds=0, epochs=1, batch_sizes=2, workers=1, threads=1)
+        check_not_empty(self, "norms")
+        allowed = [n for n in NORMS if n != "gn"]
+        unknown = [n for n in self.norms if n not in allowed]
+        if unknown:
+            raise ValueError(f"norms: unknown norm(s) {unknown}; choose from {', '.join(allowed)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, _ = parse_bench(Options, argv, prog=f"python -m benchmarks {NAME}", description=__doc__.split("\n")[0])
     data_dir = args.data_dir or bikenyc_dir()
     if data_dir is None or not Path(data_dir).is_dir():
         print(f"{NAME}: skipped: the real BikeNYC data is absent (looked in {data_dir or 'shared_dir()/data/bikenyc'}; "
               "set STFLOW_SHARED or pass --data-dir)")
         return 0
-    seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1])
+    seeds = list(args.seeds) if args.seeds is not None else ([0] if args.quick else [0, 1])
     epochs = args.epochs if args.epochs is not None else (1 if args.quick else 4)
-    if epochs < 1:
-        ap.error(f"--epochs must be >= 1, got {epochs}")
     cells = [Cell(n, b) for b in args.batch_sizes for n in args.norms]
-    runs_dir = args.runs_dir or (REPO_ROOT / "runs" / (NAME + ("_quick" if args.quick else "")))
+    runs_dir = Path(args.runs_dir or REPO_ROOT / "runs" / (NAME + ("_quick" if args.quick else "")))
     kw: dict[str, Any] = dict(epochs=epochs, root=runs_dir, data_dir=Path(data_dir), resume=not args.no_resume)
     if args.quick:
         kw["limit_train_batches"] = 3
@@ -194,17 +207,18 @@ def main(argv: list[str] | None = None) -> int:
     results = run_tasks(_train, tasks, args.workers, args.threads, NAME)
     wall = time.perf_counter() - t0
     rows = table_rows(results)
-    args.out.mkdir(parents=True, exist_ok=True)
+    out = output_dir()
+    out.mkdir(parents=True, exist_ok=True)
     series: dict[str, list[tuple[float, float, float]]] = {}
     for r in rows:
         series.setdefault(NORMS[r["norm"]].label, []).append((r["batch"], r["rmse"], r["rmse_std"]))
-    plot = plot_by_batch(series, args.out / f"{NAME}.png", "test RMSE (bikes, protocol)",
+    plot = plot_by_batch(series, out / f"{NAME}.png", "test RMSE (bikes, protocol)",
                          f"ACFM on BikeNYC, {epochs} epochs: RMSE vs batch", xlabel="batch size (samples)")
     panels: dict[str, dict[str, list[list[float]]]] = {}
     for r in results:
         lines = panels.setdefault(f"batch {r['batch_size']}", {})
         lines.setdefault(NORMS[r["norm"]].label, []).append([h["val_rmse"] for h in r["history"]])
-    curves = plot_curves(panels, args.out / f"{NAME}_curves.png", "validation RMSE",
+    curves = plot_curves(panels, out / f"{NAME}_curves.png", "validation RMSE",
                          "ACFM on BikeNYC: validation RMSE per epoch (mean, min-max band)", sharey=False)
     notes = [
         f"{len(results)} runs ({len(cells)} cells x {len(seeds)} seeds), {epochs} epochs each; "
@@ -218,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     columns = ["norm", "batch", "p", "seeds", "rmse", "rmse_std", "rmse_in", "rmse_out", "mae", "d_rmse_vs_bn",
                "epoch_s", "time_vs_bn"]
     runs = [{k: r[k] for k in ("cell", "seed", "test_rmse", "best_val_rmse", "epoch_s", "history")} for r in results]
-    report(NAME, rows, columns=columns, notes=notes, out_dir=args.out,
+    report(NAME, rows, columns=columns, notes=notes, out_dir=out,
            extra={"epochs": epochs, "seeds": list(seeds), "wall_s": wall, "runs": runs})
     return 0
 

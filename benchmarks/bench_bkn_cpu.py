@@ -43,9 +43,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from benchmarks.harness import report, time_fn
+from benchmarks.harness import parse_bench, report, time_fn
 from normlayers import BatchKalmanNorm2d, batch_kalman_norm_reference, cpu_finalize, set_cpu_finalize
-from stflow.config import parse_cli
 
 TORCH_FINALIZE = "BKN fast, torch-ops finalize"
 CHAINED = "BKN fast, posterior grads too"
@@ -194,7 +193,8 @@ class Options:
     warmup: int = 5
     malloc: Literal["default", "no-trim", "both"] = "both"  # glibc heap: as found, trimming off (a child), or both
     rows_out: str | None = None  # child process: write rows as JSON, no report
-    out_dir: str | None = None  # where to write bkn_cpu.csv/json (default benchmarks/results)
+
+    cli_aliases = {"--out-dir": "--results_dir"}  # its former name: bkn_cpu.{csv,json} go to the output folder
 
     def validate(self) -> None:
         if min(self.threads, default=0) < 1 or self.repeats < 1 or self.burst < 1 or self.warmup < 0:
@@ -204,7 +204,7 @@ class Options:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, _ = parse_cli(Options, argv, prog="python -m benchmarks bkn_cpu", description=__doc__.splitlines()[0])
+    args, _ = parse_bench(Options, argv, prog="python -m benchmarks bkn_cpu", description=__doc__.splitlines()[0])
 
     measure_args = dict(threads=args.threads, repeats=args.repeats, warmup=args.warmup, burst=args.burst,
                         reference=not args.no_reference, ghost=tuple(args.ghost))
@@ -236,7 +236,6 @@ def main(argv: list[str] | None = None) -> int:
                "MALLOC_TRIM_THRESHOLD_=256 MiB (glibc stops returning the heap top to the OS)",
                f"load average at the end: {load}"],
         extra={"load_average": load, "repeats": args.repeats, "burst": args.burst, "cpu_finalize": cpu_finalize()},
-        out_dir=args.out_dir,
     )
     return 0
 

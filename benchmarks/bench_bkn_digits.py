@@ -7,15 +7,17 @@ momentum 0.9, weight decay 2e-4, lr x0.1 at 50% and 75% of the epochs; lr = 0.1 
 real batches of 2, 4, 8 and 128 (the "large" batch: 1077 training images, 8 steps per epoch), and with ghost
 groups of 2/4/8 inside real batches of 128. BKN's prior weight follows ``normlayers.prior_weight_for`` (fixed
 before any run). Each run is one ``stflow.runner.fit``; finished runs are kept under ``--runs-dir`` and reused,
-so an interrupted study resumes where it stopped. Writes ``bkn_digits.csv/.json`` and three PNGs to ``--out``.
+so an interrupted study resumes where it stopped. Writes ``bkn_digits.csv/.json`` and three PNGs to the output
+folder (``runs/benchmarks/``; ``--results-dir DIR``, formerly ``--out``; ``--update-results``: the committed
+``benchmarks/results/``).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,7 @@ from benchmarks.bkn_study import (
     timing_note,
     train_digits_cell,
 )
-from benchmarks.harness import RESULTS_DIR, report
+from benchmarks.harness import check_at_least, check_not_empty, output_dir, parse_bench, report
 from normlayers.select import NORMS, norm_spec
 from stflow.paths import REPO_ROOT
 from stflow.pool import quiet_lightning, run_tasks
@@ -130,28 +132,43 @@ def make_plots(results: list[dict[str, Any]], out: Path, large: int) -> list[Pat
     return paths
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog=f"python -m benchmarks {NAME}", description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="CI smoke run: 1 seed, 1 epoch of 4 batches")
-    ap.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (quick: 0)")
-    ap.add_argument("--epochs", type=int, default=None, help="default 5 (quick: 1); the same for every cell")
-    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[*MICRO, LARGE], help="real batch sizes")
-    ap.add_argument("--ghost-groups", type=int, nargs="*", default=list(MICRO), help="ghost group sizes in --large")
-    ap.add_argument("--large", type=int, default=LARGE, help="the large batch (ghost groups live in it)")
-    ap.add_argument("--norms", nargs="+", default=list(NORMS), choices=list(NORMS))
-    ap.add_argument("--workers", type=int, default=1, help="parallel training processes")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
-    ap.add_argument("--out", type=Path, default=RESULTS_DIR, help="where the CSV/JSON/PNGs go")
-    ap.add_argument("--runs-dir", type=Path, default=None, help=f"per-run checkpoints/results (default runs/{NAME})")
-    ap.add_argument("--no-resume", action="store_true", help="retrain runs that already finished")
-    args = ap.parse_args(argv)
+@dataclass(frozen=True)
+class Options:
+    """``python -m benchmarks bkn_digits`` options (flags or ``--config FILE``; ``--out`` is ``--results-dir``)."""
 
-    seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
+    quick: bool = False  # CI smoke run: 1 seed, 1 epoch of 4 batches
+    seeds: tuple[int, ...] | None = None  # default 0 1 2 (quick: 0)
+    epochs: int | None = None  # default 5 (quick: 1); the same for every cell
+    batch_sizes: tuple[int, ...] = (*MICRO, LARGE)  # real batch sizes
+    ghost_groups: tuple[int, ...] = MICRO  # ghost group sizes inside --large ([] for none)
+    large: int = LARGE  # the large batch (ghost groups live in it)
+    norms: tuple[str, ...] = tuple(NORMS)
+    workers: int = 1  # parallel training processes
+    threads: int = 1  # torch threads per process
+    runs_dir: str | None = None  # per-run checkpoints/results (default runs/bkn_digits)
+    no_resume: bool = False  # retrain runs that already finished
+
+    cli_aliases = {"--out": "--results_dir"}
+
+    def validate(self) -> None:
+        check_at_least(self, seeds=0, epochs=1, batch_sizes=2, large=2, workers=1, threads=1)
+        if self.ghost_groups:
+            check_at_least(self, ghost_groups=1)
+        check_not_empty(self, "norms")
+        unknown = [n for n in self.norms if n not in NORMS]
+        if unknown:
+            raise ValueError(f"norms: unknown norm(s) {unknown}; choose from {', '.join(NORMS)}")
+        for g in self.ghost_groups:
+            if self.large % g:
+                raise ValueError(f"ghost_groups: {g} does not divide the large batch {self.large}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, _ = parse_bench(Options, argv, prog=f"python -m benchmarks {NAME}", description=__doc__.split("\n")[0])
+    seeds = list(args.seeds) if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
     epochs = args.epochs if args.epochs is not None else (1 if args.quick else 5)
-    if epochs < 1:
-        ap.error(f"--epochs must be >= 1, got {epochs}")
     cells = study_cells(args.batch_sizes, args.ghost_groups, args.norms, args.large)
-    runs_dir = args.runs_dir or (REPO_ROOT / "runs" / (NAME + ("_quick" if args.quick else "")))
+    runs_dir = Path(args.runs_dir or REPO_ROOT / "runs" / (NAME + ("_quick" if args.quick else "")))
     kw: dict[str, Any] = dict(epochs=epochs, root=runs_dir, resume=not args.no_resume)
     if args.quick:
         kw["limit_train_batches"] = 4
@@ -160,8 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     results = run_all(cells, seeds, kw, args.workers, args.threads)
     wall = time.perf_counter() - t0
     rows = table_rows(results)
-    args.out.mkdir(parents=True, exist_ok=True)
-    plots = make_plots(results, args.out, args.large)
+    out = output_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    plots = make_plots(results, out, args.large)
     notes = [
         f"{len(results)} runs ({len(cells)} cells x {len(seeds)} seeds), {epochs} epochs each; "
         + timing_note(results, wall, args.workers, args.threads, load0),
@@ -201,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         rows,
         columns=columns,
         notes=notes,
-        out_dir=args.out,
+        out_dir=out,
         extra={"epochs": epochs, "seeds": list(seeds), "wall_s": wall, "runs": curves},
     )
     return 0

@@ -26,8 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from benchmarks.harness import report, time_fn
-from stflow.config import parse_cli
+from benchmarks.harness import check_at_least, parse_bench, report, time_fn
 
 # (name, shape, dtype): CIFAR ResNet stages, micro-batch, ConvLSTM gates (TaxiBJ), large tensors.
 SHAPES: list[tuple[str, tuple[int, int, int, int], torch.dtype]] = [
@@ -49,10 +48,11 @@ MODES = ("fwd", "bwd", "full")
 class ParityCase:
     shape: tuple[int, int, int, int]
     dtype: torch.dtype
-    prior: str  # "none" | "shared" | "group" | "guard" (group prior, group 0 forced to fall back)
+    prior: str  # "none" | "shared" | "group" | "guard" (group prior, group 0's ratio forced far above the threshold)
     group_size: int | None
     prior_weight: float
     channels_last: bool = False
+    guard_scope: str = "layer"  # "layer": the guard case falls back in every group; "group": in group 0 only
 
 
 PARITY = [
@@ -63,6 +63,7 @@ PARITY = [
     ParityCase((64, 64, 16, 8), torch.bfloat16, "group", 2, 0.9, channels_last=True),
     ParityCase((128, 64, 8, 8), torch.float32, "none", None, 0.0, channels_last=True),
     ParityCase((32, 32, 16, 16), torch.float32, "guard", 4, 0.5),
+    ParityCase((32, 32, 16, 16), torch.float32, "guard", 4, 0.5, guard_scope="group"),
 ]
 
 
@@ -82,10 +83,12 @@ def _forward_backward(impl: str, case: ParityCase, data: dict, dtype: torch.dtyp
     prior = None if params["prior_mean"] is None else (params["prior_mean"], params["prior_var"])
     if impl == "triton":
         y, pm, pv = batch_kalman_norm_triton(x, rm, rv, params["weight"], params["bias"], prior=prior,
-                                             prior_weight=case.prior_weight, group_size=case.group_size)
+                                             prior_weight=case.prior_weight, group_size=case.group_size,
+                                             guard_scope=case.guard_scope)
     else:
         y, pm, pv = batch_kalman_norm_reference(x, params["weight"], params["bias"], params["prior_mean"],
-                                                params["prior_var"], case.prior_weight, group_size=case.group_size)
+                                                params["prior_var"], case.prior_weight, group_size=case.group_size,
+                                                guard_scope=case.guard_scope)
         update_running_stats_reference(rm, rv, pm, pv, 0.1, elements_per_group(x, case.group_size))
     loss = (y.double() * data["gy"]).sum() + (pm.double() * data["gm"]).sum() + (pv.double() * data["gv"]).sum()
     loss.backward()
@@ -135,7 +138,8 @@ def run_parity(device: torch.device) -> list[dict]:
         deterministic = all(a is None or torch.equal(a, b) for a, b in zip(kern, again))
         rows.append({
             "shape": "x".join(map(str, case.shape)), "dtype": str(case.dtype).replace("torch.", ""),
-            "prior": case.prior, "group_size": case.group_size, "channels_last": case.channels_last,
+            "prior": case.prior if case.prior != "guard" else f"guard ({case.guard_scope})",
+            "group_size": case.group_size, "channels_last": case.channels_last,
             "worst_err_over_bound": worst, "worst_output": worst_name, "deterministic": deterministic,
             "result": "PASS" if ok and deterministic else "FAIL",
         })
@@ -291,13 +295,14 @@ class Options:
     interpret_smoke: bool = False  # without CUDA: run one tiny shape through the Triton CPU interpreter
 
     def validate(self) -> None:
+        check_at_least(self, warmup=0, repeats=1)
         unknown = sorted(set(self.shapes) - {s[0] for s in SHAPES})
         if unknown:
             raise ValueError(f"unknown shape(s) {unknown}; choose from {[s[0] for s in SHAPES]}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, _ = parse_cli(Options, argv, prog="python -m benchmarks bkn_gpu", description=__doc__.splitlines()[0])
+    args, _ = parse_bench(Options, argv, prog="python -m benchmarks bkn_gpu", description=__doc__.splitlines()[0])
     if not torch.cuda.is_available():
         print("no CUDA device: GPU benchmark skipped")
         return interpret_smoke() if args.interpret_smoke else 0

@@ -4,11 +4,11 @@
 [--search-config bossnas_digits|FILE]``
 
 Same protocol and ground truth as ``benchmarks/bench_dna_digits.py``: the architectures of the
-core's digits MBConv space in ``benchmarks/results/nas_digits_ground_truth.json`` (built with
-``nas.search.groundtruth`` when absent), Kendall / Spearman / Pearson between the BossNAS architecture
-score (negated: the rating is a loss) and mean stand-alone accuracy, printed beside the
-seed-vs-seed ceiling, the "more parameters is better" baseline (same run) and DNA's tau (read
-from ``benchmarks/results/dna_digits.json`` when present).
+core's digits MBConv space in ``nas_digits_ground_truth.json`` (the committed one in ``benchmarks/results/``,
+copied to the output folder; built with ``nas.search.groundtruth`` when absent), Kendall / Spearman / Pearson
+between the BossNAS architecture score (negated: the rating is a loss) and mean stand-alone accuracy, printed
+beside the seed-vs-seed ceiling, the "more parameters is better" baseline (same run) and DNA's tau (read
+from ``dna_digits.json`` in the output folder, else the committed ``benchmarks/results/`` one, when present).
 
 ``--earlier-blocks train frozen``: the earlier blocks keep training along their searched path while
 block k trains (``train``, the authors' and the default) or are frozen (``frozen``, the earlier default).
@@ -17,7 +17,10 @@ block k trains (``train``, the authors' and the default) or are frozen (``frozen
 stand-alone and 5-fold cross-validated with the ground truth's seeds and epochs, beside random architectures
 of equal parameter count (within 10 %): the ground truth's own architectures (uniformly sampled, trained by the
 same protocol) when it holds ``--random-archs`` of them, else new ones drawn and trained the same way
-(``benchmarks/results/bossnas_digits_retrain.json``).
+(``bossnas_digits_retrain.json``).
+
+Writes ``bossnas_digits.{csv,json,png}`` to the output folder (``runs/benchmarks/``; ``--results-dir DIR``;
+``--update-results``: the committed ``benchmarks/results/``).
 
 Variants: ``tuned`` = the packaged ``bossnas_digits`` config, ``nas/configs/bossnas_digits.yaml`` (fair 4-path
 ensembles, strong views, batch 256, recalibration); ``plain`` = a straightforward setting (15 epochs per
@@ -38,13 +41,13 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from benchmarks.harness import RESULTS_DIR, report
+from benchmarks.harness import check_at_least, input_path, output_path, parse_bench, report
 from benchmarks.nas_digits import (
-    GT_PATH,
     GroundTruthOptions,
     agreement,
     describe_ground_truth,
     ground_truth,
+    gt_path,
     plot_agreement,
 )
 from nas.data.views import ViewConfig
@@ -53,9 +56,7 @@ from nas.methods.dna import DNAConfig
 from nas.search.groundtruth import seed_ceiling
 from nas.search.ranking import correlations, evaluate
 from nas.search.ratings import load_ratings
-from stflow.config import load_config, parse_cli, run_cli
-
-DNA_RESULTS = RESULTS_DIR / "dna_digits.json"
+from stflow.config import load_config, run_cli
 
 PLAIN = dict(
     epochs_per_block=15,
@@ -68,9 +69,10 @@ PLAIN = dict(
 
 def dna_tau() -> dict[str, Any] | None:
     """DNA's mean Kendall tau per norm from the DNA benchmark's saved JSON, if present."""
-    if not DNA_RESULTS.is_file():
+    path = input_path("dna_digits.json")
+    if not path.is_file():
         return None
-    rows = json.loads(DNA_RESULTS.read_text()).get("rows", [])
+    rows = json.loads(path.read_text()).get("rows", [])
     means = {r["norm"]: r["kendall"] for r in rows if r.get("rater") == "DNA mean"}
     return means or None
 
@@ -94,6 +96,7 @@ class BossNASDigitsBench(GroundTruthOptions):
 
     def validate(self) -> None:
         super().validate()
+        check_at_least(self, seeds=0, epochs=1, random_archs=1)
         if self.norm not in ("bn", "bkn"):
             raise ValueError(f"norm must be bn or bkn, got {self.norm!r}")
         if not self.variant or set(self.variant) - {"tuned", "plain"}:
@@ -107,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    args, _ = parse_cli(
+    args, _ = parse_bench(
         BossNASDigitsBench,
         argv,
         prog="python -m benchmarks bossnas_digits",
@@ -182,7 +185,7 @@ def _main(argv: list[str]) -> int:
                     "kendall": rating_stability(space, tables),
                 }
             )
-    plot = plot_agreement(gt, raters, RESULTS_DIR / "bossnas_digits.png")
+    plot = plot_agreement(gt, raters, output_path("bossnas_digits.png"))
     if args.retrain:
         default = [s for s in searched if s["variant"] == args.variant[0] and s["earlier"] == args.earlier_blocks[0]]
         retrain_searched(space, gt, default, args)
@@ -203,7 +206,7 @@ def _main(argv: list[str]) -> int:
         columns=["rater", "variant", "earlier", "seed", "kendall", "spearman", "pearson", "tau_vs_params", "epochs",
                  "seconds"],
         notes=notes,
-        extra={"ground_truth": str(GT_PATH), "total_seconds": total, "config": base.to_json()},
+        extra={"ground_truth": str(gt_path()), "total_seconds": total, "config": base.to_json()},
     )
     return 0
 

@@ -2,8 +2,9 @@
 
 ``python -m benchmarks bossnas_hytra [--seeds 0] [--archs 20] [--gt-seeds 0 1 2] [--gt-epochs 4] [--gt-folds 3]``
 
-Ground truth (``benchmarks/results/hytra_digits_ground_truth.json``, built by
-``nas.search.groundtruth.build_ground_truth`` when absent, resumable per seed): ``--archs`` architectures
+Ground truth (``hytra_digits_ground_truth.json`` in the output folder, started from the committed
+``benchmarks/results/`` one; built by ``nas.search.groundtruth.build_ground_truth`` when absent, resumable per
+seed): ``--archs`` architectures
 drawn uniformly among the legal networks of ``hytra_digits(hytra_layers, hytra_width)`` (the packaged
 ``bossnas_hytra_digits`` space), each trained from scratch with every ground-truth seed, each seed's
 accuracy 3-fold cross-validated (pooled over all 1,797 images); printed with its seed-vs-seed ceiling.
@@ -27,14 +28,14 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.harness import RESULTS_DIR, report
+from benchmarks.harness import cache_path, check_at_least, parse_bench, report
 from nas.methods.bossnas import HYTRA_CONFIG, BossNAS, BossNASConfig, _prepare_prefix, rate_block
 from nas.search.groundtruth import build_ground_truth, seed_ceiling
 from nas.search.ranking import correlations
 from nas.spaces.hytra import hytra_digits
-from stflow.config import load_config, parse_cli, run_cli
+from stflow.config import load_config, run_cli
 
-GT_PATH = RESULTS_DIR / "hytra_digits_ground_truth.json"
+GT_NAME = "hytra_digits_ground_truth.json"
 
 
 @dataclass
@@ -48,8 +49,15 @@ class BossNASHyTraBench:
     gt_epochs: int = 4
     gt_folds: int = 3
     gt_workers: int = 2
-    earlier_blocks: str = "train"
-    out_dir: str = "runs/bench-bossnas-hytra"
+    earlier_blocks: str = "train"  # train (the authors') or frozen
+    out_dir: str = "runs/bench-bossnas-hytra"  # search run directories
+
+    def validate(self) -> None:
+        if self.archs < 3 or len(self.gt_seeds) < 2:
+            raise ValueError("need >= 3 architectures (--archs) and >= 2 ground-truth seeds (--gt-seeds)")
+        check_at_least(self, seeds=0, gt_seeds=0, gt_epochs=1, gt_folds=1, gt_workers=1)
+        if self.earlier_blocks not in ("train", "frozen"):
+            raise ValueError(f"earlier_blocks must be train or frozen, got {self.earlier_blocks!r}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,13 +65,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    args, _ = parse_cli(BossNASHyTraBench, argv, prog="python -m benchmarks bossnas_hytra",
+    args, _ = parse_bench(BossNASHyTraBench, argv, prog="python -m benchmarks bossnas_hytra",
                         description=__doc__.split("\n")[0], packages=("nas",))
     t0 = time.perf_counter()
     base = load_config(BossNASConfig, args.search_config, packages=("nas",), progress=False, space="hytra",
                        earlier_blocks=args.earlier_blocks)
     space = hytra_digits(base.hytra_layers, base.hytra_width)
-    gt = build_ground_truth(space, GT_PATH, args.archs, args.gt_seeds, args.gt_epochs, folds=args.gt_folds,
+    gt_path = cache_path(GT_NAME)
+    gt = build_ground_truth(space, gt_path, args.archs, args.gt_seeds, args.gt_epochs, folds=args.gt_folds,
                             workers=args.gt_workers, progress=False)
     encodings = [[tuple(c) for c in a["encoding"]] for a in gt["architectures"]]
     acc = [a["accuracy"] for a in gt["architectures"]]
@@ -97,7 +106,7 @@ def _main(argv: list[str]) -> int:
             "architecture rated conditionally on its own prefix (module docstring)",
             f"total {time.perf_counter() - t0:.0f} s",
         ],
-        extra={"ground_truth": str(GT_PATH), "config": base.to_json()},
+        extra={"ground_truth": str(gt_path), "config": base.to_json()},
     )
     return 0
 

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from benchmarks.harness import report, time_fn
+from benchmarks.harness import check_at_least, parse_bench, report, time_fn
 from nas.search.constrained import brute_force, exact_search, reference_traversal
-from stflow.config import parse_cli, run_cli
+from stflow.config import run_cli
 
 
 def realistic_instance(rng: np.random.Generator, blocks: int, size: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -43,13 +43,16 @@ class ConstrainedSearchBench:
     sizes: list[int] = field(default_factory=lambda: [3, 6, 10, 30])  # candidates per block (60: ~2 s per instance)
     seed: int = 0
 
+    def validate(self) -> None:
+        check_at_least(self, instances=1, sizes=1, seed=0)
+
 
 def main(argv: list[str] | None = None) -> int:
     return run_cli(_main, argv)
 
 
 def _main(argv: list[str]) -> int:
-    args, _ = parse_cli(ConstrainedSearchBench, argv, prog="python -m benchmarks constrained_search",
+    args, _ = parse_bench(ConstrainedSearchBench, argv, prog="python -m benchmarks constrained_search",
                         description=__doc__.split("\n")[0])
     rng = np.random.default_rng(args.seed)
     rows = []

@@ -19,8 +19,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from benchmarks.harness import report, time_fn
-from stflow.config import parse_cli
+from benchmarks.harness import check_at_least, check_not_empty, parse_bench, report, time_fn
 from stflow.layers.convlstm import ConvLSTM, fuse_literal_cells
 from stflow.models.acfm import ACFM, ACFMConfig
 
@@ -84,11 +83,16 @@ class Options:
     devices: tuple[Literal["cpu", "cuda"], ...] = ("cpu", "cuda")  # cuda is skipped when unavailable
     warmup: int = 2
     repeats: int = 10
-    out_dir: str | None = None  # results folder (default benchmarks/results)
+
+    cli_aliases = {"--out-dir": "--results_dir"}  # its former name: convlstm.{csv,json} go to the output folder
+
+    def validate(self) -> None:
+        check_at_least(self, batch=1, taxibj_batch=1, warmup=0, repeats=1)
+        check_not_empty(self, "shapes", "devices")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, _ = parse_cli(Options, argv, prog="python -m benchmarks convlstm", description=__doc__.splitlines()[0])
+    args, _ = parse_bench(Options, argv, prog="python -m benchmarks convlstm", description=__doc__.splitlines()[0])
     devices = [d for d in args.devices if d == "cpu" or (d == "cuda" and torch.cuda.is_available())]
     rows = []
     for device_name in devices:
@@ -121,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         "outputs checked identical (max abs diff < 1e-5, same seed for dropout) before timing",
         f"torch threads: {torch.get_num_threads()}",
     ]
-    report("convlstm", rows, notes=notes, out_dir=args.out_dir,
+    report("convlstm", rows, notes=notes,
            columns=["shape", "device", "batch", "part", "literal_ms", "fused_ms", "speedup",
                     "literal_p20_p80", "fused_p20_p80", "max_abs_diff"])
     return 0

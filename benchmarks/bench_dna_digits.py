@@ -3,14 +3,18 @@
 ``python -m benchmarks dna_digits [--norm bn|bkn|both] [--bkn-p 0.5 0.9] [--seeds 0 1] [--archs 30] [--gt-seeds 0 1 2]``
 
 1. ground truth: ``--archs`` architectures of the digits space (fixed sample seed), each trained
-   from scratch with every ``--gt-seeds`` seed; mean test accuracy, written to (and reused from)
-   ``benchmarks/results/nas_digits_ground_truth.json``;
+   from scratch with every ``--gt-seeds`` seed; mean test accuracy, reused from (and extended in)
+   ``nas_digits_ground_truth.json`` in the output folder, which starts as a copy of the committed
+   ``benchmarks/results/`` one;
 2. DNA (teacher, block distillation, rating of every candidate) per norm and search seed;
 3. Kendall tau / Spearman / Pearson between DNA's architecture score (negated loss) and mean
    accuracy, beside the seed-vs-seed ceiling (mean pairwise Kendall between single-seed
    accuracies) and the "more parameters is better" baseline in the same run; ``distill_loss`` =
    the mean rating (relative L1 distillation error) over all candidates and blocks, a
    ground-truth-free measure of how well the supernet learned (used to pick BKN's prior weight).
+
+Writes ``dna_digits.{csv,json,png}`` to the output folder (``runs/benchmarks/``; ``--results-dir DIR``;
+``--update-results``: the committed ``benchmarks/results/``).
 """
 
 from __future__ import annotations
@@ -23,20 +27,20 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.harness import RESULTS_DIR, report
+from benchmarks.harness import check_at_least, output_path, parse_bench, report
 from benchmarks.nas_digits import (
-    GT_PATH,
     GroundTruthOptions,
     agreement,
     describe_ground_truth,
     ground_truth,
+    gt_path,
     plot_agreement,
 )
 from nas.methods.dna import digits_config, run_dna
 from nas.search.groundtruth import seed_ceiling
 from nas.search.ranking import correlations, evaluate
 from nas.search.ratings import load_ratings
-from stflow.config import parse_cli, run_cli
+from stflow.config import run_cli
 
 
 @dataclass
@@ -55,6 +59,9 @@ class DNADigitsBench(GroundTruthOptions):
         super().validate()
         if self.norm not in ("bn", "bkn", "both"):
             raise ValueError(f"norm must be bn, bkn or both, got {self.norm!r}")
+        check_at_least(self, seeds=0, bkn_p=0.0)
+        if max(self.bkn_p) > 1.0:
+            raise ValueError(f"bkn_p: prior weights must lie in [0, 1], got {self.bkn_p}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    args, _ = parse_cli(
+    args, _ = parse_bench(
         DNADigitsBench, argv, prog="python -m benchmarks dna_digits", description=__doc__.split("\n")[0]
     )
     t_start = time.perf_counter()
@@ -121,7 +128,7 @@ def _main(argv: list[str]) -> int:
         taus = [r["kendall"] for r in dna_rows if r["norm"] == label]
         rows.append({"rater": "DNA mean", "norm": label, "seed": "all", "kendall": float(np.mean(taus))})
     raters = {f"DNA {label} (mean of {len(t)} seeds)": agreement(t, encodings) for label, t in tables.items()}
-    plot = plot_agreement(gt, raters, RESULTS_DIR / "dna_digits.png")
+    plot = plot_agreement(gt, raters, output_path("dna_digits.png"))
     total = time.perf_counter() - t_start
     notes = [
         describe_ground_truth(gt),
@@ -139,7 +146,7 @@ def _main(argv: list[str]) -> int:
         rows,
         columns=["rater", "norm", "seed", "kendall", "spearman", "pearson", "distill_loss", "seconds"],
         notes=notes,
-        extra={"ground_truth": str(GT_PATH), "total_seconds": total},
+        extra={"ground_truth": str(gt_path()), "total_seconds": total},
     )
     return 0
 

@@ -4,13 +4,17 @@ cross-validated ground truth, beside the seed-vs-seed ceiling.
 ``python -m benchmarks dna_family [--variants plain cells plus selfsup] [--seeds 0 1 2] [--generations 2]``
 
 - plain, plus, selfsup: the digits space (``dna_digits``) and its ground truth
-  ``benchmarks/results/nas_digits_ground_truth.json``; cells: the ``digits-cells`` space (1-layer, narrow and
-  wide 2-layer cells) and ``benchmarks/results/nas_digits_cells_ground_truth.json`` (built when missing);
+  ``nas_digits_ground_truth.json``; cells: the ``digits-cells`` space (1-layer, narrow and wide 2-layer cells)
+  and ``nas_digits_cells_ground_truth.json`` (built when missing); both read from the output folder, which starts
+  from copies of the committed ones in ``benchmarks/results/``;
 - DNA+ generation 1 IS plain DNA (same config and seed), so with ``plus`` the plain rows are generation 1's;
 - per DNA+ generation: Kendall of its rating table, and its searched net's 5-fold cross-validated accuracy
   (training seed = search seed, correct answers pooled over all 1,797 images, ``--cv-epochs`` epochs, the
   ground truth's protocol); cached in ``--out-dir``/cv_accuracy.json;
 - "seconds": training + rating of every block (recorded when it ran; teacher and retraining not counted).
+
+Writes ``dna_family.{csv,json,png}`` and ``dna_family_generations.{csv,json}`` to the output folder
+(``runs/benchmarks/``; ``--results-dir DIR``; ``--update-results``: the committed ``benchmarks/results/``).
 """
 
 from __future__ import annotations
@@ -23,18 +27,26 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.harness import RESULTS_DIR, report
-from benchmarks.nas_digits import GroundTruthOptions, describe_ground_truth, ground_truth
+from benchmarks.harness import (
+    cache_path,
+    check_at_least,
+    check_not_empty,
+    input_path,
+    output_path,
+    parse_bench,
+    report,
+)
+from benchmarks.nas_digits import GroundTruthOptions, describe_ground_truth, ground_truth, gt_path
 from nas.data import DigitsDataModule
 from nas.methods.dna import VARIANTS, digits_config, run_dna
 from nas.search.groundtruth import build_ground_truth, seed_ceiling, train_standalone
 from nas.search.ranking import correlations, evaluate
 from nas.search.ratings import load_ratings
 from nas.spaces import SearchSpace, space_preset
-from stflow.config import parse_cli, run_cli
+from stflow.config import run_cli
 from stflow.pool import run_tasks
 
-CELLS_GT_PATH = RESULTS_DIR / "nas_digits_cells_ground_truth.json"
+CELLS_GT_NAME = "nas_digits_cells_ground_truth.json"
 
 
 @dataclass
@@ -58,6 +70,8 @@ class DNAFamilyBench(GroundTruthOptions):
         unknown = set(self.variants) - set(VARIANTS)
         if unknown:
             raise ValueError(f"unknown variant(s) {sorted(unknown)}; choose from {VARIANTS}")
+        check_not_empty(self, "variants")
+        check_at_least(self, seeds=0, generations=1, cv_folds=2, cv_epochs=1, cells_gt_epochs=1, cells_gt_seeds=0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,8 +96,8 @@ def cv_accuracies(
 ) -> list[float | None]:
     """Pooled ``cv_folds``-fold accuracy of each (encoding, training seed), cached in the out dir
     (``--only-finished``: cached values only, None for the others)."""
-    cache_path = Path(opts.out_dir) / "cv_accuracy.json"
-    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    cv_path = Path(opts.out_dir) / "cv_accuracy.json"
+    cache = json.loads(cv_path.read_text()) if cv_path.is_file() else {}
 
     def key(enc: list[list[int]], seed: int) -> str:
         return f"{space.name}|{enc}|{seed}|{opts.cv_epochs}|{opts.cv_folds}"
@@ -97,8 +111,8 @@ def cv_accuracies(
         for i, (e, s) in enumerate(todo):
             runs = out[i * opts.cv_folds : (i + 1) * opts.cv_folds]
             cache[key(json.loads(e), s)] = sum(a * n for a, n in runs) / sum(n for _, n in runs)
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        cache_path.write_text(json.dumps(cache, indent=1))
+        cv_path.parent.mkdir(parents=True, exist_ok=True)
+        cv_path.write_text(json.dumps(cache, indent=1))
     return [cache.get(key(e, s)) for e, s in nets]
 
 
@@ -135,7 +149,7 @@ def _corr(res: dict, sign: float = 1.0) -> dict:
 
 
 def _main(argv: list[str]) -> int:
-    args, _ = parse_cli(
+    args, _ = parse_bench(
         DNAFamilyBench, argv, prog="python -m benchmarks dna_family", description=__doc__.split("\n")[0]
     )
     t_start = time.perf_counter()
@@ -175,11 +189,13 @@ def _main(argv: list[str]) -> int:
     gt = ground_truth(base.space, args)
     gts = {"digits-mbconv": gt}
     cells_seeds = list(args.cells_gt_seeds)
+    cells_gt = input_path(CELLS_GT_NAME)
     if args.only_finished:  # the seeds the file holds
-        cells_seeds = json.loads(CELLS_GT_PATH.read_text())["seeds"] if CELLS_GT_PATH.is_file() else []
+        cells_seeds = json.loads(cells_gt.read_text())["seeds"] if cells_gt.is_file() else []
     if "cells" in args.variants and cells_seeds:
+        cells_gt = cache_path(CELLS_GT_NAME)
         gts["digits-cells"] = build_ground_truth(
-            cells_space, CELLS_GT_PATH, args.archs, cells_seeds, args.cells_gt_epochs, folds=args.gt_folds,
+            cells_space, cells_gt, args.archs, cells_seeds, args.cells_gt_epochs, folds=args.gt_folds,
             workers=args.gt_workers, progress=False,
         )
     runs = {label: by_seed for label, by_seed in runs.items() if "cells" not in label or "digits-cells" in gts}
@@ -220,7 +236,7 @@ def _main(argv: list[str]) -> int:
             gen_rows.append({"seed": "mean", "generation": gen, "params": float(np.mean([r["params"] for r in sel])),
                              "test_acc": float(np.mean([r["test_acc"] for r in sel])),
                              "cv_acc": _mean([r["cv_acc"] for r in sel])})
-    plot = _plot(rows, gen_rows, RESULTS_DIR / "dna_family.png")
+    plot = _plot(rows, gen_rows, output_path("dna_family.png"))
     total = time.perf_counter() - t_start
     notes = [describe_ground_truth(d) for d in gts.values()] + [
         "Kendall etc. use -score (ratings are losses); 'DNA (plain)' = DNA+ generation 1 (same config and seed)",
@@ -229,7 +245,7 @@ def _main(argv: list[str]) -> int:
         f"total {total:.0f} s (finished runs in {out} are reused); plot: {plot}",
     ]
     columns = ["space", "rater", "seed", "kendall", "spearman", "pearson", "seconds", "cpu_seconds"]
-    truth = {"digits-mbconv": str(RESULTS_DIR / "nas_digits_ground_truth.json"), "digits-cells": str(CELLS_GT_PATH)}
+    truth = {"digits-mbconv": str(gt_path()), "digits-cells": str(cells_gt)}
     report("dna_family", rows, columns=columns, notes=notes, extra={"generations": gen_rows, "ground_truth": truth})
     if gen_rows:
         report("dna_family_generations", gen_rows,

@@ -12,7 +12,9 @@ on the training slots, RMSE = global RMSE in original units x sqrt(128/81) (the 
 tested (stflow.runner.fit), early stopping after ``run.early_stopping_patience`` epochs without a gain. The test set
 is never used to choose anything. Writes ``leaderboard.{csv,json}`` (one row per model, per-seed figures in the
 JSON), ``leaderboard.png`` (test RMSE, mean ± sd, with the historical-average line) and
-``leaderboard_acfm_curves.png`` (ACFM validation RMSE per epoch against the 6.3 goal) to ``--results-dir``.
+``leaderboard_acfm_curves.png`` (ACFM validation RMSE per epoch against the 6.3 goal) to the output folder:
+``runs/benchmarks/`` by default, ``--results-dir DIR``, or the committed ``benchmarks/results/`` with
+``--update-results`` (e.g. ``--report-only --update-results`` to refresh the published table from finished runs).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import RESULTS_DIR, report
+from benchmarks.harness import check_at_least, check_not_empty, output_dir, parse_bench, report
 from stflow.paths import shared_dir
 from stflow.train import TrainConfig, load_config, run
 
@@ -52,10 +54,17 @@ class Leaderboard:
     seeds: tuple[int, ...] = (777, 778, 779)  # the historical average (nothing trained) runs the first seed only
     epochs: int | None = None  # None: each recipe's own max_epochs
     out_dir: str | None = None  # run folders (default: <repo>/runs/leaderboard)
-    results_dir: str | None = None  # leaderboard.{csv,json,png} (default: benchmarks/results)
     data_dir: str | None = None  # BikeNYC folder (default: <shared>/data/bikenyc)
     report_only: bool = False  # aggregate finished runs only, train nothing
     threads: int | None = 1  # torch threads per run (None: torch's default)
+    # leaderboard.{csv,json,png}: the shared --results-dir / --update-results flags (benchmarks.harness)
+
+    def validate(self) -> None:
+        check_not_empty(self, "models")
+        unknown = [r for r in self.models if r not in ROWS]
+        if unknown:
+            raise ValueError(f"unknown leaderboard row(s) {unknown}; rows: {', '.join(ROWS)}")
+        check_at_least(self, seeds=0, epochs=1, threads=1)
 
 
 def run_dir(root: Path, row: str, seed: int) -> Path:
@@ -269,12 +278,8 @@ def plot(summary: list[dict[str, Any]], per_seed: list[dict[str, Any]], results:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from stflow.config import parse_cli
-
-    ns, _ = parse_cli(Leaderboard, argv, prog="python -m benchmarks leaderboard", description=__doc__.split("\n\n")[0])
-    unknown = [r for r in ns.models if r not in ROWS]
-    if unknown:
-        raise ValueError(f"unknown leaderboard row(s) {unknown}; rows: {', '.join(ROWS)}")
+    ns, _ = parse_bench(Leaderboard, argv, prog="python -m benchmarks leaderboard",
+                        description=__doc__.split("\n\n")[0])
     data_dir = ns.data_dir
     if data_dir is None:
         shared = shared_dir()
@@ -283,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         data_dir = str(shared / "data" / "bikenyc")
     root = Path(ns.out_dir) if ns.out_dir else REPO / "runs" / "leaderboard"
-    results = Path(ns.results_dir) if ns.results_dir else RESULTS_DIR
+    results = output_dir()
     if ns.threads is not None:
         import torch
 

@@ -8,7 +8,8 @@ Per task (the packaged ``mlp_<task>`` config; every part cached under ``--out-di
 1. ground truth: 30 functionally distinct expressions (the standard FFN first, the rest sampled by the search's own
    proposal), shared by both layers at width 4d, each trained from scratch with 3 seeds, cross-validated over 2
    stratified folds (every example tested once per seed); mean accuracy; the seed-vs-seed ceiling (mean pairwise
-   Kendall of single-seed accuracies) (``benchmarks/results/mlp_<task>_ground_truth.json``);
+   Kendall of single-seed accuracies) (``mlp_<task>_ground_truth.json`` in the output folder, started from the
+   committed one in ``benchmarks/results/``);
 2. fitness of the same expressions as the search computes it: inherit the warm-up-distilled supernet, distill for
    ``candidate_epochs``, validation accuracy; and the same without warm-up (from a fresh initialization); Kendall
    against the truth beside "more FFN parameters is better";
@@ -16,6 +17,9 @@ Per task (the packaged ``mlp_<task>`` config; every part cached under ``--out-di
    fitness found and mean fitness of the guided evaluations;
 4. the full search (``python -m nas.search mlp``): the searched network and the standard one, stand-alone with the
    ground truth's protocol; accuracy difference in points and FFN parameter ratio.
+
+Writes ``mlp_search.{csv,json,png}`` to the output folder (``runs/benchmarks/``; ``--results-dir DIR``;
+``--update-results``: the committed ``benchmarks/results/``).
 """
 
 from __future__ import annotations
@@ -28,8 +32,10 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.harness import RESULTS_DIR, report
-from stflow.config import parse_cli, run_cli
+from benchmarks.harness import cache_path, check_at_least, check_not_empty, output_path, parse_bench, report
+from stflow.config import run_cli
+
+INIT_SAMPLES = 8  # the packaged mlp configs' init_samples: stage-1 evaluations before the guided ones
 
 
 @dataclass
@@ -44,7 +50,22 @@ class MLPSearchBench:
     search_seeds: list[int] = field(default_factory=lambda: [0, 1])
     evals: int = 24
     workers: int = 1
-    out_dir: str = "runs/bench-mlp"
+    out_dir: str = "runs/bench-mlp"  # every part's cache (fitness, searches, full search)
+
+    def validate(self) -> None:
+        check_not_empty(self, "tasks")
+        missing = [t for t in self.tasks if t not in self.gt_epochs]
+        if missing:
+            raise ValueError(f"tasks: no gt_epochs for {missing} (gt_epochs has {sorted(self.gt_epochs)})")
+        if self.num_exprs < 3 or len(self.gt_seeds) < 2:
+            raise ValueError("need >= 3 expressions (--num-exprs) and >= 2 ground-truth seeds (--gt-seeds)")
+        check_at_least(self, gt_seeds=0, gt_folds=2, search_seeds=0, workers=1)
+        if isinstance(self.evals, bool) or self.evals <= INIT_SAMPLES:
+            raise ValueError(f"evals must be >= {INIT_SAMPLES + 1} ({INIT_SAMPLES} initial samples, then guided "
+                             f"ones), got {self.evals}")
+        bad = {t: e for t, e in self.gt_epochs.items() if isinstance(e, bool) or not e > 0}
+        if bad:
+            raise ValueError(f"gt_epochs must be > 0, got {bad}")
 
 
 def _cached(path: Path, fn) -> Any:
@@ -71,7 +92,7 @@ def ground_truth(task: str, opts: MLPSearchBench) -> dict[str, Any]:
     from nas.ffn.groundtruth import build_expr_ground_truth, sample_distinct
 
     exprs = sample_distinct(opts.num_exprs, seed=0)
-    return build_expr_ground_truth(task, RESULTS_DIR / f"mlp_{task}_ground_truth.json", exprs, opts.gt_seeds,
+    return build_expr_ground_truth(task, cache_path(f"mlp_{task}_ground_truth.json"), exprs, opts.gt_seeds,
                                    opts.gt_folds, opts.gt_epochs[task], val_fraction=0.05, workers=opts.workers)
 
 
@@ -171,13 +192,15 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"saved {path}")
 
 
 def main(argv: list[str] | None = None) -> int:
     from nas.ffn.groundtruth import expr_seed_ceiling
     from nas.search.ranking import correlations
 
-    opts, _ = parse_cli(MLPSearchBench, argv, prog="python -m benchmarks mlp_search")
+    opts, _ = parse_bench(MLPSearchBench, argv, prog="python -m benchmarks mlp_search")
     rows, results = [], {}
     for task in opts.tasks:
         gt = ground_truth(task, opts)
@@ -218,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     report("mlp_search", rows, notes=notes, extra={"options": opts.__dict__,
                                                   "details": {t: {k: v for k, v in r.items() if k != "gt"}
                                                               for t, r in results.items()}})
-    plot(results, RESULTS_DIR / "mlp_search.png")
+    plot(results, output_path("mlp_search.png"))
     return 0
 
 

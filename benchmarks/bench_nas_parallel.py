@@ -15,7 +15,9 @@ makespan of the blocks' in-worker times (process spawn, imports, loading the tea
 the speed-up without that overhead (dashed: the bound the block split allows). Two spaces: the digits
 space (3 blocks, measured) and a larger one of ``--large-blocks`` blocks, each costing the measured mean
 block time, same teacher and overhead (an assumption: a space of that many blocks of digits-sized supernets).
-Writes ``benchmarks/results/nas_parallel.{csv,json}`` and ``nas_parallel.png`` (speed-up and projected time).
+Writes ``nas_parallel.{csv,json}`` and ``nas_parallel.png`` (speed-up and projected time) to the output folder
+(``runs/benchmarks/``; ``--results-dir DIR``, formerly ``--out-dir``; ``--update-results``: the committed
+``benchmarks/results/``).
 """
 
 from __future__ import annotations
@@ -31,11 +33,11 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.harness import RESULTS_DIR, report
+from benchmarks.harness import check_at_least, output_path, parse_bench, report
 from nas.methods.dna import DNA, DNAConfig
 from nas.parallel import run_blocks_parallel
 from nas.search.ratings import load_ratings
-from stflow.config import load_config, parse_cli
+from stflow.config import load_config
 
 
 @dataclass(frozen=True)
@@ -48,10 +50,12 @@ class Options:
     teacher_epochs: int | None = None
     large_blocks: int = 12  # blocks of the larger space in the projection
     max_workers: int = 16  # projection up to this many workers
-    out_dir: str | None = None  # results (default benchmarks/results)
     keep_runs: str | None = None  # keep the run directories here (default: a temporary directory)
 
+    cli_aliases = {"--out-dir": "--results_dir"}  # its former name: the results go to the output folder
+
     def validate(self) -> None:
+        check_at_least(self, block_epochs=1, teacher_epochs=1)
         if self.workers < 2 or self.threads < 1 or self.large_blocks < 1 or self.max_workers < 1:
             raise ValueError("workers >= 2, threads >= 1, large_blocks >= 1, max_workers >= 1")
 
@@ -83,7 +87,7 @@ def projection(t_shared: float, t_report: float, overhead: float, block_times: l
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, _ = parse_cli(Options, argv, prog="python -m benchmarks nas_parallel", description=__doc__.splitlines()[0])
+    args, _ = parse_bench(Options, argv, prog="python -m benchmarks nas_parallel", description=__doc__.splitlines()[0])
     cfg = load_config(DNAConfig, "dna_digits", packages=("nas",))
     changes = {"retrain": False, "progress": False}
     if args.block_epochs is not None:
@@ -132,8 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                          "blocks_speedup": makespan(times, 1) / (makespan(times, n) + (overhead if n > 1 else 0.0)),
                          "blocks_speedup_no_overhead": makespan(times, 1) / makespan(times, n)})
     load = f"start {' '.join(f'{v:.1f}' for v in load_start)}, end {' '.join(f'{v:.1f}' for v in load_end)}"
-    out_dir = Path(args.out_dir) if args.out_dir else RESULTS_DIR
-    figure = _plot(proj, rows, out_dir / "nas_parallel.png", args)
+    figure = _plot(proj, rows, output_path("nas_parallel.png"), args)
     report(
         "nas_parallel",
         rows,
@@ -148,7 +151,6 @@ def main(argv: list[str] | None = None) -> int:
                f"figure: {figure}"],
         extra={"projection": proj, "shared_s": t_shared, "report_s": t_report, "overhead_s": overhead,
                "load_average": load, "block_epochs": cfg.block_epochs, "threads": args.threads},
-        out_dir=out_dir,
     )
     return 0
 
@@ -180,6 +182,7 @@ def _plot(proj: list[dict], rows: list[dict], path: Path, args: Options) -> str:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    print(f"saved {path}")
     return str(path)
 
 

@@ -12,8 +12,10 @@ score (probe accuracy after recalibration, cross-entropy as tie-break) and mean 
 architectures; rating stability = mean pairwise Kendall between search seeds over every rated architecture; the
 two shifts of each run (feature shift: per layer RMS ``|mu_A - mu_B| / sigma`` of the layer input under two random
 prefixes, averaged over layers; parameter shift: ``||d theta_k|| / ||theta_k||`` per step, averaged). DNA and
-BossNAS rows are read from ``benchmarks/results/{dna,bossnas}_digits.json``. Writes
-``benchmarks/results/pinas_digits.{csv,json,png}``; finished runs in ``--out-dir`` are reused.
+BossNAS rows are read from ``{dna,bossnas}_digits.json`` in the output folder, else the committed ones in
+``benchmarks/results/``. Writes ``pinas_digits.{csv,json,png}`` to the output folder (``runs/benchmarks/``;
+``--results-dir DIR``; ``--update-results``: the committed ``benchmarks/results/``); finished runs in
+``--out-dir`` are reused.
 """
 
 from __future__ import annotations
@@ -30,13 +32,13 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from benchmarks.harness import RESULTS_DIR, report
-from benchmarks.nas_digits import GT_PATH, GroundTruthOptions, describe_ground_truth, ground_truth, plot_agreement
+from benchmarks.harness import check_at_least, input_path, output_path, parse_bench, report
+from benchmarks.nas_digits import GroundTruthOptions, describe_ground_truth, ground_truth, gt_path, plot_agreement
 from nas.methods.pinas import DEFAULT_CONFIG, PiNASConfig, run_pinas
 from nas.search.groundtruth import seed_ceiling
 from nas.search.ranking import correlations, evaluate
 from nas.search.ratings import ArchitectureRatings, load_any_ratings
-from stflow.config import load_config, parse_cli, run_cli
+from stflow.config import load_config, run_cli
 from stflow.pool import run_tasks
 
 VARIANTS = {  # name: (cross_path, restricted_teacher)
@@ -69,6 +71,7 @@ class PiNASDigitsBench(GroundTruthOptions):
             raise ValueError(f"norm must be bn or bkn, got {self.norm!r}")
         if not self.variant or set(self.variant) - set(VARIANTS):
             raise ValueError(f"variant must be among {list(VARIANTS)}, got {self.variant}")
+        check_at_least(self, seeds=0, epochs=1, rate_sample=0, workers=1)  # rate_sample 0: the ground truth only
 
 
 def _search(cfg: PiNASConfig) -> dict[str, Any]:
@@ -79,7 +82,7 @@ def other_methods() -> list[dict[str, Any]]:
     """DNA and BossNAS means (Kendall; Spearman averaged over their seeds) from their saved benchmark JSONs."""
     rows = []
     for name, file in (("DNA", "dna_digits.json"), ("BossNAS", "bossnas_digits.json")):
-        path = RESULTS_DIR / file
+        path = input_path(file)
         if not path.is_file():
             continue
         saved = json.loads(path.read_text()).get("rows", [])
@@ -108,14 +111,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    args, _ = parse_cli(PiNASDigitsBench, argv, prog="python -m benchmarks pinas_digits",
+    args, _ = parse_bench(PiNASDigitsBench, argv, prog="python -m benchmarks pinas_digits",
                         description=__doc__.split("\n")[0], packages=("nas",))
     t_start = time.perf_counter()
     base = load_config(PiNASConfig, args.search_config, packages=("nas",), norm=args.norm, progress=False)
     if args.epochs is not None:
         base = dataclasses.replace(base, epochs=args.epochs)
     if args.rate_sample is not None:
-        base = dataclasses.replace(base, rate_sample=args.rate_sample, rate_include=str(GT_PATH))
+        base = dataclasses.replace(base, rate_sample=args.rate_sample, rate_include=str(gt_path()))
     gt = ground_truth(base.space, args)
     encodings = [a["encoding"] for a in gt["architectures"]]
     acc = [a["accuracy"] for a in gt["architectures"]]
@@ -166,7 +169,7 @@ def _main(argv: list[str]) -> int:
                          "kendall": rating_stability(tables)})
         raters[f"Pi-NAS {variant} ({len(tables)} seeds)"] = [
             float(np.mean([t.score(e) for t in tables])) for e in encodings]
-    plot = plot_agreement(gt, raters, RESULTS_DIR / "pinas_digits.png")
+    plot = plot_agreement(gt, raters, output_path("pinas_digits.png"))
     total = time.perf_counter() - t_start
     notes = [
         describe_ground_truth(gt),
@@ -183,7 +186,7 @@ def _main(argv: list[str]) -> int:
     report("pinas_digits", rows,
            columns=["rater", "variant", "seed", "kendall", "spearman", "pearson", "tau_vs_params", "feature_shift",
                     "param_shift", "epochs", "rated", "seconds"],
-           notes=notes, extra={"ground_truth": str(GT_PATH), "total_seconds": total, "config": base.to_json()})
+           notes=notes, extra={"ground_truth": str(gt_path()), "total_seconds": total, "config": base.to_json()})
     return 0
 
 

@@ -6,13 +6,16 @@
 * ``searched``: the DNA-searched digits net (``nas.transfer.DNA_DIGITS_ARCH``) against ``--num-random``
   architectures sampled from the digits space whose backbone parameter count is within ``--params-tolerance``
   (10 %) of the searched one, every architecture with every ``--seeds`` seed; the gap in mIoU points;
-* ``correlation``: the 30 ground-truth architectures (``benchmarks/results/nas_digits_ground_truth.json``,
-  5-fold cross-validated classification accuracy, mean of 3 seeds) with every ``--gt-seeds`` seed; Kendall /
-  Spearman / Pearson between classification truth and mIoU, beside "more parameters is better".
+* ``correlation``: the 30 ground-truth architectures (``nas_digits_ground_truth.json`` in the output folder, else
+  the committed one in ``benchmarks/results/``; 5-fold cross-validated classification accuracy, mean of 3 seeds)
+  with every ``--gt-seeds`` seed; Kendall / Spearman / Pearson between classification truth and mIoU, beside
+  "more parameters is better".
 
 Every run is one :func:`nas.transfer.transfer_seg` with the packaged ``transfer_seg_digits`` protocol, run in a
 ``stflow.pool.run_tasks`` worker (one torch thread each); each run's result is cached in
 ``--out-dir/runs/<key>.json`` as soon as it finishes, so an interrupted benchmark resumes with the runs left.
+Writes ``transfer_seg.{csv,json,png}`` to the output folder (``runs/benchmarks/``; ``--results-dir DIR``;
+``--update-results``: the committed ``benchmarks/results/``).
 """
 
 from __future__ import annotations
@@ -27,9 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.harness import RESULTS_DIR, report
-from benchmarks.nas_digits import GT_PATH
-from stflow.config import config_to_dict, load_config, parse_cli, run_cli
+from benchmarks.harness import check_at_least, input_path, output_path, parse_bench, report
+from benchmarks.nas_digits import GT_NAME
+from stflow.config import config_to_dict, load_config, run_cli
 from stflow.pool import run_tasks
 
 PARTS = ("searched", "correlation")
@@ -57,12 +60,17 @@ class TransferSegBench:
         unknown = set(self.parts) - set(PARTS)
         if unknown:
             raise ValueError(f"unknown parts {sorted(unknown)}; parts: {', '.join(PARTS)}")
-        if self.num_random < 1 or not self.seeds or not self.gt_seeds:
-            raise ValueError("num_random, seeds and gt_seeds must be non-empty")
+        check_at_least(self, num_random=1, seeds=0, gt_seeds=0, random_sample_seed=0, params_tolerance=0.0, workers=1)
+
+
+# SegConfig fields that cannot change a run's result and came after the cache existed: left out of the key, so
+# the cached runs keep their names (the fields the key was first made of stay in it).
+_NOT_IN_KEY = ("overwrite",)
 
 
 def _key(cfg: dict[str, Any]) -> str:
-    return hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
+    kept = {k: v for k, v in cfg.items() if k not in _NOT_IN_KEY}
+    return hashlib.sha1(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def transfer_job(cfg_dict: dict[str, Any], cache: str) -> dict[str, Any]:
@@ -126,7 +134,7 @@ def _main(argv: list[str]) -> int:
     from nas.search.ranking import correlations
     from nas.transfer import DNA_DIGITS_ARCH, SegConfig, backbone_params, load_space
 
-    args, _ = parse_cli(TransferSegBench, argv, prog="python -m benchmarks transfer_seg",
+    args, _ = parse_bench(TransferSegBench, argv, prog="python -m benchmarks transfer_seg",
                         description=__doc__.split("\n")[0])
     base = load_config(SegConfig, args.transfer_config, packages=("nas",), freeze=args.freeze, checkpoint=False,
                        progress=False)
@@ -172,7 +180,7 @@ def _main(argv: list[str]) -> int:
                      f"mIoU {searched_mean:.4f} vs {random_mean:.4f}, gap {gap:+.2f} points "
                      f"({gap_fg:+.2f} without background)")
     if "correlation" in args.parts:
-        gt = json.loads(GT_PATH.read_text())
+        gt = json.loads(input_path(GT_NAME).read_text())
         archs = [a["encoding"] for a in gt["architectures"]]
         cfgs = [cfg(a, s) for a in archs for s in args.gt_seeds]
         results = _run_all(args, cfgs[::-1])[::-1] if args.reverse else _run_all(args, cfgs)
@@ -191,7 +199,7 @@ def _main(argv: list[str]) -> int:
                                 "accuracy": acc, "params": params}
         notes.append(f"ground truth: {len(archs)} of {len(groups)} architectures, mIoU seeds {args.gt_seeds}, "
                      f"mIoU range {min(miou):.3f}-{max(miou):.3f}")
-        _plot(extra, RESULTS_DIR / "transfer_seg.png")
+        _plot(extra, output_path("transfer_seg.png"))
     notes.append(f"protocol: packaged config {args.transfer_config} (freeze={args.freeze}); "
                  f"{time.perf_counter() - t0:.0f} s wall, {args.workers} workers")
     extra["options"] = dataclasses.asdict(args)
@@ -222,3 +230,4 @@ def _plot(extra: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    print(f"saved {path}")

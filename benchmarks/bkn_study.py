@@ -237,6 +237,7 @@ def save_figure(fig: Any, path: Path, dpi: int = 80) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi, bbox_inches="tight")
     _plt().close(fig)
+    print(f"saved {path}")
     return path
 
 

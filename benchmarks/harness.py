@@ -1,8 +1,16 @@
 """The shared benchmark harness: timing, environment capture, one table printed and saved.
 
 Every benchmark builds a list of row dicts and hands it to :func:`report`, which prints an
-aligned table and writes ``benchmarks/results/<name>.csv`` and ``<name>.json``; the JSON also
+aligned table and writes ``<name>.csv`` and ``<name>.json`` to the output folder; the JSON also
 records the machine, library versions and git revision so figures can be traced later.
+
+The output folder is decided here, once (:func:`output_dir`): ``runs/benchmarks/`` under the repository
+root by default (``runs/`` is git-ignored), ``--results-dir DIR`` to choose another, and only
+``--update-results`` writes into the committed ``benchmarks/results/``. Every benchmark parses its options
+with :func:`parse_bench`, which adds those two flags to its config's, and writes its tables
+(:func:`report`), figures (:func:`output_path`) and new caches (:func:`cache_path`) there. Committed
+inputs (the ground-truth caches, other benchmarks' results) are still read from ``benchmarks/results/``
+when the output folder has no newer copy (:func:`input_path`, :func:`cache_path`).
 """
 
 from __future__ import annotations
@@ -12,14 +20,125 @@ import importlib.metadata
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+T = TypeVar("T")
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"  # committed: written only with --update-results
+OUT_DIR = Path(__file__).resolve().parents[1] / "runs" / "benchmarks"  # the default output folder (git-ignored)
+
+_output: dict[str, Any] = {"results_dir": None, "update_results": False}  # set by parse_bench / set_output
+
+
+def set_output(results_dir: str | os.PathLike | None = None, update_results: bool = False) -> Path:
+    """Choose the output folder of this process's benchmark (``parse_bench`` calls it); returns it."""
+    if update_results and results_dir is not None:
+        raise ValueError("--results-dir and --update-results exclude each other: --update-results writes into "
+                         "the committed benchmarks/results/, --results-dir into another folder")
+    if results_dir is not None and not str(results_dir).strip():
+        raise ValueError("results_dir must be a folder, got an empty string")
+    _output.update(results_dir=None if results_dir is None else Path(results_dir), update_results=bool(update_results))
+    return output_dir()
+
+
+def output_dir() -> Path:
+    """Where tables, figures and new caches go: ``benchmarks/results/`` with ``--update-results``, else
+    ``--results-dir``, else ``runs/benchmarks/`` under the repository root."""
+    if _output["update_results"]:
+        return RESULTS_DIR
+    return _output["results_dir"] if _output["results_dir"] is not None else OUT_DIR
+
+
+def output_path(name: str) -> Path:
+    """``output_dir() / name``, its folder created (a figure, a table of a benchmark's own)."""
+    path = output_dir() / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def input_path(name: str) -> Path:
+    """A file another benchmark wrote, read only: the output folder's copy when there is one (a fresh run),
+    else the committed ``benchmarks/results/<name>`` (which may not exist either)."""
+    fresh = output_dir() / name
+    return fresh if fresh.is_file() else RESULTS_DIR / name
+
+
+def cache_path(name: str) -> Path:
+    """A cache a benchmark reads and extends (a ground truth): ``output_dir() / name``. Without
+    ``--update-results`` the committed ``benchmarks/results/<name>`` is copied there first when the output
+    folder has none, so its entries are reused and whatever is added is written to the output folder."""
+    path = output_path(name)
+    committed = RESULTS_DIR / name
+    if path != committed and not path.is_file() and committed.is_file():
+        shutil.copyfile(committed, path)
+        print(f"{name}: starting from the committed {committed} (copied to {path})")
+    return path
+
+
+def _output_flags(parser: Any) -> None:
+    parser.add_argument("--results_dir", default=None,
+                        help="folder of the tables, figures and new caches; null: runs/benchmarks/ in the repository")
+    parser.add_argument("--update_results", type=bool, default=False,
+                        help="write into the committed benchmarks/results/ instead (refreshing the published figures)")
+
+
+def parse_bench(cls: type[T], argv: Sequence[str] | None, **kwargs: Any) -> tuple[T, dict[str, Any]]:
+    """:func:`stflow.config.parse_cli` of a benchmark's options plus the shared output flags
+    (``--results-dir DIR``, ``--update-results``), which then choose the output folder (:func:`set_output`)."""
+    import sys
+
+    from stflow.config import ConfigError, parse_cli
+
+    own = kwargs.pop("extra", None)
+    given = list(sys.argv[1:] if argv is None else argv)
+    argv = []
+    for i, token in enumerate(given):  # a bare --update-results means --update-results true (as a bool field's)
+        argv.append(token)
+        if token in ("--update-results", "--update_results") and (i + 1 == len(given) or given[i + 1].startswith("--")):
+            argv.append("true")
+
+    def extra(parser: Any) -> None:
+        _output_flags(parser)
+        if own is not None:
+            own(parser)
+
+    cfg, extras = parse_cli(cls, argv, extra=extra, **kwargs)
+    try:
+        set_output(extras.pop("results_dir", None), extras.pop("update_results", False))
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    return cfg, extras
+
+
+def check_at_least(cfg: Any, **minimums: float) -> None:
+    """``ValueError`` naming the first field of ``cfg`` below its minimum: a number (None = not given, allowed)
+    or every item of a list, which must not be empty; ``True``/``False`` are not numbers here."""
+    for key, low in minimums.items():
+        value = getattr(cfg, key)
+        if value is None:
+            continue
+        items = list(value) if isinstance(value, (list, tuple)) else [value]
+        if isinstance(value, (list, tuple)) and not items:
+            raise ValueError(f"{key} must not be empty")
+        for item in items:
+            if isinstance(item, bool) or not isinstance(item, (int, float)):
+                raise ValueError(f"{key} must be a number, got {item!r}")
+            if item < low:
+                shown = list(value) if isinstance(value, (list, tuple)) else value
+                raise ValueError(f"{key} must be >= {low:g}, got {shown}")
+
+
+def check_not_empty(cfg: Any, *keys: str) -> None:
+    """``ValueError`` naming the first of ``keys`` whose list is empty."""
+    for key in keys:
+        if not getattr(cfg, key):
+            raise ValueError(f"{key} must not be empty")
 
 
 def git_revision() -> str:
@@ -126,8 +245,9 @@ def report(
     extra: dict[str, Any] | None = None,
     out_dir: str | os.PathLike | None = None,
 ) -> Path:
-    """Print the table and notes, write ``<name>.csv`` / ``<name>.json``; return the JSON path."""
-    out = Path(out_dir) if out_dir is not None else RESULTS_DIR
+    """Print the table and notes, write ``<name>.csv`` / ``<name>.json`` to ``out_dir`` (default: the output
+    folder, :func:`output_dir`); return the JSON path."""
+    out = Path(out_dir) if out_dir is not None else output_dir()
     out.mkdir(parents=True, exist_ok=True)
     env = environment()
     print(f"\n== {name} ==  ({env['processor']}, {env['cpu_count']} cpu, torch {env['torch']}, git {env['git']})")
@@ -143,4 +263,6 @@ def report(
     json_path = out / f"{name}.json"
     json_path.write_text(json.dumps(payload, indent=2, default=str))
     print(f"saved {out / (name + '.csv')} and {json_path}")
+    if out.resolve() != RESULTS_DIR.resolve():
+        print(f"(the committed {RESULTS_DIR} is left as it is; --update-results writes there)")
     return json_path

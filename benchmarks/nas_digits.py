@@ -1,4 +1,9 @@
-"""What the DNA and BossNAS digits benchmarks share: one ground-truth file and its options (config fields)."""
+"""What the DNA and BossNAS digits benchmarks share: one ground-truth file and its options (config fields).
+
+The ground truth is a cache in the output folder (``harness.cache_path``): the committed
+``benchmarks/results/nas_digits_ground_truth.json`` is copied there and reused, new seeds are written there
+(into ``benchmarks/results/`` itself only with ``--update-results``).
+"""
 
 from __future__ import annotations
 
@@ -9,13 +14,18 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.harness import RESULTS_DIR
+from benchmarks.harness import cache_path, check_at_least
 from nas.search.groundtruth import build_ground_truth
 from nas.search.ranking import architecture_keys, correlations
 from nas.search.ratings import RatingTable
 from nas.spaces import SearchSpace
 
-GT_PATH = RESULTS_DIR / "nas_digits_ground_truth.json"
+GT_NAME = "nas_digits_ground_truth.json"
+
+
+def gt_path() -> Path:
+    """The ground-truth file this run reads and extends (in the output folder; see the module docstring)."""
+    return cache_path(GT_NAME)
 
 
 @dataclass
@@ -31,6 +41,7 @@ class GroundTruthOptions:
     def validate(self) -> None:
         if self.archs < 3 or len(self.gt_seeds) < 2:
             raise ValueError("need >= 3 architectures (--archs) and >= 2 ground-truth seeds (--gt-seeds)")
+        check_at_least(self, gt_seeds=0, gt_epochs=1, gt_folds=1, gt_workers=1)
 
 
 def describe_ground_truth(gt: dict[str, Any]) -> str:
@@ -44,9 +55,9 @@ def describe_ground_truth(gt: dict[str, Any]) -> str:
 
 
 def ground_truth(space: SearchSpace, opts: GroundTruthOptions) -> dict[str, Any]:
-    """The stand-alone accuracies in GT_PATH (built, or reused when its settings match)."""
+    """The stand-alone accuracies in :func:`gt_path` (built, or reused when its settings match)."""
     opts.validate()
-    return build_ground_truth(space, GT_PATH, opts.archs, opts.gt_seeds, opts.gt_epochs, folds=opts.gt_folds,
+    return build_ground_truth(space, gt_path(), opts.archs, opts.gt_seeds, opts.gt_epochs, folds=opts.gt_folds,
                               workers=opts.gt_workers)
 
 

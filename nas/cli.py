@@ -8,7 +8,13 @@ the shared flags are the same for every method:
 ``--seed N``            the training seed
 ``--progress`` / ``--no-progress``   progress bars (on by default)
 ``--resume`` / ``--no-resume``       continue what ``--out-dir`` holds (default) / refuse a non-empty ``--out-dir``
+``--overwrite``         recompute cached artefacts made with another config (with ``--no-resume``: everything)
 ``--debug``             show the traceback of a user error instead of one ``error: ...`` line
+
+A rerun reuses what ``--out-dir`` holds (teacher, block supernets and ratings, retrained nets) only when it was
+made with the same config (:mod:`nas.cache`; ``reusing ...`` lines on stderr say what was reused); otherwise it
+stops before any work with one ``error: ...`` line naming the artefact and the differing keys. Budgets are
+checked against the block costs before any training.
 
 Examples::
 
@@ -30,17 +36,18 @@ from stflow.config import parse_cli, run_cli
 
 __all__ = ["main", "method_config", "search_main"]
 
-_NEGATABLE = ("progress", "resume")
+_NEGATABLE = ("progress", "resume", "overwrite")
 
 
 def _usage() -> str:
     return (f"usage: python -m nas.search METHOD [--config NAME|FILE] [--out-dir DIR] [--seed N] "
-            f"[--progress|--no-progress] [--resume|--no-resume] [...]   METHOD: {', '.join(list_methods())}; "
+            f"[--progress|--no-progress] [--resume|--no-resume] [--overwrite] [...]   METHOD: "
+            f"{', '.join(list_methods())}; "
             f"--help after METHOD lists its flags")
 
 
 def _expand_negations(argv: Sequence[str]) -> list[str]:
-    """``--no-progress`` -> ``--progress false`` (and ``--no-resume``)."""
+    """``--no-progress`` -> ``--progress false`` (and ``--no-resume``, ``--no-overwrite``)."""
     out: list[str] = []
     for token in argv:
         name = token[5:].replace("-", "_") if token.startswith("--no-") or token.startswith("--no_") else None

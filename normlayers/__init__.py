@@ -9,8 +9,10 @@ Background (equations, guard, transition, ghost groups): ``docs/background/bkn.m
 Decisions where the method leaves a choice (tested in tests/normlayers/):
 
 * No prior, or ``prior_weight == 0``: BatchNorm exactly (train and eval, same buffers).
-* Guard: one scalar per ghost group (the whole layer when ungrouped),
-  ``mean_c(var_P / (var_B + eps)) >= guard_ratio`` -> that group uses plain BN for the step.
+* Guard: ``mean(var_P / (var_B + eps)) >= guard_ratio`` -> plain BN for the step. ``guard_scope="layer"``
+  (default, the authors' code): one decision per layer, the mean over all ghost groups and channels, so
+  every group of a step uses the same formula; ``guard_scope="group"``: one decision per ghost group (the
+  mean over its channels). Without ghost groups the two are the same.
 * Running statistics: EMA (``momentum``; ``None`` = cumulative average) of the posterior averaged
   over ALL ghost groups (the reference used the first group only); UNBIASED variance like torch's
   BN (posterior variance times M/(M-1), M = elements per channel per group), so BN checkpoints and
@@ -40,7 +42,7 @@ from normlayers.convert import ConvertError, KalmanChain, convert
 from normlayers.functional import batch_kalman_norm
 from normlayers.modules import BatchKalmanNorm, BatchKalmanNorm1d, BatchKalmanNorm2d, BatchKalmanNorm3d
 from normlayers.ops.cfinalize import cpu_finalize, set_cpu_finalize
-from normlayers.reference import batch_kalman_norm_reference, update_running_stats_reference
+from normlayers.reference import GUARD_SCOPES, batch_kalman_norm_reference, update_running_stats_reference
 from normlayers.select import NORM_KINDS, NORMS, NormOptions, NormSpec, norm_spec, prior_weight_for
 from normlayers.sync import SyncBatchKalmanNorm, SyncKalmanChain, convert_sync
 from normlayers.transition import analytic_prior, monte_carlo_prior, pad_channels, residual_merge
@@ -51,6 +53,7 @@ __all__ = [
     "BatchKalmanNorm2d",
     "BatchKalmanNorm3d",
     "ConvertError",
+    "GUARD_SCOPES",
     "KalmanChain",
     "NORMS",
     "NORM_KINDS",

@@ -62,6 +62,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from normlayers.modules import BatchKalmanNorm, BatchKalmanNorm1d, BatchKalmanNorm2d, BatchKalmanNorm3d
+from normlayers.reference import check_guard_scope
 from normlayers.transition import activation_moments, analytic_prior, monte_carlo_prior, pad_channels
 
 __all__ = [
@@ -525,6 +526,7 @@ def convert(
     group_size: int | None = None,
     *,
     guard_ratio: float = 100.0,
+    guard_scope: str = "layer",
     backend: str = "auto",
     strict: bool = True,
     generator: torch.Generator | None = None,
@@ -536,7 +538,10 @@ def convert(
     Raises :class:`ConvertError` for models or layers it cannot wire (see the module docstring);
     ``strict=False`` swaps such layers anyway and leaves them without prior, with a warning.
     ``shortcut``: what a residual branch that is a BKN's own input carries, ``"prior"`` (the authors')
-    or ``"posterior"`` (see the module docstring, ``Merge``).
+    or ``"posterior"`` (see the module docstring, ``Merge``). ``guard_ratio``, ``guard_scope``, ``group_size``,
+    ``prior_weight``, ``transition``, ``backend``: passed to every :class:`BatchKalmanNorm` (``guard_scope``
+    ``"layer"``: one fallback decision per layer and step over all ghost groups, the authors'; ``"group"``: one
+    per ghost group).
     """
     if hasattr(model, "kalman_chain"):
         raise ConvertError("model is already converted (it has a kalman_chain)")
@@ -554,8 +559,9 @@ def convert(
                            "un-chained)")
     for name, msg in errors.items():
         warnings.warn(f"normlayers.convert: {name} left without prior ({msg})", stacklevel=2)
-    options = dict(prior_weight=prior_weight, guard_ratio=guard_ratio, group_size=group_size,
-                   transition=transition, backend=backend)
+    check_guard_scope(guard_scope)
+    options = dict(prior_weight=prior_weight, guard_ratio=guard_ratio, guard_scope=guard_scope,
+                   group_size=group_size, transition=transition, backend=backend)
     for name in list(plan) + list(errors):
         module = model.get_submodule(name)
         if isinstance(module, BatchKalmanNorm):

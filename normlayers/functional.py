@@ -18,7 +18,7 @@ from torch import Tensor
 
 from normlayers.ops.torch_backend import bkn_train, hot_train
 from normlayers.ops.torch_backend import check_prior_values as check_prior_values_exact
-from normlayers.reference import elements_per_group
+from normlayers.reference import check_guard_scope, elements_per_group
 
 __all__ = ["batch_kalman_norm", "validate_inputs", "try_hot_path", "BACKENDS"]
 
@@ -114,6 +114,7 @@ def try_hot_path(
     guard_ratio: float,
     group_size: int | None,
     backend: str,
+    guard_scope: str = "layer",
 ) -> tuple[Tensor, Tensor, Tensor] | None:
     """The layer's common case (training with a prior, torch backend; NCHW or channels-last, with or without
     ghost groups) in few Python lines: ``(y, post_mean, post_var)`` from
@@ -122,7 +123,7 @@ def try_hot_path(
     if (training and prior is not None and isinstance(x, Tensor) and x.dim() > 2
             and (backend == "torch" or backend == "auto" and not x.is_cuda)):
         return hot_train(x, running_mean, running_var, weight, bias, prior, prior_weight, momentum, eps, guard_ratio,
-                         group_size)
+                         group_size, guard_scope)
     return None
 
 
@@ -142,6 +143,7 @@ def batch_kalman_norm(
     group_size: int | None = None,
     backend: str = "auto",
     flat: bool = False,
+    guard_scope: str = "layer",
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """BKN forward; returns ``(y, post_mean (G, C), post_var (G, C))``, posteriors ``None`` in eval.
 
@@ -150,12 +152,15 @@ def batch_kalman_norm(
     ``momentum``, unbiased variance, averaged over groups). Eval: plain BN with the running buffers.
     Posteriors are float32 (float64 for float64 input) and carry autograd graph to ``x``, gamma, beta
     and the prior. ``flat``: without ghost groups, posteriors of shape ``(C,)`` (what the layers expose;
-    the torch path then needs no view ops).
+    the torch path then needs no view ops). ``guard_scope``: the fallback to plain BN
+    (``mean(var_P / (var_B + eps)) >= guard_ratio``) is decided once for the layer over all ghost groups and
+    channels (``"layer"``, the authors') or once per ghost group (``"group"``); the same without groups.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_guard_scope(guard_scope)
     out = try_hot_path(x, running_mean, running_var, weight, bias, prior, prior_weight, training, momentum, eps,
-                       guard_ratio, group_size, backend)
+                       guard_ratio, group_size, backend, guard_scope)
     if out is not None:
         if flat or out[1].dim() == 2:  # (G, C) with several ghost groups
             return out
@@ -174,7 +179,7 @@ def batch_kalman_norm(
     if impl is not None:
         y, post_mean, post_var = impl(
             x, running_mean, running_var, weight, bias, prior=prior, prior_weight=prior_weight, training=training,
-            momentum=momentum, eps=eps, guard_ratio=guard_ratio, group_size=group_size,
+            momentum=momentum, eps=eps, guard_ratio=guard_ratio, group_size=group_size, guard_scope=guard_scope,
         )
         if flat and group_size is None and post_mean is not None and post_var is not None:
             post_mean, post_var = post_mean[0], post_var[0]  # (1, C) -> (C,)
@@ -182,6 +187,7 @@ def batch_kalman_norm(
     return _batch_kalman_norm_torch(
         x, running_mean, running_var, weight, bias, prior=prior, prior_weight=prior_weight, training=training,
         momentum=momentum, eps=eps, guard_ratio=guard_ratio, group_size=group_size, flat=flat,
+        guard_scope=guard_scope,
     )
 
 
@@ -200,14 +206,15 @@ def _batch_kalman_norm_torch(
     guard_ratio: float,
     group_size: int | None,
     flat: bool,
+    guard_scope: str,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     if not training and running_mean is not None and running_var is not None:
         return _eval(x, running_mean, running_var, weight, bias, eps), None, None
     running = None
     if training and running_mean is not None and running_var is not None:
         running = (running_mean, running_var, float(momentum), elements_per_group(x, group_size))
-    return bkn_train(x, weight, bias, prior, float(prior_weight), eps, guard_ratio, group_size, running=running,
-                     flat=flat)
+    return bkn_train(x, weight, bias, prior, float(prior_weight), eps, guard_ratio, group_size,
+                     guard_scope=guard_scope, running=running, flat=flat)
 
 
 def _eval(x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Tensor | None, bias: Tensor | None,

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from normlayers.functional import BACKENDS, batch_kalman_norm
+from normlayers.reference import GUARD_SCOPES, check_guard_scope
 
 __all__ = ["BatchKalmanNorm", "BatchKalmanNorm1d", "BatchKalmanNorm2d", "BatchKalmanNorm3d", "TRANSITIONS"]
 
@@ -25,10 +26,14 @@ class BatchKalmanNorm(nn.Module):
     for this layer's input (see :mod:`normlayers.transition`). After a training forward,
     ``self.posterior`` is ``(mean, var)`` (``(C,)``, or ``(G, C)`` with ``group_size``), float32, with
     autograd graph, for the next layer; it is ``None`` after an eval forward. ``transition`` says how
-    :func:`normlayers.convert` predicts this layer's prior from the previous posterior.
+    :func:`normlayers.convert` predicts this layer's prior from the previous posterior. ``guard_scope``
+    (one of :data:`normlayers.reference.GUARD_SCOPES`): the fallback to plain BN is decided once for the layer
+    over all ghost groups (``"layer"``, the authors') or once per ghost group (``"group"``); it is a setting,
+    not state (not in ``state_dict``, so BatchNorm checkpoints still load strictly both ways).
     """
 
     _version = 2
+    guard_scope: str = GUARD_SCOPES[0]  # class default: modules pickled before the option existed get it
 
     def __init__(
         self,
@@ -42,6 +47,7 @@ class BatchKalmanNorm(nn.Module):
         group_size: int | None = None,
         transition: str = "monte_carlo",
         backend: str = "auto",
+        guard_scope: str = "layer",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -54,6 +60,7 @@ class BatchKalmanNorm(nn.Module):
             raise ValueError(f"transition must be one of {TRANSITIONS}, got {transition!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_guard_scope(guard_scope)
         factory = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.eps = eps
@@ -63,6 +70,7 @@ class BatchKalmanNorm(nn.Module):
         self.prior_weight = float(prior_weight)
         self.guard_ratio = float(guard_ratio)
         self.group_size = group_size
+        self.guard_scope = guard_scope
         self.transition = transition
         self.backend = backend
         if affine:
@@ -136,6 +144,7 @@ class BatchKalmanNorm(nn.Module):
             group_size=self.group_size,
             backend=self.backend,
             flat=True,
+            guard_scope=self.guard_scope,
         )
         posterior = None if post_mean is None or post_var is None else (post_mean, post_var)
         self.__dict__["posterior"] = posterior  # a plain attribute: skip nn.Module.__setattr__'s registry checks
@@ -145,7 +154,8 @@ class BatchKalmanNorm(nn.Module):
         return (
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
             f"track_running_stats={self.track_running_stats}, prior_weight={self.prior_weight}, "
-            f"guard_ratio={self.guard_ratio}, group_size={self.group_size}, transition={self.transition!r}"
+            f"guard_ratio={self.guard_ratio}, guard_scope={self.guard_scope!r}, group_size={self.group_size}, "
+            f"transition={self.transition!r}"
         )
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,

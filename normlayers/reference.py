@@ -15,11 +15,13 @@ Decisions (each one is also stated in ``normlayers/__init__.py``):
   ``None`` (no prior) or ``prior_weight == 0`` gives BatchNorm exactly: the batch moments are used
   as they are (no ``0 * prior`` arithmetic), so the result is BatchNorm's and gradients to the
   prior are zero.
-* Guard: ONE scalar per ghost group (the whole layer when ungrouped):
-  ``ratio_k = mean_c(var_P[k, c] / (var_B[k, c] + eps))``; if ``ratio_k >= guard_ratio`` group ``k``
-  falls back to plain BN for that step (posterior = batch moments, no gradient to its prior).
-  ``eps`` in the denominator keeps a constant channel (``var_B = 0``) finite. The comparison is not
-  differentiated (it is a switch). ``guard_ratio=float("inf")`` disables the guard.
+* Guard: a switch to plain BN for the step (posterior = batch moments, no gradient to the prior),
+  decided on ``var_P / (var_B + eps)`` (``eps`` keeps a constant channel, ``var_B = 0``, finite).
+  ``guard_scope="layer"`` (the default, the authors' code): ONE decision for the whole layer,
+  ``mean over (G, C) of var_P / (var_B + eps) >= guard_ratio``, applied to every ghost group, so all
+  groups of a step use the same formula. ``guard_scope="group"``: one decision per ghost group ``k``,
+  ``mean_c(var_P[k, c] / (var_B[k, c] + eps)) >= guard_ratio``. Ungrouped (``G = 1``) both are the
+  same. The comparison is not differentiated (it is a switch). ``guard_ratio=float("inf")`` disables it.
 * Running statistics (:func:`update_running_stats_reference`): EMA of the posterior averaged over
   ALL ghost groups (the reference code used only the first group; the average has the same
   expectation and lower noise, and it is what the layer normalizes with in training). The running
@@ -37,7 +39,19 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["batch_kalman_norm_reference", "update_running_stats_reference", "stats_dtype", "elements_per_group"]
+__all__ = [
+    "GUARD_SCOPES", "batch_kalman_norm_reference", "check_guard_scope", "elements_per_group", "stats_dtype",
+    "update_running_stats_reference",
+]
+
+GUARD_SCOPES = ("layer", "group")  # the first is the default
+
+
+def check_guard_scope(guard_scope: str) -> str:
+    """``guard_scope`` if it is one of :data:`GUARD_SCOPES`, else ``ValueError``."""
+    if guard_scope not in GUARD_SCOPES:
+        raise ValueError(f"guard_scope must be one of {GUARD_SCOPES}, got {guard_scope!r}")
+    return guard_scope
 
 
 def stats_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -55,6 +69,7 @@ def batch_kalman_norm_reference(
     eps: float = 1e-5,
     guard_ratio: float = 100.0,
     group_size: int | None = None,
+    guard_scope: str = "layer",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Training-mode BKN forward in plain torch; returns ``(y, post_mean (G, C), post_var (G, C))``.
 
@@ -73,6 +88,7 @@ def batch_kalman_norm_reference(
     p = float(prior_weight)
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"prior_weight must lie in [0, 1], got {prior_weight}")
+    check_guard_scope(guard_scope)
 
     # (N, C, *) -> (G, g, C, L): ghost group, sample in group, channel, flattened spatial
     xs = x.to(sdt).reshape(groups, g, c, -1)
@@ -85,7 +101,11 @@ def batch_kalman_norm_reference(
         d = mu_b - mu_p
         mix_mean = p * mu_p + (1.0 - p) * mu_b
         mix_var = p * var_p + (1.0 - p) * var_b + p * (1.0 - p) * d * d
-        ratio = (var_p / (var_b + eps)).mean(dim=1, keepdim=True)  # (G, 1): one scalar per group
+        ratios = var_p / (var_b + eps)  # (G, C)
+        if guard_scope == "layer":
+            ratio = ratios.mean().expand(groups, 1)  # one scalar for the layer, the same in every group
+        else:
+            ratio = ratios.mean(dim=1, keepdim=True)  # (G, 1): one scalar per group
         fire = (ratio >= guard_ratio).detach()
         post_mean = torch.where(fire, mu_b, mix_mean)
         post_var = torch.where(fire, var_b, mix_var)

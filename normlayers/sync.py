@@ -32,7 +32,9 @@ with it on every rank, so all ranks sample the same images. A prior passed by ha
 is the caller's business.
 
 Not synchronized: ghost groups (``group_size``) raise ``ValueError`` in a synchronized forward (each rank
-would hold its own groups; use plain :class:`BatchKalmanNorm` for ghost-batch training). World size 1, no
+would hold its own groups; use plain :class:`BatchKalmanNorm` for ghost-batch training). So the synchronized
+forward has one group, the global batch, and ``guard_scope`` ("layer" / "group") makes no difference there: one
+guard decision on the global moments; the layer keeps the setting for its unsynchronized forwards. World size 1, no
 initialized process group, eval mode, or ``track_running_stats=False`` in eval: exactly
 :class:`BatchKalmanNorm`. The synchronized path runs plain torch autograd (not the fused CPU/Triton
 kernels) for the per-rank part.
@@ -238,8 +240,8 @@ def _to_sync(bkn: BatchKalmanNorm, process_group: Any) -> SyncBatchKalmanNorm:
     new = SyncBatchKalmanNorm(
         bkn.num_features, eps=bkn.eps, momentum=bkn.momentum, affine=bkn.affine,
         track_running_stats=bkn.track_running_stats, prior_weight=bkn.prior_weight, guard_ratio=bkn.guard_ratio,
-        group_size=bkn.group_size, transition=bkn.transition, backend=bkn.backend, process_group=process_group,
-        device="meta",
+        guard_scope=bkn.guard_scope, group_size=bkn.group_size, transition=bkn.transition, backend=bkn.backend,
+        process_group=process_group, device="meta",
     )
     # the same Parameter and buffer objects (optimizers and references stay valid), like convert_sync_batchnorm
     for name, param in bkn._parameters.items():

@@ -35,6 +35,7 @@ __all__ = [
     "config_to_dict",
     "config_from_dict",
     "load_config",
+    "normalise_flags",
     "packaged_configs",
     "parse_cli",
     "resolve_config",
@@ -78,7 +79,7 @@ def resolve_config(name_or_path: str | os.PathLike, packages: Iterable[str] = ("
     raise ConfigError(f"config not found: {name_or_path} (not a file, nor a packaged config: {', '.join(available)})")
 
 
-def _normalise_flags(argv: Sequence[str], aliases: Mapping[str, str]) -> list[str]:
+def normalise_flags(argv: Sequence[str], aliases: Mapping[str, str]) -> list[str]:
     """``--out-dir x`` -> ``--out_dir x``; aliases expanded (``--epochs`` -> ``--run.max_epochs``)."""
     out: list[str] = []
     for token in argv:
@@ -209,7 +210,7 @@ def parse_cli(
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     aliases = dict(getattr(cls, "cli_aliases", {}))
-    argv = _normalise_flags(argv, aliases)
+    argv = normalise_flags(argv, aliases)
     argv = _expand_flags(argv, cls)
     for i, token in enumerate(argv):  # --config NAME -> a real path (packaged configs by name)
         if token == "--config" and i + 1 < len(argv):

@@ -9,6 +9,11 @@ Two kinds of checkpoint:
   :func:`stflow.models.load_reference_checkpoint`, evaluated with the data switches the authors' model needs
   (``compat_weekend_bug=True``, scale 0..267, lc=4, lp=2, lt=0).
 
+Multi-step: ``--horizon H`` scores H steps (per step and averaged) over the test origins whose H targets all lie in
+the test period: a checkpoint with a DIRECT head (``stflow.train --horizon K``, direct mode; the model's
+``horizon``) is scored from its direct output (default ``--horizon`` = its K; more than K is an error); a one-step
+model (default 1) by recursive rollout (:mod:`stflow.forecast`).
+
 Prints RMSE, inflow/outflow RMSE and MAE in original units per the protocol (``--json``: one JSON object);
 ``--plots DIR`` writes flow maps for ``--hour`` (default: the busiest test hour), RMSE by hour and RMSE per cell.
 """
@@ -28,7 +33,7 @@ import pytorch_lightning as pl
 import torch
 
 from stflow.config import parse_cli, run_cli
-from stflow.forecast import score, test_samples
+from stflow.forecast import model_horizon, score, test_samples
 from stflow.models.baselines import HistoricalAverage
 from stflow.paths import shared_dir
 from stflow.plots import write_evaluation_plots
@@ -132,22 +137,24 @@ def evaluate(
     accelerator: str = "auto",
     progress_bar: bool = False,
     protocol: str = "deepst",
-    horizon: int = 1,
+    horizon: int | None = None,
 ) -> dict[str, Any]:
     """Test metrics of ``checkpoint`` under ``protocol`` (:mod:`stflow.protocols`) and ``horizon``.
 
-    ``deepst`` with horizon 1 runs the Lightning test loop: keys ``test_rmse``, ``test_rmse_inflow``,
-    ``test_rmse_outflow``, ``test_mae``, ``test_samples``. Otherwise (``stssl``, or ``horizon > 1``: recursive
-    rollout, :func:`stflow.forecast.score`): ``test_<metric>`` = the mean over the steps, ``steps`` = one dict per
-    step. Every result holds ``protocol`` and ``horizon``; ``plots`` (PNG paths) when ``plots_dir`` is given.
+    ``horizon`` None: the checkpoint's direct head's steps, 1 for a one-step model. ``deepst`` with horizon 1 and a
+    one-step model runs the Lightning test loop: keys ``test_rmse``, ``test_rmse_inflow``, ``test_rmse_outflow``,
+    ``test_mae``, ``test_samples``. Otherwise (``stssl``, ``horizon > 1`` or a direct head:
+    :func:`stflow.forecast.score`): ``test_<metric>`` = the mean over the steps (also ``test_<metric>_mean``),
+    ``test_<metric>_step<k>`` and ``steps`` = one dict per step, ``mode`` "direct" or "recursive". Every result
+    holds ``protocol`` and ``horizon``; ``plots`` (PNG paths) when ``plots_dir`` is given.
     ``checkpoint=None`` with ``model="historical_average"|"persistence"``: the baseline, fitted on the protocol's
     training slots of ``data_overrides``' dataset.
     """
     check_protocol(protocol)
-    if horizon < 1:
+    if horizon is not None and horizon < 1:
         raise ValueError(f"horizon must be >= 1, got {horizon}")
     if checkpoint is None:
-        return _evaluate_baseline(model, data_overrides or {}, protocol, horizon)
+        return _evaluate_baseline(model, data_overrides or {}, protocol, horizon or 1)
     loaded, data = load_checkpoint(checkpoint, model)
     overrides = {k: v for k, v in (data_overrides or {}).items() if v is not None}
     datamodule = _datamodule(data, overrides)
@@ -163,9 +170,14 @@ def evaluate(
             metric_factor=float(datamodule.metric_factor),
             num_slots=len(datamodule.timestamps),
         )
-    if protocol != "deepst" or horizon > 1:
+    steps = model_horizon(system.eval_model)  # > 1: a direct head
+    horizon = steps if horizon is None else horizon
+    if horizon > steps > 1:
+        raise ValueError(f"{checkpoint} has a direct head of {steps} steps: --horizon must be <= {steps}, got "
+                         f"{horizon}")
+    if protocol != "deepst" or horizon > 1 or steps > 1:
         if plots_dir is not None:
-            raise ValueError("--plots is available with the deepst protocol at horizon 1 only")
+            raise ValueError("--plots is available with the deepst protocol at horizon 1 of a one-step model only")
         scores = score(system.eval_model, datamodule, protocol, horizon)
         return {"checkpoint": str(checkpoint), "model": model or system.hparams.get("model"),
                 "dataset": datamodule.hparams["dataset"], "data_files": [str(p) for p in datamodule.data.files],
@@ -198,9 +210,12 @@ def evaluate(
 
 
 def _flatten(scores: dict[str, Any]) -> dict[str, Any]:
-    """:func:`stflow.forecast.score`'s result as the CLI's flat JSON (``test_*`` = the mean over the steps)."""
-    return {"protocol": scores["protocol"], "horizon": scores["horizon"], "test_samples": float(scores["origins"]),
-            **{f"test_{k}": v for k, v in scores["mean"].items()}, "steps": scores["steps"],
+    """:func:`stflow.forecast.score`'s result as the CLI's flat JSON (``test_*`` = the mean over the steps, also as
+    ``test_*_mean``; ``test_*_step<k>`` per step)."""
+    per_step = {f"test_{k}_step{i}": step[k] for k in scores["mean"] for i, step in enumerate(scores["steps"], 1)}
+    return {"protocol": scores["protocol"], "horizon": scores["horizon"], "mode": scores["mode"],
+            "test_samples": float(scores["origins"]), **{f"test_{k}": v for k, v in scores["mean"].items()},
+            **{f"test_{k}_mean": v for k, v in scores["mean"].items()}, **per_step, "steps": scores["steps"],
             "test_period": [scores["test_first"], scores["test_last"]]}
 
 
@@ -235,7 +250,7 @@ def format_result(result: dict[str, Any]) -> str:
     keys = list(result["steps"][0])
     header = f"{'metric':<14}" + "".join(f"{'step ' + str(i + 1):>10}" for i in range(len(result["steps"])))
     header += f"{'mean':>10}"
-    lines = [f"protocol {PROTOCOL_DESCRIPTIONS[protocol]}; horizon {result['horizon']} (recursive), "
+    lines = [f"protocol {PROTOCOL_DESCRIPTIONS[protocol]}; horizon {result['horizon']} ({result['mode']}), "
              f"{int(result['test_samples'])} origins", header, "-" * len(header)]
     for key in keys:
         fmt = "{:>10.0f}" if key.endswith("_values") else "{:>10.4f}"
@@ -251,7 +266,7 @@ class EvaluateConfig:
     checkpoint: str | None = None  # a stflow .ckpt, or the authors' .pt with --model; None: a baseline by --model
     model: str | None = None  # the authors' state dict: acfm_reference_bikenyc|taxibj; no checkpoint: a baseline
     protocol: Literal["deepst", "stssl"] = "deepst"  # stflow.protocols
-    horizon: int = 1  # steps ahead (recursive rollout beyond 1); metrics per step and averaged
+    horizon: int | None = None  # steps ahead, metrics per step and averaged; None: a direct head's steps, else 1
     dataset: str | None = None  # evaluate on another dataset than the checkpoint's
     data_dir: str | None = None
     batch_size: int | None = None
@@ -265,7 +280,7 @@ class EvaluateConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.test_days is not None and self.test_days < 1:
             raise ValueError(f"test_days must be >= 1, got {self.test_days}")
-        if self.horizon < 1:
+        if self.horizon is not None and self.horizon < 1:
             raise ValueError(f"horizon must be >= 1, got {self.horizon}")
         if self.checkpoint is None and self.model not in BASELINES:
             raise ValueError(f"--checkpoint is required (only the baselines {', '.join(BASELINES)} run without one)")

@@ -4,7 +4,9 @@ Every registered network takes the batch dict; the exported graph takes its tens
 order of :data:`INPUT_ORDER`, restricted to the groups the model's window uses (``closeness (B, lc, 2, H, W)``,
 ``period``, ``trend``, ``ext_closeness (B, lc, D)``, ..., ``ext_target (B, D)``; no ``ext_*`` when D = 0), all
 float32 and SCALED to [-1, 1] (``x -> 2 (x - min) / (max - min) - 1`` with the sidecar's ``scaler``); the output is
-the scaled prediction ``(B, 2, H, W)``. The batch axis is dynamic. ``<out>.json`` records the inputs, their shapes,
+the scaled prediction ``(B, 2, H, W)``. A direct multi-step head (model option ``horizon`` K > 1, in the
+checkpoint's model keywords) takes ``ext_target (B, K, D)`` (the vector of each target slot) and outputs
+``(B, K, 2, H, W)``. The batch axis is dynamic. ``<out>.json`` records the inputs, their shapes,
 the scaler and the model name. ONNX needs the optional extra ``pip install "stflow[export]"`` (``onnx``;
 ``onnxruntime`` to run it); the legacy TorchScript-based ONNX exporter is used (no ``onnxscript`` needed).
 
@@ -42,7 +44,8 @@ class _Positional(nn.Module):
 
 
 def input_spec(keywords: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """Input name -> shape without the batch axis, from the data keywords (grid_shape, ext_dim, len_*)."""
+    """Input name -> shape without the batch axis, from the data keywords (grid_shape, ext_dim, len_*) and the
+    model's ``horizon`` when it has a direct head."""
     h, w = (int(v) for v in keywords["grid_shape"])
     ext_dim = int(keywords["ext_dim"])
     spec: dict[str, tuple[int, ...]] = {}
@@ -54,7 +57,8 @@ def input_spec(keywords: dict[str, Any]) -> dict[str, tuple[int, ...]]:
         for key, n in lengths.items():
             if n > 0:
                 spec[f"ext_{key}"] = (n, ext_dim)
-        spec["ext_target"] = (ext_dim,)
+        steps = int(keywords.get("horizon", 1))
+        spec["ext_target"] = (ext_dim,) if steps == 1 else (steps, ext_dim)  # a direct head: one per target slot
     return {k: spec[k] for k in INPUT_ORDER if k in spec}
 
 
@@ -95,8 +99,9 @@ def export_model(model: nn.Module, keywords: dict[str, Any], fmt: str, out: str 
             torch.onnx.export(wrapper, inputs, str(out), input_names=list(names), output_names=["prediction"],
                               dynamic_axes={**{n: {0: "batch"} for n in names}, "prediction": {0: "batch"}},
                               opset_version=17, dynamo=False)
-    sidecar = {"format": fmt, "inputs": {k: ["batch", *v] for k, v in spec.items()},
-               "output": {"prediction": ["batch", 2, *[int(v) for v in keywords["grid_shape"]]]},
+    steps = int(keywords.get("horizon", 1))
+    output = ["batch", *([steps] if steps > 1 else []), 2, *[int(v) for v in keywords["grid_shape"]]]
+    sidecar = {"format": fmt, "inputs": {k: ["batch", *v] for k, v in spec.items()}, "output": {"prediction": output},
                "layout": "frames most recent first, scaled to [-1, 1]; output scaled to [-1, 1]", **(meta or {})}
     Path(str(out) + ".json").write_text(json.dumps(sidecar, indent=2))
     return sidecar

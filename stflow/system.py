@@ -15,6 +15,13 @@ buffers, updated after every optimiser step; validation, test, prediction and ``
 Logged: ``train_loss`` (per step and epoch), ``train_rmse``; ``val_loss`` (the scaled loss over the whole
 validation split), ``val_rmse``, ``val_mae``...; ``test_loss``, ``test_rmse``, ``test_rmse_inflow``,
 ``test_rmse_outflow``, ``test_mae``, ``test_samples``.
+
+Direct multi-step models (``model.horizon`` H > 1, :mod:`stflow.models.horizon`, trained on a
+:class:`~stflow.data.horizon.DirectHorizonDataModule`): prediction and target are (B, H, 2, h, w), ``index`` (B,) the
+first target's row. The loss is the mean over the steps of each step's loss (= the loss over every value: the
+steps hold equally many); ``<stage>_loss`` is that mean (so the best checkpoint is chosen on all steps). Metrics:
+``<stage>_rmse`` / ``_rmse_inflow`` / ``_rmse_outflow`` / ``_mae`` keep today's names for STEP 1 (comparable with a
+one-step model), ``<stage>_<metric>_step<k>`` for every step k = 1..H and ``<stage>_<metric>_mean`` their mean.
 """
 
 from __future__ import annotations
@@ -162,6 +169,7 @@ class ForecastingSystem(pl.LightningModule):
             self.model = model
         else:
             raise TypeError(f"model must be a registered model name or an nn.Module, got {type(model).__name__}")
+        self.horizon = int(getattr(self.model, "horizon", 1))  # > 1: a direct multi-step head (module docstring)
         self.scale = (float(scaler_max) - float(scaler_min)) / 2.0
         self.metric_factor = float(metric_factor)
         self.trainable = bool(getattr(self.model, "trainable", True))
@@ -176,6 +184,7 @@ class ForecastingSystem(pl.LightningModule):
         self.val_metrics: FlowMetrics | None = None
         self.test_metrics: FlowMetrics | None = None
         self.val_raw_metrics: FlowMetrics | None = None
+        self.later_step_metrics: nn.ModuleDict | None = None
         if num_slots is not None:
             self._build_metrics(int(num_slots))
 
@@ -203,6 +212,14 @@ class ForecastingSystem(pl.LightningModule):
         # With weight averaging, validation also scores the raw (un-averaged) weights of the same run
         # (``val_raw_*``): the averaging does not change the training trajectory, so this compares the two.
         self.val_raw_metrics = make() if self.ema_model is not None else None
+        # A direct head of H steps: steps 2..H get metrics of their own per stage (step 1 uses the ones above);
+        # keyed "<stage>_steps" ("train" would clash with nn.Module.train).
+        self.later_step_metrics = None
+        if self.horizon > 1:
+            stages = ("train", "val", "test") + (("val_raw",) if self.val_raw_metrics is not None else ())
+            self.later_step_metrics = nn.ModuleDict(
+                {f"{stage}_steps": nn.ModuleList(make() for _ in range(self.horizon - 1)) for stage in stages}
+            )
 
     def _active_mask(self, datamodule: Any) -> Tensor | None:
         """Cells that are ever non-zero in the data module's flows, when the protocol factor says some never
@@ -269,16 +286,34 @@ class ForecastingSystem(pl.LightningModule):
                 avg.copy_(value)
         self.ema_updates += 1
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.trainable:
-            self.update_ema()
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """Lightning's step, then the weight average: both belong to the batch, so a checkpoint saved from any
+        ``on_train_batch_end`` (a Ctrl-C) holds the average of the weights it holds."""
+        super().optimizer_step(*args, **kwargs)
+        self.update_ema()
 
     def _loss(self, pred: Tensor, target: Tensor) -> Tensor:
         if self.hparams.loss == "mse":
             return nn.functional.mse_loss(pred, target)
         return nn.functional.l1_loss(pred, target)
 
-    def _step(self, batch: Mapping[str, Tensor], metrics: FlowMetrics | None) -> tuple[Tensor, Tensor]:
+    def step_loss(self, pred: Tensor, target: Tensor) -> Tensor:
+        """The training loss: ``pred``/``target`` (B, 2, h, w), or (B, H, 2, h, w) for a direct head, where it is
+        the mean over the steps of each step's loss."""
+        if self.horizon == 1:
+            return self._loss(pred, target)
+        return torch.stack([self._loss(pred[:, k], target[:, k]) for k in range(self.horizon)]).mean()
+
+    def _update(self, stage: str, metrics: FlowMetrics, pred: Tensor, target: Tensor, index: Tensor) -> None:
+        """Update ``metrics`` (step 1) and, for a direct head, the stage's later-step metrics (row index + k)."""
+        if self.horizon == 1:
+            metrics.update(pred, target, index)
+            return
+        metrics.update(pred[:, 0], target[:, 0], index)
+        for k, later in enumerate(self.later_step_metrics[f"{stage}_steps"], start=1):
+            later.update(pred[:, k], target[:, k], index + k)
+
+    def _step(self, batch: Mapping[str, Tensor], metrics: FlowMetrics | None, stage: str) -> tuple[Tensor, Tensor]:
         if metrics is None:
             raise RuntimeError("metrics are not built: the system was not set up with a data module or num_slots")
         pred = (self.model if self.training else self.eval_model)(batch)
@@ -287,24 +322,25 @@ class ForecastingSystem(pl.LightningModule):
             raise ValueError(
                 f"{type(self.model).__name__} returned {tuple(pred.shape)}, target is {tuple(target.shape)}"
             )
-        metrics.update(pred, target, batch["index"])
-        return pred, self._loss(pred, target)
+        self._update(stage, metrics, pred, target, batch["index"])
+        return pred, self.step_loss(pred, target)
 
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor | None:
-        _, loss = self._step(batch, self.train_metrics)
+        _, loss = self._step(batch, self.train_metrics, "train")
         self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch["target"]))
         return loss if self.trainable else None
 
     def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
-        self._step(batch, self.val_metrics)
+        self._step(batch, self.val_metrics, "val")
         if self.val_raw_metrics is not None:
-            self.val_raw_metrics.update(self.model(batch), batch["target"], batch["index"])
+            self._update("val_raw", self.val_raw_metrics, self.model(batch), batch["target"], batch["index"])
 
     def test_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
-        self._step(batch, self.test_metrics)
+        self._step(batch, self.test_metrics, "test")
 
     def predict_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
-        """{"pred", "target"} (B, 2, H, W) scaled and "index" (B,): what the evaluation plots need."""
+        """{"pred", "target"} (B, 2, H, W) scaled (a direct head: (B, H, 2, h, w)) and "index" (B,): what the
+        evaluation plots need."""
         return {"pred": self.eval_model(batch), "target": batch["target"], "index": batch["index"]}
 
     # ------------------------------------------------------------------ epoch ends: log the global metrics
@@ -313,7 +349,8 @@ class ForecastingSystem(pl.LightningModule):
             return
         values = metrics.compute()  # already reduced over processes (sum states)
         metrics.reset()
-        loss = values["mse_scaled"] if self.hparams.loss == "mse" else values["mae_scaled"]
+        loss_key = "mse_scaled" if self.hparams.loss == "mse" else "mae_scaled"
+        loss = values[loss_key]
         logged = {
             f"{stage}_rmse": values["rmse"],
             f"{stage}_rmse_inflow": values["rmse_inflow"],
@@ -321,6 +358,16 @@ class ForecastingSystem(pl.LightningModule):
             f"{stage}_mae": values["mae"],
             f"{stage}_samples": values["n_samples"],
         }
+        if self.horizon > 1:  # a direct head: every step, the mean over the steps, and the loss over all steps
+            steps = [values]
+            for later in self.later_step_metrics[f"{stage}_steps"]:
+                steps.append(later.compute())
+                later.reset()
+            for name in ("rmse", "rmse_inflow", "rmse_outflow", "mae"):
+                for k, step in enumerate(steps, start=1):
+                    logged[f"{stage}_{name}_step{k}"] = step[name]
+                logged[f"{stage}_{name}_mean"] = torch.stack([step[name] for step in steps]).mean()
+            loss = torch.stack([step[loss_key] for step in steps]).mean()
         if stage in ("val", "test"):
             logged[f"{stage}_loss"] = loss
         # Identical on every rank (the states were reduced), so sync_dist's mean changes nothing.

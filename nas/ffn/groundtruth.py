@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from nas.cache import check_cached
 from nas.ffn.distill import accuracy, build_model, load_task, train
 from nas.ffn.expressions import STANDARD_FFN, expression_hash, ffn_params, sample_expression
 from nas.ffn.transformer import FFNArch
@@ -74,19 +75,23 @@ def build_expr_ground_truth(
     workers: int = 1,
     progress: bool = True,
     val_fraction: float = 0.2,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Mean cross-validated stand-alone accuracy of every expression over ``seeds`` (cached in ``path``: a file
-    with the same settings is returned as is)."""
+    with the same settings is returned as is; one with other settings is a ``ValueError`` naming them, unless
+    ``overwrite``, then it is rebuilt)."""
     path = Path(path)
     header = {"task": task, "seeds": list(seeds), "folds": folds, "epochs": epochs, "d": d, "width": width,
               "layers": layers}
-    if val_fraction != 0.2:
+    if val_fraction != 0.2:  # files made before val_fraction existed have 0.2 and no key
         header["val_fraction"] = val_fraction
     if path.is_file():
         data = json.loads(path.read_text())
-        if all(data.get(k) == v for k, v in header.items()) and [a["expr"] for a in data["architectures"]] == list(
-            exprs
-        ):
+        stored = {**{k: data.get(k) for k in header}, "val_fraction": data.get("val_fraction", 0.2),
+                  "exprs": [a.get("expr") for a in data.get("architectures", [])]}
+        current = {**header, "val_fraction": val_fraction, "exprs": list(exprs)}
+        hint = "pass overwrite=True to rebuild it, or another path"
+        if check_cached(path, current, stored, "ground truth", overwrite=overwrite, hint=hint):
             return data
     fold_ids: list[int | None] = list(range(folds)) if folds > 1 else [None]
     jobs = [(e, s, f) for e in exprs for s in seeds for f in fold_ids]

@@ -2,12 +2,21 @@
 
 A method is a :class:`SearchMethod` subclass registered with :func:`register`: a config dataclass
 (``config_class``: its fields are the YAML keys and the CLI flags, see :mod:`stflow.config`; every method
-config has the shared fields ``out_dir``, ``seed``, ``progress`` and ``resume``), ``train_block(k)``,
-``rate_block(k)`` (``{candidate key: rating}``) and ``report(ratings)`` (the rating table, the constrained
-search, ``architecture.json`` and ``report.md``). :meth:`SearchMethod.run` runs the whole search: it
-resumes what ``out_dir`` holds (a finished block is never retrained), or, with ``resume=False``, refuses
-an ``out_dir`` that already holds a run. A new method is one module in ``nas/methods/`` plus its
-packaged config in ``nas/configs/``, and one line in :data:`METHOD_MODULES`.
+config has the shared fields ``out_dir``, ``seed``, ``progress``, ``resume`` and ``overwrite``),
+``train_block(k)``, ``rate_block(k)`` (``{candidate key: rating}``) and ``report(ratings)`` (the rating table,
+the constrained search, ``architecture.json`` and ``report.md``). :meth:`SearchMethod.run` runs the whole
+search: it resumes what ``out_dir`` holds (a finished block is never retrained); with ``resume=False`` it
+refuses an ``out_dir`` that already holds a run, or, with ``overwrite`` as well, recomputes everything.
+
+Before any training, :meth:`SearchMethod.preflight` checks the budget against the block costs
+(:meth:`SearchMethod.check_budget`) and every cached artefact the run would reuse
+(:meth:`SearchMethod.artefacts`) against the config that made it (:mod:`nas.cache`): an artefact made with
+another config is refused, naming the differing keys, unless ``overwrite`` (then it is recomputed). The same
+holds for a retrained result: a rerun never replaces it silently. ``architecture.json``, ``ratings.json``
+and ``report.md`` are summaries rewritten by every run from the (reused or computed) artefacts.
+
+A new method is one module in ``nas/methods/`` plus its packaged config in ``nas/configs/``, and one line in
+:data:`METHOD_MODULES`.
 """
 
 from __future__ import annotations
@@ -18,9 +27,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
+from nas.cache import Artefact, check_artefacts, check_out_dir
+
 __all__ = ["SHARED_FIELDS", "METHOD_MODULES", "SearchMethod", "register", "get_method", "list_methods"]
 
-SHARED_FIELDS = ("out_dir", "seed", "progress", "resume")  # every method config has these (the shared flags)
+SHARED_FIELDS = ("out_dir", "seed", "progress", "resume", "overwrite")  # every method config has these
 METHOD_MODULES = {
     "dna": "nas.methods.dna",
     "bossnas": "nas.methods.bossnas",
@@ -42,6 +53,7 @@ class SearchMethod(ABC):
             raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(cfg).__name__}")
         self.cfg = cfg
         self.out_dir = Path(cfg.out_dir)
+        self._preflight_done = False
 
     @classmethod
     def default_config(cls, argv: Sequence[str]) -> str | None:
@@ -69,6 +81,26 @@ class SearchMethod(ABC):
     def search(self) -> dict[str, Any]:
         """Every stage in the method's order, skipping what ``out_dir`` already holds; the result summary."""
 
+    def artefacts(self) -> list[Artefact]:
+        """The cached artefacts this run would reuse from ``out_dir``, each with the config values that determine
+        it (:mod:`nas.cache`); default: none."""
+        return []
+
+    def check_budget(self) -> None:
+        """Raise ``ValueError`` (naming the budget and the cheapest cost) when no architecture fits the budget;
+        costs come from the space alone, so this runs before any training. Default: no budget."""
+        return None
+
+    def preflight(self) -> None:
+        """The checks that need no training, once per instance and before any work: the budget, then every
+        cached artefact against its config record (refused on a mismatch unless ``overwrite``)."""
+        if self._preflight_done:
+            return
+        self.check_budget()
+        cfg = self.cfg
+        check_artefacts(self.artefacts(), overwrite=cfg.overwrite, force=cfg.overwrite and not cfg.resume)
+        self._preflight_done = True
+
     # block-parallel search (nas/parallel.py): methods whose blocks are independent after a shared stage
     @property
     def independent_blocks(self) -> bool:
@@ -92,10 +124,11 @@ class SearchMethod(ABC):
         raise NotImplementedError(f"{type(self).__name__} does not run single blocks")
 
     def run(self) -> dict[str, Any]:
-        """:meth:`search`, after checking ``resume`` against ``out_dir``; with a config field ``workers > 1`` and
-        independent blocks, the blocks run in worker processes (:func:`nas.parallel.run_blocks_parallel`)."""
-        if not self.cfg.resume and self.out_dir.is_dir() and any(self.out_dir.iterdir()):
-            raise ValueError(f"{self.out_dir} already holds a run: resume it (--resume) or choose another --out-dir")
+        """:meth:`search`, after checking ``resume`` against ``out_dir`` and :meth:`preflight`; with a config field
+        ``workers > 1`` and independent blocks, the blocks run in worker processes
+        (:func:`nas.parallel.run_blocks_parallel`)."""
+        check_out_dir(self.out_dir, self.cfg.resume, self.cfg.overwrite)
+        self.preflight()
         workers = int(getattr(self.cfg, "workers", 1) or 1)
         if workers > 1 and self.independent_blocks:
             from nas.parallel import run_blocks_parallel

@@ -21,7 +21,11 @@ CLI: ``python -m nas.search bossnas [--config bossnas_digits|bossnas_hytra_digit
 [--norm bn|bkn] [--out-dir DIR]`` (the packaged ``bossnas_digits`` config by default, ``bossnas_hytra_digits``
 with ``--space hytra``); the method class :class:`BossNAS` implements :class:`nas.methods.base.SearchMethod`.
 Blocks checkpoint through the shared runner; a finished block is skipped on resume and an interrupted one
-continues from its ``last.ckpt``.
+continues from its ``last.ckpt``, but only when the block was made with the same config: every ``block<k>/``
+carries a record of the values that determine it (``block<k>.config.json``, :mod:`nas.cache`; everything but
+the budget, the cost, ``out_dir``, progress and workers, as block k trains on the searched blocks before it).
+A rerun with another config is refused, naming the differing keys, unless ``overwrite`` (then the blocks are
+retrained). A ``budget`` is checked against the cheapest legal architecture before any training.
 """
 
 from __future__ import annotations
@@ -42,12 +46,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from nas.cache import Artefact, config_fields
 from nas.data import DigitsDataModule
 from nas.data.views import ViewConfig, make_view
 from nas.methods.base import SearchMethod, register
 from nas.methods.bossnas_adapters import HyTraAdapter, MBConvAdapter, SpaceAdapter
 from nas.ops import make_norm
 from nas.recalibration import recalibrate_norm_stats
+from nas.search.constrained import check_budget
 from nas.search.ratings import RatingTable, save_ratings
 from nas.spaces import Candidate
 from nas.spaces.hytra import hytra_digits
@@ -111,6 +117,7 @@ class BossNASConfig:
     mbconv_config: str | None = None  # a DNA config (packaged name or file) holding the MBConv space
     progress: bool = True
     resume: bool = True
+    overwrite: bool = False  # retrain blocks made with another config (else refused)
     limit_train_batches: int | None = None
     limit_val_batches: int | None = 2
     workers: int = 1  # > 1: each block's candidates rated by that many worker processes (nas/parallel.py)
@@ -137,8 +144,8 @@ class BossNASConfig:
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
             (self.recal_batches >= 1 and self.rate_views >= 1, "recal_batches and rate_views must be >= 1"),
             (self.cost in ("params", "flops"), f"cost must be 'params' or 'flops', got {self.cost!r}"),
-            (self.budget is None or (math.isfinite(self.budget) and self.budget > 0),
-             f"budget must be a positive number or null, got {self.budget!r}"),
+            (self.budget is None or math.isfinite(self.budget),
+             f"budget must be a finite number or null, got {self.budget!r}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -573,6 +580,18 @@ class BossNAS(SearchMethod):
     def num_blocks(self) -> int:
         return self.adapter.num_blocks
 
+    def artefacts(self) -> list[Artefact]:
+        """Every ``block<k>/``; block k trains on blocks 0..k-1's searched paths, so each depends on the whole
+        training config (the space itself stands for ``mbconv_config``, the file that holds it)."""
+        fields = {**config_fields(self.cfg, drop=("budget", "cost", "mbconv_config")), "space_spec": self.adapter.space}
+        return [Artefact(self.out_dir / f"block{k}", fields, f"block {k}")
+                for k in range(self.num_blocks)]
+
+    def check_budget(self) -> None:
+        if self.cfg.budget is not None:
+            check_budget(self.cfg.budget, self.adapter.cheapest(self.cfg.cost, self.norm_layer), self.cfg.cost,
+                         "legal architecture")
+
     def prepare(self) -> None:
         """Seeded supernet, data, the fixed rating data; ``config.json`` in ``out_dir``."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -654,6 +673,7 @@ class BossNAS(SearchMethod):
 
     def search(self) -> dict[str, Any]:
         self._t0 = time.time()
+        self.preflight()
         self.prepare()
         for k in range(self.num_blocks):
             info = self._finished(k)

@@ -2,8 +2,9 @@
 
 An adapter answers: build the (single-path, weight-sharing) supernet; list block ``k``'s legal
 candidates after the searched prefix; name a candidate in rating tables; the widths a block can
-output (projector inputs); a "fair" set of paths; a candidate's computed cost; and an exact
-constrained search over a rating table that respects the space's cross-block rules.
+output (projector inputs); a "fair" set of paths; a candidate's computed cost; the cheapest legal
+architecture's cost (a budget is checked against it before any training); and an exact constrained
+search over a rating table that respects the space's cross-block rules.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ __all__ = ["SpaceAdapter", "MBConvAdapter", "HyTraAdapter", "fair_paths"]
 class SpaceAdapter(Protocol):
     name: str
     num_blocks: int
+    space: SearchSpace | HyTraSpace
 
     def build_supernet(self, norm_layer: NormFactory) -> nn.Module: ...  # has .stem and .blocks[k](x, cand)
 
@@ -47,6 +49,8 @@ class SpaceAdapter(Protocol):
     def cost(
         self, k: int, prefix: Sequence[Candidate], candidate: Sequence[int], norm_layer: NormFactory
     ) -> dict[str, int]: ...
+
+    def cheapest(self, cost: str, norm_layer: NormFactory) -> float: ...  # the cheapest legal architecture
 
     def search(self, table: RatingTable, budget: float | None, cost: str) -> dict[str, Any]: ...
 
@@ -109,6 +113,11 @@ class MBConvAdapter:
     ) -> dict[str, int]:
         return candidate_cost(self.space, k, candidate, norm_layer)
 
+    def cheapest(self, cost: str, norm_layer: NormFactory) -> float:
+        """Sum over blocks of the cheapest candidate (blocks are independent)."""
+        return float(sum(min(candidate_cost(self.space, k, c, norm_layer)[cost] for c in self.space.enumerate_block(k))
+                         for k in range(self.num_blocks)))
+
     def search(self, table: RatingTable, budget: float | None, cost: str) -> dict[str, Any]:
         keys = [list(r) for r in table.block_ratings]
         if budget is None:
@@ -165,7 +174,22 @@ class HyTraAdapter:
     def cost(
         self, k: int, prefix: Sequence[Candidate], candidate: Sequence[int], norm_layer: NormFactory
     ) -> dict[str, int]:
-        entry = self.space.entry_level(k, prefix)
+        return self._cost_at(k, candidate, self.space.entry_level(k, prefix), norm_layer)
+
+    def cheapest(self, cost: str, norm_layer: NormFactory) -> float:
+        """Dynamic program over the level at which each block is entered (a path's cost depends on it)."""
+        best = {0: 0.0}  # entry level of block k -> cheapest cost of blocks 0..k-1 that leave off there
+        for k in range(self.num_blocks):
+            after: dict[int, float] = {}
+            for entry, so_far in best.items():
+                for c in self.space.legal_paths(k, entry):
+                    level = self.space.ops[c[-1]].level
+                    total = so_far + self._cost_at(k, c, entry, norm_layer)[cost]
+                    after[level] = min(after.get(level, total), total)
+            best = after
+        return min(best.values())
+
+    def _cost_at(self, k: int, candidate: Sequence[int], entry: int, norm_layer: NormFactory) -> dict[str, int]:
         module = build_path(self.space, k, candidate, entry, norm_layer)
         side = self.space.resolution(entry)
         return {

@@ -24,6 +24,14 @@ The DNA family, one config switch ``variant`` (``docs/nas.md``, "DNA family"):
 - ``selfsup`` (DNA++, :mod:`nas.methods.dna_selfsup`): no labelled teacher; each block learns its own EMA
   copy's output on another augmented view with an anti-collapse term; blocks train in order.
 
+Cached artefacts (:mod:`nas.cache`): ``teacher/``, every ``block_<k>/`` and ``retrain/`` (DNA+: every ``gen_<g>/``)
+carry a record of the config values that made them (``<artefact>.config.json``); a rerun reuses an artefact only
+under the same values and otherwise refuses, naming the differing keys, unless ``overwrite`` (then it is
+recomputed). So a retrained network is never replaced silently. ``ratings.json``, ``architecture.json`` and
+``report.md`` describe the latest search and are rewritten by every run (with ``retrain: false`` the retrained
+result of that same search is kept in ``architecture.json``). An absolute ``budget`` is checked against the
+space's block costs before any training.
+
 ``python -m nas.search dna [--config dna_digits|FILE] [--out-dir DIR] [--norm bkn] [--blocks '[1]'] [--retrain false]``;
 the method class :class:`DNA` implements :class:`nas.methods.base.SearchMethod`.
 """
@@ -45,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from nas.cache import Artefact, is_current, record
 from nas.costs import block_cost_table, count_flops, count_params
 from nas.data import DigitsDataModule
 from nas.data.views import ViewConfig
@@ -53,7 +62,7 @@ from nas.methods.base import SearchMethod, register
 from nas.methods.dna_selfsup import FixedPath, SelfSupBlockSystem, rate_block_selfsup
 from nas.ops import make_norm, seeded_init
 from nas.recalibration import recalibrate_norm_stats
-from nas.search.constrained import search_table
+from nas.search.constrained import check_budget, search_table
 from nas.search.ratings import RatingTable, save_ratings
 from nas.spaces import OpSpec, SearchSpace, op_from_dict, space_preset
 from nas.supernet import BlockSupernet, make_stem
@@ -140,6 +149,7 @@ class DNAConfig:
     out_dir: str = "runs/dna-digits"
     progress: bool = True
     resume: bool = True
+    overwrite: bool = False  # recompute cached artefacts made with another config (else refused)
     blocks: list[int] | None = None  # train and rate only these blocks (parallel workers); no search
     retrain: bool = True  # retrain the searched architecture stand-alone
     workers: int = 1  # > 1: blocks trained and rated in that many worker processes (nas/parallel.py)
@@ -179,14 +189,52 @@ class DNAConfig:
             raise ValueError(f"budget_cost must be 'params' or 'flops', got {self.budget_cost!r}")
         if self.budget is None and not 0 < self.budget_fraction <= 1:
             raise ValueError(f"budget_fraction must be in (0, 1], got {self.budget_fraction}")
+        if self.budget is not None and not math.isfinite(self.budget):
+            raise ValueError(f"budget must be a finite number or null, got {self.budget}")
         for name in ("teacher_epochs", "block_epochs", "retrain_epochs", "batch_size", "recal_batches", "workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("teacher_lr", "block_lr", "retrain_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.blocks is not None:
+            if self.variant == "plus":
+                raise ValueError("variant 'plus' runs whole generations; --blocks is not supported")
+            for k in self.blocks:
+                if not 0 <= k < len(self.space.blocks):
+                    raise ValueError(f"block {k} out of range: the space has {len(self.space.blocks)} blocks")
 
 
 def digits_config(**changes: Any) -> DNAConfig:
     """The default digits search (the packaged ``dna_digits`` config) with ``changes``."""
     return replace(DNAConfig(), **changes)
+
+
+def _teacher_fields(cfg: DNAConfig) -> dict[str, Any]:
+    """What determines the fixed teacher (its network and training): ``teacher/``'s config record."""
+    return {"network": cfg.space.with_single_op(cfg.teacher, cfg.teacher_layers), "teacher_epochs": cfg.teacher_epochs,
+            "teacher_lr": cfg.teacher_lr, "batch_size": cfg.batch_size, "seed": cfg.seed, "data_seed": cfg.data_seed}
+
+
+def _block_fields(cfg: DNAConfig, k: int, teacher: dict[str, Any]) -> dict[str, Any]:
+    """What determines block ``k``'s supernet(s) and ratings: its teacher and the block (DNA++: blocks 0..k, which
+    feed it), the supernet training and the rating."""
+    names = ("norm", "bkn_prior_weight", "block_epochs", "block_lr", "batch_size", "recal_batches", "rating_metric",
+             "seed", "data_seed")
+    common = {name: getattr(cfg, name) for name in names}
+    if cfg.variant == "selfsup":
+        selfsup = ("ema_momentum", "var_weight", "cov_weight", "selfsup_target")
+        feeding = replace(cfg.space, blocks=cfg.space.blocks[: k + 1])
+        return {**common, **{n: getattr(cfg, n) for n in selfsup}, "space": feeding}
+    return {**common, "teacher": teacher, "block": cfg.space.blocks[k]}
+
+
+def _retrain_fields(cfg: DNAConfig, teacher: dict[str, Any]) -> dict[str, Any]:
+    """What determines the retrained searched network: every block's ratings, the search, the retraining."""
+    budget = {"budget": cfg.budget} if cfg.budget is not None else {"budget_fraction": cfg.budget_fraction}
+    return {"blocks": [_block_fields(cfg, k, teacher) for k in range(len(cfg.space.blocks))], "variant": cfg.variant,
+            "budget_cost": cfg.budget_cost, **budget, "retrain_epochs": cfg.retrain_epochs,
+            "retrain_lr": cfg.retrain_lr}
 
 
 def _datamodule(cfg: DNAConfig) -> DigitsDataModule:
@@ -511,6 +559,7 @@ class DNA(SearchMethod):
         self.teacher_info: dict[str, Any] = {}
         self.supernets: dict[int, list[BlockSupernet]] = {}  # per block: one supernet, or one per cell
         self.selfsup_systems: dict[int, Any] = {}  # DNA++: per block, its trained SelfSupBlockSystem
+        self.seeded_teacher: dict[str, Any] | None = None  # DNA+ generation > 1: the record of its seeded teacher
         self._t0 = time.perf_counter()
 
     @classmethod
@@ -527,6 +576,39 @@ class DNA(SearchMethod):
     @property
     def num_blocks(self) -> int:
         return len(self.cfg.space.blocks)
+
+    def teacher_fields(self) -> dict[str, Any]:
+        """The teacher's config record: the fixed teacher's, or (DNA+) the seeded one's."""
+        return self.seeded_teacher if self.seeded_teacher is not None else _teacher_fields(self.cfg)
+
+    def generation_fields(self) -> dict[str, Any]:
+        """DNA+: what determines every generation (each a plain search from the same config)."""
+        return _retrain_fields(replace(self.cfg, variant="plain"), _teacher_fields(self.cfg))
+
+    def artefacts(self) -> list[Artefact]:
+        """``teacher/``, the blocks to run and ``retrain/`` (DNA+: the generations), each with its config record."""
+        cfg, out = self.cfg, self.out_dir
+        if cfg.variant == "plus":
+            fields = self.generation_fields()
+            return [Artefact(out / f"gen_{g}", fields, f"DNA+ generation {g}") for g in range(1, cfg.generations + 1)]
+        teacher = self.teacher_fields()
+        found = [] if cfg.variant == "selfsup" else [Artefact(out / "teacher", teacher, "teacher")]
+        for k in self.parallel_blocks():
+            found.append(Artefact(out / f"block_{k}", _block_fields(cfg, k, teacher), f"block {k}"))
+        if cfg.blocks is None and cfg.retrain:
+            found.append(self.retrain_artefact())
+        return found
+
+    def retrain_artefact(self) -> Artefact:
+        """``retrain/``: the searched architecture retrained stand-alone, recorded with the whole search's config."""
+        return Artefact(self.out_dir / "retrain", _retrain_fields(self.cfg, self.teacher_fields()), "retrained network")
+
+    def check_budget(self) -> None:
+        """An absolute ``budget`` must exceed the cheapest architecture's ``budget_cost`` (from the space)."""
+        cfg = self.cfg
+        if cfg.budget is not None:
+            cheapest = sum(min(c[cfg.budget_cost] for c in table.values()) for table in block_cost_table(cfg.space))
+            check_budget(cfg.budget, cheapest, cfg.budget_cost)
 
     def prepare(self) -> Network | None:
         """The trained teacher (trained once, then loaded from ``out_dir/teacher``); DNA++ has none."""
@@ -602,12 +684,10 @@ class DNA(SearchMethod):
 
     def search(self) -> dict[str, Any]:
         cfg = self.cfg
+        self.preflight()
         if cfg.variant == "plus":
             return self.progressive()
-        todo = range(self.num_blocks) if cfg.blocks is None else cfg.blocks
-        for k in todo:
-            if not 0 <= k < self.num_blocks:
-                raise ValueError(f"block {k} out of range: the space has {self.num_blocks} blocks")
+        todo = self.parallel_blocks()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._t0 = time.perf_counter()
         self.prepare()
@@ -620,20 +700,20 @@ class DNA(SearchMethod):
         """DNA+: ``generations`` DNA searches in ``gen_<g>/``; the teacher of generation g+1 is generation g's
         searched net retrained stand-alone. Finished generations are reused; ``generations.json`` records all."""
         cfg = self.cfg
-        if cfg.blocks is not None:
-            raise ValueError("variant 'plus' runs whole generations; --blocks is not supported")
         self.out_dir.mkdir(parents=True, exist_ok=True)
         gens: list[dict[str, Any]] = []
         prev: Path | None = None
         for g in range(1, cfg.generations + 1):
             gdir = self.out_dir / f"gen_{g}"
+            generation = DNA(replace(cfg, variant="plain", out_dir=str(gdir), retrain=True, resume=True))
             if prev is not None:
-                _seed_teacher(gdir, prev, g - 1)
+                generation.seeded_teacher = {"seeded_from_generation": g - 1, "search": self.generation_fields()}
+                _seed_teacher(gdir, prev, g - 1, generation.seeded_teacher)
             arch_path, weights = gdir / "architecture.json", gdir / "retrain" / "model.pt"
             if arch_path.is_file() and weights.is_file():
                 arch = json.loads(arch_path.read_text())
             else:
-                arch = DNA(replace(cfg, variant="plain", out_dir=str(gdir), retrain=True)).search()
+                arch = generation.search()
             teacher_info = json.loads((gdir / "teacher" / "teacher.json").read_text())
             gens.append({
                 "generation": g,
@@ -677,14 +757,19 @@ class DNA(SearchMethod):
         }
         if cfg.retrain:
             arch["retrain"] = retrain(cfg, found.encoding, out, self.datamodule)
+        elif is_current(self.retrain_artefact()) and (out / "architecture.json").is_file():
+            # retrain: false keeps the retrained result of this very search (the last architecture.json holds it)
+            earlier = json.loads((out / "architecture.json").read_text()).get("retrain")
+            if earlier is not None:
+                arch["retrain"] = earlier
         arch["seconds"] = time.perf_counter() - self._t0
         (out / "architecture.json").write_text(json.dumps(arch, indent=1))
         (out / "report.md").write_text(_report(cfg, self.teacher_info, table, arch))
         return arch
 
 
-def _seed_teacher(gdir: Path, prev: Path, prev_generation: int) -> None:
-    """Make generation ``prev``'s retrained searched net the teacher of ``gdir`` (once)."""
+def _seed_teacher(gdir: Path, prev: Path, prev_generation: int, fields: dict[str, Any]) -> None:
+    """Make generation ``prev``'s retrained searched net the teacher of ``gdir`` (once), recorded with ``fields``."""
     tdir = gdir / "teacher"
     if (tdir / "teacher.pt").is_file() and (tdir / "teacher.json").is_file():
         return
@@ -694,6 +779,7 @@ def _seed_teacher(gdir: Path, prev: Path, prev_generation: int) -> None:
     info = {"encoding": arch["encoding"], "test_acc": arch["retrain"].get("test_acc"), "params": arch["params"],
             "generation": prev_generation, "source": str(prev / "retrain" / "model.pt")}
     (tdir / "teacher.json").write_text(json.dumps(info, indent=1))
+    record(Artefact(tdir, fields, "teacher"))
 
 
 def _report(cfg: DNAConfig, teacher_info: dict, table: RatingTable, arch: dict) -> str:

@@ -17,6 +17,12 @@ Stages (each resumable from ``out_dir``; :mod:`nas.ffn` holds the space, the mod
 4. the searched network and the standard one retrained stand-alone (``retrain_seeds``), ``architecture.json``,
    ``report.md``.
 
+Cached artefacts (:mod:`nas.cache`): ``teacher/``, ``warmup/``, ``stage_<k>/`` and ``retrain.json`` carry a record
+of the config values that determine them (each stage's includes the stages before it); a rerun reuses them only
+under the same values and otherwise refuses, naming the differing keys, unless ``overwrite`` (then they are
+recomputed), so a retrained result is never replaced silently. ``budget_fraction`` is checked against the smallest
+FFN any expression can have before any training.
+
 ``python -m nas.search mlp [--task seqdigits|listops] [--searcher partition|random] [--out-dir DIR]``.
 """
 
@@ -25,6 +31,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import math
 import random
 import time
 from collections.abc import Sequence
@@ -36,6 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from nas.cache import Artefact
 from nas.ffn.distill import TASKS, accuracy, build_model, load_task, train
 from nas.ffn.expressions import STANDARD_FFN, encode, expression_hash, is_valid, sample_expression
 from nas.ffn.partition import SEARCHERS, SearchRecord, run_search
@@ -84,6 +92,7 @@ class MLPSearchConfig:
     seed: int = 0
     progress: bool = True
     resume: bool = True
+    overwrite: bool = False  # recompute cached artefacts made with another config (else refused)
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -96,9 +105,20 @@ class MLPSearchConfig:
             raise ValueError("teacher_layers must be a multiple of layers (uniform layer map)")
         if self.max_stack < 1 or not 0 < self.budget_fraction:
             raise ValueError("max_stack must be >= 1 and budget_fraction > 0")
-        for name in ("stage1_evals", "stage2_evals", "init_samples", "retrain_interval"):
+        for name in ("stage1_evals", "stage2_evals", "init_samples", "retrain_interval", "d", "heads", "layers",
+                     "teacher_d", "teacher_layers", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("teacher_epochs", "warmup_epochs", "candidate_epochs", "stage3_epochs", "retrain_epochs", "lr"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {value}")
+        if not 1 <= self.min_height <= self.max_height:
+            raise ValueError(f"need 1 <= min_height <= max_height, got {self.min_height}, {self.max_height}")
+        if self.retrain and not self.retrain_seeds:
+            raise ValueError("retrain_seeds must not be empty when retrain is true")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1 or null, got {self.threads}")
 
     @property
     def max_width(self) -> int:
@@ -143,6 +163,43 @@ class MLPSearch(SearchMethod):
     @property
     def num_blocks(self) -> int:
         return 3  # the three search stages
+
+    def artefacts(self) -> list[Artefact]:
+        """Teacher, warm-up, the three stages and (with ``retrain``) ``retrain.json``; each stage's record holds
+        the values of every stage before it, as it starts from their results."""
+        cfg, out = self.cfg, self.out_dir
+
+        def values(*names: str) -> dict[str, Any]:
+            return {name: getattr(cfg, name) for name in names}
+
+        teacher = values("task", "teacher_d", "heads", "teacher_layers", "teacher_epochs", "lr", "batch_size", "seed",
+                         "data_seed")
+        warmup = {**teacher, **values("d", "layers", "warmup_epochs", "hidden_ratio", "pred_ratio"),
+                  "max_width": cfg.max_width}
+        stage0 = {**warmup, **values("candidate_epochs", "stage1_evals", "init_samples", "retrain_interval",
+                                     "height_levels", "searcher", "exploration", "min_height", "max_height")}
+        stage1 = {**stage0, "stage2_evals": cfg.stage2_evals}
+        stage2 = {**stage1, **values("widths", "max_stack", "stage3_epochs", "budget_fraction")}
+        found = [Artefact(out / "teacher", teacher, "teacher"), Artefact(out / "warmup", warmup, "warm-up supernet"),
+                 Artefact(out / "stage_0", stage0, "stage 1 search"),
+                 Artefact(out / "stage_1", stage1, "stage 2 search"),
+                 Artefact(out / "stage_2", stage2, "stage 3 search")]
+        if cfg.retrain:
+            retrain = {**stage2, **values("retrain_epochs", "retrain_seeds")}
+            found.append(Artefact(out / "retrain.json", retrain, "retraining result"))
+        return found
+
+    def check_budget(self) -> None:
+        """Stage 3 rates the configurations with FFN params <= ``budget_fraction`` x the standard FFN's; every FFN
+        of a valid expression has at least ``2 (d^2 + d)`` parameters per layer (wb1 reads the d-wide input and
+        gives >= d channels, wb2 gives d), so a smaller budget leaves nothing to rate."""
+        cfg = self.cfg
+        budget = cfg.budget_fraction * FFNArch.standard(cfg.layers, cfg.max_width).ffn_params(cfg.d)
+        smallest = cfg.layers * 2 * (cfg.d * cfg.d + cfg.d)
+        if budget < smallest:
+            raise ValueError(f"budget_fraction {cfg.budget_fraction:g} allows {budget:.0f} FFN params; the cheapest "
+                             f"FFN configuration costs at least {smallest} ({cfg.layers} layers x 2 (d^2 + d), "
+                             f"d={cfg.d})")
 
     # ------------------------------------------------------------------------------------------ set-up
     def _new_student(self, max_stack: int = 1) -> Supernet:
@@ -320,6 +377,7 @@ class MLPSearch(SearchMethod):
 
     # ------------------------------------------------------------------------------------------ result
     def search(self) -> dict[str, Any]:
+        self.preflight()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._t0 = time.perf_counter()
         self.prepare()

@@ -30,6 +30,11 @@ supernet: ``num_blocks == 1``, ``train_block(0)`` trains the supernet and the pr
 returns ``{architecture key: score}`` with keys :func:`architecture_key` (block keys joined by ``|``) and
 ``report`` turns them into rows.
 
+Cached artefacts (:mod:`nas.cache`): ``supernet/`` (training, probe) and ``rows.json`` (ratings) carry a record of
+the config values that determine them; a rerun reuses them only under the same values and otherwise refuses,
+naming the differing keys, unless ``overwrite`` (then they are recomputed). A ``budget`` is checked against the
+cheapest architecture to be rated before any training.
+
 CLI: ``python -m nas.search pinas [--config pinas_digits|FILE] [--cross-path false] [--restricted-teacher false]
 [--norm bkn] [--out-dir DIR]``.
 """
@@ -54,13 +59,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from nas.cache import Artefact, config_fields
 from nas.costs import block_cost_table
 from nas.data import DigitsDataModule
 from nas.data.views import ViewConfig, make_view
 from nas.methods.base import SearchMethod, register
 from nas.ops import make_norm, seeded_init
 from nas.recalibration import recalibrate_norm_stats
-from nas.search.constrained import search_rows
+from nas.search.constrained import check_budget, search_rows
 from nas.search.ratings import ArchitectureRatings, save_ratings
 from nas.spaces import Candidate, SearchSpace, candidate_key
 from nas.supernet import Supernet
@@ -129,6 +135,7 @@ class PiNASConfig:
     out_dir: str = "runs/pinas-digits"
     progress: bool = True
     resume: bool = True
+    overwrite: bool = False  # recompute cached artefacts made with another config (else refused)
     limit_train_batches: int | None = None
 
     def __post_init__(self) -> None:
@@ -155,8 +162,8 @@ class PiNASConfig:
             (self.rate_sample is None or self.rate_sample >= 0, f"rate_sample must be >= 0, got {self.rate_sample}"),
             (self.rate_sample != 0 or self.rate_include is not None, "rate_sample 0 rates only rate_include's"),
             (self.cost in ("params", "flops"), f"cost must be 'params' or 'flops', got {self.cost!r}"),
-            (self.budget is None or (math.isfinite(self.budget) and self.budget > 0),
-             f"budget must be a positive number or null, got {self.budget!r}"),
+            (self.budget is None or math.isfinite(self.budget),
+             f"budget must be a finite number or null, got {self.budget!r}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -557,6 +564,28 @@ class PiNAS(SearchMethod):
     def train_dir(self) -> Path:
         return self.out_dir / "supernet"
 
+    def artefacts(self) -> list[Artefact]:
+        """``supernet/`` (everything but the rating and the search) and ``rows.json`` (plus the rated encodings)."""
+        rating = ("recal_batches", "rate_sample", "rate_include")
+        trained = config_fields(self.cfg, drop=("budget", "cost", *rating))
+        rated = {**trained, "recal_batches": self.cfg.recal_batches, "rated": _rating_encodings(self.cfg)}
+        return [Artefact(self.train_dir, trained, "trained supernet"),
+                Artefact(self.out_dir / "rows.json", rated, "architecture ratings")]
+
+    def check_budget(self) -> None:
+        """A ``budget`` must exceed the cheapest architecture that will be rated (block costs of the space)."""
+        cfg = self.cfg
+        if cfg.budget is None:
+            return
+        table = block_cost_table(cfg.space, self.norm_layer)
+        costs = [{key: c[cfg.cost] for key, c in block.items()} for block in table]
+        rated = _rating_encodings(cfg)
+        if rated is None:
+            cheapest = sum(min(block.values()) for block in costs)
+        else:
+            cheapest = min(sum(costs[b][candidate_key(c)] for b, c in enumerate(e)) for e in rated)
+        check_budget(cfg.budget, cheapest, cfg.cost, "rated architecture")
+
     def prepare(self) -> None:
         """Seeded model, data; ``config.json``."""
         cfg = self.cfg
@@ -643,6 +672,7 @@ class PiNAS(SearchMethod):
 
     def search(self) -> dict[str, Any]:
         self._t0 = time.perf_counter()
+        self.preflight()
         self.prepare()
         self.train_block(0)
         return self.report([self.rate_block(0)])

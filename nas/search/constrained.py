@@ -38,6 +38,7 @@ __all__ = [
     "search_table",
     "search_rows",
     "search_any",
+    "check_budget",
     "main",
 ]
 
@@ -215,20 +216,30 @@ class SearchResult:
 METHODS = {"exact": exact_search, "reference": reference_traversal}
 
 
+def check_budget(budget: float, cheapest: float, cost: str = "params", what: str = "architecture") -> None:
+    """Raise a one-line ``ValueError`` naming the budget and the cheapest cost unless ``cheapest < budget`` (the
+    budget is strict); the searches call it before searching, the methods before any training."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget):
+        raise ValueError(f"budget must be a finite positive number, got {budget!r}")
+    if budget <= 0:
+        raise ValueError(f"budget must be a finite positive number, got {budget:g} (the cheapest {what} costs "
+                         f"{cheapest:g} {cost})")
+    if not cheapest < budget:
+        raise ValueError(f"no {what} has {cost} < budget {budget:g}; the cheapest costs {cheapest:g}")
+
+
 def search_table(table: RatingTable, budget: float, cost: str = "params", method: str = "exact") -> SearchResult:
     """Best architecture of a rating table under ``total cost < budget``."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {sorted(METHODS)}")
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget) or budget <= 0:
-        raise ValueError(f"budget must be a finite positive number, got {budget!r}")
     cost_tables = table.costs(cost)
     keys = [list(r) for r in table.block_ratings]
     scores = [[table.block_ratings[k][key] for key in ks] for k, ks in enumerate(keys)]
     costs = [[cost_tables[k][key] for key in ks] for k, ks in enumerate(keys)]
+    check_budget(budget, sum(min(c) for c in costs), cost)
     sol = METHODS[method](scores, costs, budget, table.lower_is_better)
-    if sol is None:
-        cheapest = sum(min(c) for c in costs)
-        raise ValueError(f"no architecture has {cost} < budget {budget:g}; the cheapest costs {cheapest:g}")
+    if sol is None:  # the reference traversal may miss a feasible architecture
+        raise ValueError(f"the {method} search found no architecture with {cost} < budget {budget:g}")
     choice, score, total = sol
     chosen = [keys[k][j] for k, j in enumerate(choice)]
     encoding = [list(parse_candidate_key(key, key.startswith("c"))) for key in chosen]
@@ -242,11 +253,9 @@ def search_rows(
     first row. Exact over the rated rows (a scan); the block-wise ``reference`` traversal does not apply."""
     if method != "exact":
         raise ValueError(f"whole-architecture rows are searched exactly (a scan); method {method!r} does not apply")
-    if budget is not None and (
-        isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget) or budget <= 0
-    ):
-        raise ValueError(f"budget must be a finite positive number, got {budget!r}")
     costs = rows.costs(cost) if budget is not None else [0.0] * len(rows.rows)
+    if budget is not None:
+        check_budget(budget, min(costs), cost, "rated architecture")
     sign = 1.0 if rows.lower_is_better else -1.0
     best: int | None = None
     for i, (row, c) in enumerate(zip(rows.rows, costs)):
@@ -254,8 +263,7 @@ def search_rows(
             continue
         if best is None or sign * row["score"] < sign * rows.rows[best]["score"]:
             best = i
-    if best is None:
-        raise ValueError(f"no rated architecture has {cost} < budget {budget:g}; the cheapest costs {min(costs):g}")
+    assert best is not None  # check_budget: some rated row fits
     row = rows.rows[best]
     encoding = [list(b) for b in row["encoding"]]
     keys = row.get("keys") or [candidate_key(b) for b in encoding]

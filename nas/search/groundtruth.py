@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from nas.cache import check_cached
 from nas.costs import count_params
 from nas.data import DigitsDataModule
 from nas.export import build_network
@@ -108,10 +109,13 @@ def build_ground_truth(
     folds: int = 1,
     workers: int = 1,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Mean stand-alone accuracies of ``num_archs`` sampled architectures over ``seeds``, cached in
     ``path``: seeds already in a file of the same space, archs, epochs and folds are reused, new
     seeds are trained and added (the file keeps every seed it ever held; the result has ``seeds``).
+    A file made with other settings is a ``ValueError`` naming them, unless ``overwrite`` (then it is
+    rebuilt): an earlier ground truth is never replaced silently.
 
     ``folds > 1``: each seed's accuracy is cross-validated: the architecture is trained ``folds``
     times, each time tested on one stratified fold, and the correct answers are pooled over all
@@ -122,7 +126,7 @@ def build_ground_truth(
     path = Path(path)
     archs = sample_architectures(space, num_archs, sample_seed)
     header = {"space": space.name, "epochs": epochs, "sample_seed": sample_seed, "folds": folds}
-    done = _finished_seeds(path, header, archs)  # {seed: accuracy per architecture}
+    done = _finished_seeds(path, header, archs, overwrite)  # {seed: accuracy per architecture}
     fold_ids: list[int | None] = list(range(folds)) if folds > 1 else [None]
     jobs = [(a, s, f) for a in range(len(archs)) for s in seeds if s not in done for f in fold_ids]
     if jobs:
@@ -189,15 +193,19 @@ def _ground_truth_data(space: SearchSpace, archs: Sequence[tuple[Candidate, ...]
 
 
 def _finished_seeds(
-    path: Path, header: dict[str, Any], archs: Sequence[tuple[Candidate, ...]]
+    path: Path, header: dict[str, Any], archs: Sequence[tuple[Candidate, ...]], overwrite: bool
 ) -> dict[int, list[float]]:
-    """``{seed: accuracy per architecture}`` from an earlier file with the same settings (else empty)."""
+    """``{seed: accuracy per architecture}`` from an earlier file with the same settings (header and sampled
+    architectures; :func:`nas.cache.check_cached`), empty when there is none or (``overwrite``) it differs."""
     if not path.is_file():
         return {}
     data = json.loads(path.read_text())
-    same = all(data.get(k, 1 if k == "folds" else None) == v for k, v in header.items())
     entries = data.get("architectures", [])
-    if not same or [e["encoding"] for e in entries] != [[list(b) for b in a] for a in archs]:
+    stored = {**{k: data.get(k, 1 if k == "folds" else None) for k in header},
+              "architectures": [e.get("encoding") for e in entries]}
+    current = {**header, "architectures": [[list(b) for b in a] for a in archs]}
+    hint = "pass overwrite=True to rebuild it, or another path"
+    if not check_cached(path, current, stored, "ground truth", overwrite=overwrite, hint=hint):
         return {}
     return {int(s): [e["accuracies"][i] for e in entries] for i, s in enumerate(data.get("seeds", []))}
 

@@ -2,8 +2,10 @@
 
 Ground truth JSON: ``{"architectures": [{"encoding": [[ops of block 0], ...], "<metric>": value}, ...]}``.
 An architecture's score is the sum of its blocks' ratings (see :class:`nas.search.ratings.RatingTable`), or,
-for a whole-architecture rater, its row's score (:class:`nas.search.ratings.ArchitectureRatings`; every
-ground-truth encoding must have been rated).
+for a whole-architecture rater, its row's score (:class:`nas.search.ratings.ArchitectureRatings`). The two files
+must describe the same space: a ground truth whose architectures have another number of blocks than the ratings,
+or use candidate keys (rows: architectures) the ratings do not rate, is a one-line error naming the counts or the
+keys (:func:`check_compatible`); nothing is truncated or left out.
 
 CLI::
 
@@ -28,7 +30,8 @@ from nas.search.ratings import ArchitectureRatings, RatingTable, load_any_rating
 from nas.spaces import candidate_key
 from stflow.config import parse_cli, run_cli
 
-__all__ = ["correlations", "load_ground_truth", "architecture_keys", "architecture_scores", "evaluate", "main"]
+__all__ = ["correlations", "load_ground_truth", "architecture_keys", "architecture_scores", "check_compatible",
+           "evaluate", "main"]
 
 
 def correlations(scores: Sequence[float], truth: Sequence[float]) -> dict[str, float]:
@@ -89,6 +92,39 @@ def architecture_keys(table: RatingTable, encoding: Sequence[Sequence[int]]) -> 
     return keys
 
 
+def check_compatible(
+    table: RatingTable | ArchitectureRatings,
+    encodings: Sequence[Sequence[Sequence[int]]],
+    sources: tuple[str, str] = ("the rating table", "the ground truth"),
+) -> None:
+    """Raise a one-line ``ValueError`` unless every encoding has the table's block count and is rated (block table:
+    each block's candidate key; rows: the whole architecture); ``sources`` name the two sides in the message."""
+    ratings, truth = sources
+    counts = sorted({len(e) for e in encodings})
+    if counts != [table.num_blocks]:
+        raise ValueError(f"block counts differ: {ratings} rates {table.num_blocks}-block architectures, {truth} holds "
+                         f"{' and '.join(map(str, counts))}-block ones")
+    if isinstance(table, ArchitectureRatings):
+        missing = [[list(b) for b in e] for e in encodings if not table.is_rated(e)]
+        if missing:
+            raise ValueError(f"{truth}: {len(missing)} of its {len(encodings)} architectures are not rated in "
+                             f"{ratings} ({len(table.rows)} rows), e.g. {missing[0]}")
+        return
+    unknown: dict[int, list[str]] = {}  # block -> keys the table does not rate, in order of appearance
+    for e in encodings:
+        for k, key in enumerate(architecture_keys(table, e)):
+            if key not in table.block_ratings[k] and key not in unknown.get(k, []):
+                unknown.setdefault(k, []).append(key)
+    if unknown:
+        named = "; ".join(f"block {k}: {_listed(keys)}" for k, keys in sorted(unknown.items()))
+        raise ValueError(f"{truth} uses candidate keys that {ratings} does not rate: {named}")
+
+
+def _listed(keys: Sequence[str], limit: int = 5) -> str:
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(map(repr, keys[:limit])) + more
+
+
 def architecture_scores(
     table: RatingTable | ArchitectureRatings, encodings: Sequence[Sequence[Sequence[int]]]
 ) -> list[float]:
@@ -99,9 +135,14 @@ def architecture_scores(
 
 
 def evaluate(
-    table: RatingTable | ArchitectureRatings, encodings: Sequence[Sequence[Sequence[int]]], values: Sequence[float]
+    table: RatingTable | ArchitectureRatings,
+    encodings: Sequence[Sequence[Sequence[int]]],
+    values: Sequence[float],
+    sources: tuple[str, str] = ("the rating table", "the ground truth"),
 ) -> dict[str, Any]:
-    """Correlations between the table's architecture scores and ``values`` (block table or whole-architecture rows)."""
+    """Correlations between the table's architecture scores and ``values`` (block table or whole-architecture rows),
+    after :func:`check_compatible`."""
+    check_compatible(table, encodings, sources)
     scores = architecture_scores(table, encodings)
     out: dict[str, Any] = correlations(scores, values)
     out["metric"] = table.metric
@@ -130,7 +171,7 @@ def _main(argv: list[str]) -> int:
     )
     table = load_any_ratings(args.ratings)
     encodings, values, metric = load_ground_truth(args.ground_truth, args.metric)
-    result = evaluate(table, encodings, values)
+    result = evaluate(table, encodings, values, (args.ratings, args.ground_truth))
     result["ground_truth_metric"] = metric
     if args.json:
         print(json.dumps(result))

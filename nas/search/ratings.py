@@ -202,6 +202,10 @@ class ArchitectureRatings:
                 f"architecture {[list(b) for b in encoding]} is not rated ({len(self.rows)} rows)"
             ) from None
 
+    def is_rated(self, encoding: Sequence[Sequence[int]]) -> bool:
+        """Whether a row rates ``encoding``."""
+        return _encoding_key(encoding) in self._lookup()
+
     def costs(self, cost: str) -> list[float]:
         """Cost ``cost`` of every row, in row order."""
         missing = [i for i, r in enumerate(self.rows) if cost not in r]

@@ -295,6 +295,8 @@ class SearchSpace:
         """
         try:
             ops = tuple(op_from_dict(o) for o in cfg["ops"])
+            if not ops:
+                raise ValueError("a search space needs at least one op (ops is empty)")
             stem = int(cfg.get("stem_channels", 16))
             blocks, prev = [], stem
             for b in cfg["blocks"]:

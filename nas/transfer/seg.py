@@ -12,7 +12,11 @@ Protocol (one run, :func:`transfer_seg`):
    ``predictions.png`` (input / truth / prediction of ``num_pictures`` test scenes) go to ``out_dir``.
 
 Both trainings go through :func:`stflow.runner.fit` (``pretrain/`` and ``seg/`` under ``out_dir``, checkpoints
-after every epoch); a run whose ``result.json`` exists is returned as is, an interrupted one resumes.
+after every epoch); a run whose ``result.json`` exists is returned as is, an interrupted one resumes. Both only
+under the same config: ``pretrain/``, ``seg/`` and ``result.json`` carry a record of the values that determine them
+(:mod:`nas.cache`; the architecture by its content, not its file name). A rerun with another config is refused,
+naming the differing keys, unless ``overwrite`` (then they are recomputed), so a result is never replaced
+silently; ``resume: false`` refuses an ``out_dir`` that holds a run unless ``overwrite`` (then all is recomputed).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from nas.cache import Artefact, check_artefacts, check_out_dir, config_fields
 from nas.costs import count_params
 from nas.data.digits import DigitsDataModule
 from nas.data.scenes import BACKGROUND, NUM_CLASSES, DigitScenesDataModule
@@ -92,6 +97,7 @@ class SegConfig:
     checkpoint: bool = True  # False (studies): checkpoints in a temporary folder; no logs, pictures, result.json
     progress: bool = True
     resume: bool = True  # return a finished run's result.json / continue an interrupted run
+    overwrite: bool = False  # recompute what out_dir holds when made with another config (else refused)
 
     def validate(self) -> None:
         if self.head not in HEADS:
@@ -103,6 +109,13 @@ class SegConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.pretrain_epochs < 0:
             raise ValueError(f"pretrain_epochs must be >= 0, got {self.pretrain_epochs}")
+        for name in ("lr", "pretrain_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.weight_decay < 0 or self.num_pictures < 0:
+            raise ValueError(f"weight_decay and num_pictures must be >= 0, got {self.weight_decay}, "
+                             f"{self.num_pictures}")
+        load_backbone(self.arch, self.space)  # the architecture builds: one entry per block of the space
 
     def datamodule(self) -> DigitScenesDataModule:
         return DigitScenesDataModule(
@@ -157,17 +170,20 @@ def load_backbone(arch: str, space: str = "digits-mbconv", num_classes: int = 10
     sp = load_space(space)
     if not isinstance(value, (list, tuple)) or not value or not all(isinstance(b, (list, tuple)) for b in value):
         raise ValueError(f"an architecture is a list with one list per block, got {value!r}")
-    if all(isinstance(s, str) for b in value for s in b):
+    names = [s for b in value for s in b]
+    if names and all(isinstance(s, str) for s in names):  # block strings; anything else is an encoding
         if not isinstance(sp, SearchSpace):
             raise ValueError(f"block strings build MBConv nets; space {space!r} is not an MBConv space")
         return build_network_from_strings(
             value, num_classes, sp.input_channels, sp.stem_channels, sp.stem_stride
         )
-    if isinstance(sp, SearchSpace):
-        return build_network(sp, value, num_classes)
     from nas.spaces.hytra import build_hytra_network
 
-    return build_hytra_network(sp, value, num_classes)
+    build = build_network if isinstance(sp, SearchSpace) else build_hytra_network
+    try:
+        return build(sp, value, num_classes)
+    except ValueError as exc:
+        raise ValueError(f"architecture {value!r} is not an encoding of space {space!r}: {exc}") from None
 
 
 def pretrain_backbone(net: nn.Module, cfg: SegConfig, out_dir: Path, study: bool = False) -> float | None:
@@ -215,9 +231,23 @@ def transfer_seg(cfg: SegConfig) -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="nas-transfer-") as tmp:
             return _transfer(cfg, Path(tmp), study=True)
     out = Path(cfg.out_dir)
-    if cfg.resume and (out / "result.json").is_file():
+    check_out_dir(out, cfg.resume, cfg.overwrite)
+    check_artefacts(_artefacts(cfg, out), overwrite=cfg.overwrite, force=cfg.overwrite and not cfg.resume)
+    if (out / "result.json").is_file():  # checked: made with this config
         return json.loads((out / "result.json").read_text())
     return _transfer(cfg, out, study=False)
+
+
+def _artefacts(cfg: SegConfig, out: Path) -> list[Artefact]:
+    """``pretrain/`` (when pretraining), ``seg/`` and ``result.json`` with the config values that determine them."""
+    arch = {"arch": _parse_arch(cfg.arch)}  # the architecture itself, whatever file or literal named it
+    names = ("space", "seed", "pretrain_epochs", "pretrain_lr", "split_seed")
+    dense = {**config_fields(cfg, drop=("arch", "num_pictures")), **arch}
+    found = [Artefact(out / "seg", dense, "dense training"),
+             Artefact(out / "result.json", {**dense, "num_pictures": cfg.num_pictures}, "transfer result")]
+    if cfg.pretrain_epochs:
+        found.insert(0, Artefact(out / "pretrain", {**{n: getattr(cfg, n) for n in names}, **arch}, "pretraining"))
+    return found
 
 
 def _transfer(cfg: SegConfig, out: Path, study: bool) -> dict[str, Any]:
@@ -310,7 +340,7 @@ def save_prediction_grid(path: str | Path, model: nn.Module, dm: DigitScenesData
 def main_seg(argv: Sequence[str]) -> int:
     from stflow.config import parse_cli
 
-    negatable = ("progress", "resume", "freeze", "checkpoint")  # --no-progress -> --progress false
+    negatable = ("progress", "resume", "overwrite", "freeze", "checkpoint")  # --no-progress -> --progress false
     expanded: list[str] = []
     for a in argv:
         name = a[5:].replace("-", "_") if a[:5] in ("--no-", "--no_") else None

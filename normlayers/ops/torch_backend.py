@@ -14,18 +14,20 @@ With ``dL/dmu_hat = gm - r*S1h`` =: Gm and ``dL/dvar_hat = gv - r**2*S2h/2`` =: 
     dmu_P  = p*Gm - 2*p*q*(mu_B - mu_P)*Gv
     dvar_P = p*Gv
 
-A group whose guard fires uses p = 0 (plain BN; zero gradient to its prior). Without posterior
+A group whose guard fires uses p = 0 (plain BN; zero gradient to its prior); the guard is one decision for
+all ghost groups (``guard_scope="layer"``, the default) or one per group (``"group"``). Without posterior
 gradients (gm = gv = 0) dx is ``q * BN_dx(g) + p*r*gamma*g`` with BN_dx BN's training backward at
 (mu_hat, r): one fused BN backward call plus one pass.
 
 Per-call cost matters as much as bandwidth at CIFAR sizes (a small torch op costs 1-3 us in a tight
 loop and ~5 us right after an x-sized kernel; BatchNorm2d's whole training step on (2, 256, 16, 16)
 costs ~0.3 ms on one core), so: the effective prior weight is a Python float whenever every ghost
-group agrees on the guard (always when ungrouped), ungrouped statistics stay (C,) inside (views to
-(1, C) only at the outputs), and scalar arguments ride on ``alpha``/``value``/``lerp`` weights rather
-than separate multiplications. The layer's common case (one group, a (C,) prior, NCHW) has its own
-straight-line Function, :class:`_NchwPriorFn`, reached through :func:`hot_train`; channels-last input and
-ghost groups take :class:`_GroupedPriorFn` (per-row moments combined per group by one C call each way).
+group agrees on the guard (always when ungrouped or with the layer-wide guard), ungrouped statistics
+stay (C,) inside (views to (1, C) only at the outputs), and scalar arguments ride on
+``alpha``/``value``/``lerp`` weights rather than separate multiplications. The layer's common case (one
+group, a (C,) prior, NCHW) has its own straight-line Function, :class:`_NchwPriorFn`, reached through
+:func:`hot_train`; channels-last input and ghost groups take :class:`_GroupedPriorFn` (per-row moments
+combined per group by one C call each way).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from torch import Tensor
 from torch.autograd.graph import increment_version as _increment_version
 
 from normlayers.ops import cfinalize
-from normlayers.reference import stats_dtype
+from normlayers.reference import check_guard_scope, stats_dtype
 
 __all__ = ["bkn_train", "check_prior_values", "hot_train"]
 
@@ -119,8 +121,10 @@ def check_prior_values(mean: Tensor, var: Tensor) -> None:
 
 
 def _guarded_weight(prior_mean: Tensor, prior_var: Tensor, var_b: Tensor, p: float, eps: float,
-                    guard_ratio: float, check: bool) -> PriorWeight:
-    """The prior weight after the guard (0 where ``mean_c(var_P / (var_B + eps)) >= guard_ratio``).
+                    guard_ratio: float, layer_guard: bool, check: bool) -> PriorWeight:
+    """The prior weight after the guard: 0 where the ratio ``var_P / (var_B + eps)``, averaged over the
+    channels of a ghost group (``layer_guard=False``) or over all groups and channels (``layer_guard=True``,
+    one decision for every group), reaches ``guard_ratio``.
 
     A float when every ghost group agrees, else a (G, 1) tensor. With ``check``, the prior's values
     are validated in the same host sync. Inside ``torch.compile`` graphs (no host sync): a tensor,
@@ -128,8 +132,10 @@ def _guarded_weight(prior_mean: Tensor, prior_var: Tensor, var_b: Tensor, p: flo
     """
     terms = torch.div(prior_var, torch.add(var_b, _ONE, alpha=eps))  # (C,) or (G, C); negative iff var_P is
     if torch.compiler.is_compiling():
-        fire = terms.mean(dim=-1, keepdim=True) >= guard_ratio  # (1,) or (G, 1)
-        return torch.where(fire, 0.0, p).to(var_b.dtype)
+        ratio = terms.mean(dim=-1, keepdim=True)  # (1,) or (G, 1)
+        if layer_guard:  # the groups' mean of equal-size channel means: the mean over (G, C)
+            ratio = ratio.mean(dim=0, keepdim=True).expand_as(ratio)
+        return torch.where(ratio >= guard_ratio, 0.0, torch.full_like(ratio, p))  # p in var_b's dtype, not fp32
     # guard and value checks in one host read: sqrt makes a negative var_P NaN, adding 0*mu_P makes a
     # non-finite mu_P NaN, and the 2-norm of sqrt(var_P / (var_B + eps)) is the root of the ratios' sum
     roots = terms.sqrt_()
@@ -140,6 +146,8 @@ def _guarded_weight(prior_mean: Tensor, prior_var: Tensor, var_b: Tensor, p: flo
     if check and not all(math.isfinite(s) for s in sums):
         check_prior_values(prior_mean, prior_var)  # raises, unless only a ratio overflowed or x is not finite
     channels = var_b.shape[-1]
+    if layer_guard:  # one decision over all groups and channels
+        return 0.0 if sum(sums) / (len(sums) * channels) >= guard_ratio else p
     fired = [s / channels >= guard_ratio for s in sums]
     if not any(fired):
         return p
@@ -179,6 +187,7 @@ class _BatchKalmanNormFn(torch.autograd.Function):
         p: float,
         eps: float,
         guard_ratio: float,
+        layer_guard: bool,
         groups: int,
         check_prior: bool,
         running: Running | None,
@@ -195,7 +204,7 @@ class _BatchKalmanNormFn(torch.autograd.Function):
                 prior_mean = prior_mean.view(-1)  # (1, C) -> (C,)
             if single and prior_var.dim() == 2:
                 prior_var = prior_var.view(-1)  # (1, C) -> (C,)
-            pe = _guarded_weight(prior_mean, prior_var, var_b, p, eps, guard_ratio, check_prior)
+            pe = _guarded_weight(prior_mean, prior_var, var_b, p, eps, guard_ratio, layer_guard, check_prior)
         d = None
         if isinstance(pe, Tensor) or pe > 0.0:
             d = mu_b - prior_mean
@@ -240,7 +249,7 @@ class _BatchKalmanNormFn(torch.autograd.Function):
         pe: PriorWeight = ctx.pe if pe_tensor is None else pe_tensor
         grads = _closed_form_backward(ctx.needs_input_grad, x, weight, post_mean, rstd, d, pe, ctx.eps, ctx.groups,
                                       ctx.bias_dtype, ctx.prior_shape, gy, gm, gv)
-        return *grads, None, None, None, None, None, None
+        return *grads, None, None, None, None, None, None, None
 
 
 Finalized = tuple[float, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]  # p used, mu_hat, var_hat, r, d, a, w_bn
@@ -276,7 +285,7 @@ def _finalize_torch(m: Tensor, rstd_n: Tensor, prior_mean: Tensor, prior_var: Te
     """The forward finalize in torch ops: batch moments from the (N, C) moments, guard, mixture, r, EMA."""
     mu_b, var_b = _combine_sample_moments(m, rstd_n)
     d = mu_b - prior_mean
-    p = _guarded_weight(prior_mean, prior_var, var_b, p, eps, guard_ratio, check=True)  # a float: one group
+    p = _guarded_weight(prior_mean, prior_var, var_b, p, eps, guard_ratio, True, check=True)  # a float: one group
     if p == 0.0:  # the guard fired: plain BN for this step (the batch moments exactly, whatever d is)
         post_mean, post_var = mu_b, var_b
     else:  # mu_hat = lerp(mu_B, mu_P, p); var_hat = lerp(var_B + p*d**2, var_P, p) = q*var_B + p*var_P + p*q*d**2
@@ -397,7 +406,8 @@ _nchw_apply_c = super(torch.autograd.Function, _NchwPriorFn).apply
 
 _PTR, _I64, _F64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
 _GROUPED_FORWARD_ARGTYPES = [_INT, _INT, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _F64, _F64, _F64,
-                             _PTR, _PTR, _F64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _PTR, _PTR]
+                             _INT, _PTR, _PTR, _F64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _PTR,
+                             _PTR]
 _GROUPED_BACKWARD_ARGTYPES = [_INT, _I64, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64,
                               _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR]
 _grouped_bound: dict[int, Any] = {}  # id(library) -> library, once its grouped entry points are declared
@@ -452,7 +462,7 @@ def _cl_moments(x: Tensor, groups: int) -> tuple[Tensor, Tensor]:
 
 
 def _finalize_grouped_torch(m: Tensor, s: Tensor, var_rows: bool, groups: int, prior_mean: Tensor,
-                            prior_var: Tensor, p: float, eps: float, guard_ratio: float,
+                            prior_var: Tensor, p: float, eps: float, guard_ratio: float, layer_guard: bool,
                             running: Running | None) -> tuple[PriorWeight, Tensor, Tensor, Tensor, Tensor | None]:
     """The grouped forward finalize in torch ops (the C one's arithmetic): ``(p used, mu_hat, var_hat, r, d)``,
     statistics (G, C); ``p`` a float when every group agrees on the guard, else (G, 1); ``d`` None if all fired."""
@@ -463,7 +473,7 @@ def _finalize_grouped_torch(m: Tensor, s: Tensor, var_rows: bool, groups: int, p
     mu_b = mg.mean(dim=1)
     dev = mg - mu_b[:, None]
     var_b = torch.addcmul(var_n.view(groups, rows // groups, c), dev, dev).mean(dim=1)  # E[var_i] + Var[mu_i]
-    pe = _guarded_weight(prior_mean, prior_var, var_b, p, eps, guard_ratio, check=True)
+    pe = _guarded_weight(prior_mean, prior_var, var_b, p, eps, guard_ratio, layer_guard, check=True)
     d = None
     if isinstance(pe, Tensor) or pe > 0.0:
         d = mu_b - prior_mean
@@ -514,6 +524,7 @@ class _GroupedPriorFn(torch.autograd.Function):
         p: float,
         eps: float,
         guard_ratio: float,
+        layer_guard: bool,
         groups: int,
         running: Running | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
@@ -547,8 +558,8 @@ class _GroupedPriorFn(torch.autograd.Function):
             fired = lib.bkn_forward_finalize_grouped(
                 dtype is torch.float64, not nchw, groups, per_group, c, m.data_ptr(), s.data_ptr(),
                 prior_mean.data_ptr(), prior_var.data_ptr(), 0 if prior_mean.dim() == 1 else c, weight.data_ptr(),
-                bias.data_ptr(), p, eps, guard_ratio, _ptr(running_mean), _ptr(running_var), momentum, count,
-                post_mean.data_ptr(), post_var.data_ptr(), rstd.data_ptr(), d.data_ptr(), a.data_ptr(),
+                bias.data_ptr(), p, eps, guard_ratio, layer_guard, _ptr(running_mean), _ptr(running_var),
+                momentum, count, post_mean.data_ptr(), post_var.data_ptr(), rstd.data_ptr(), d.data_ptr(), a.data_ptr(),
                 p_used.data_ptr(), expand, _ptr(mean_rows), _ptr(rstd_rows), _ptr(scale_rows), shift.data_ptr(),
             )
             if fired < 0.0:  # a NaN/inf or a negative variance in the prior
@@ -560,7 +571,7 @@ class _GroupedPriorFn(torch.autograd.Function):
             pe: PriorWeight = p if fired == 0.0 else 0.0 if fired == groups else p_used.to(dtype)[:, None]
         else:
             pe, post_mean, post_var, rstd, d = _finalize_grouped_torch(
-                m, s, not nchw, groups, prior_mean, prior_var, p, eps, guard_ratio, running)
+                m, s, not nchw, groups, prior_mean, prior_var, p, eps, guard_ratio, layer_guard, running)
             if groups == 1:
                 post_mean, post_var, rstd = post_mean.view(c), post_var.view(c), rstd.view(c)  # (1, C) -> (C,)
                 d = None if d is None else d.view(c)
@@ -604,7 +615,7 @@ class _GroupedPriorFn(torch.autograd.Function):
             grads = _closed_form_backward(
                 needs, x, weight, post_mean.view(stat), rstd.view(stat), None if d is None else d.view(stat), pe,
                 eps, groups, weight.dtype, ctx.prior_shape, gy, gm, gv)
-            return *grads, None, None, None, None, None
+            return *grads, None, None, None, None, None, None
         n, c = x.shape[0], x.shape[1]
         dtype = x.dtype
         mean_shape = ctx.prior_shape[0]
@@ -648,7 +659,7 @@ class _GroupedPriorFn(torch.autograd.Function):
             dx = torch.addcmul(shift.view(groups, 1, c), _cl_rows(gy, groups), a.view(groups, 1, c))
             dx = dx.addcmul_(_cl_rows(x, groups), k2.view(groups, 1, c))
             dx = dx.view(n, x.shape[2], x.shape[3], c).permute(0, 3, 1, 2)  # (G, gHW, C) -> (N, C, H, W)
-        return dx, dweight, dbias, dpm, dpv, None, None, None, None, None
+        return dx, dweight, dbias, dpm, dpv, None, None, None, None, None, None
 
 
 _grouped_apply_c = super(torch.autograd.Function, _GroupedPriorFn).apply
@@ -666,6 +677,7 @@ def hot_train(
     eps: float,
     guard_ratio: float,
     group_size: int | None = None,
+    guard_scope: str = "layer",
 ) -> tuple[Tensor, Tensor, Tensor] | None:
     """Training BKN through a hot-path Function when one applies, else ``None`` (the caller takes the
     general, fully validated path). Posteriors ``(C,)`` with one group, else ``(G, C)``; running buffers
@@ -677,12 +689,14 @@ def hot_train(
     Both need: ``0 < prior_weight <= 1``, fp32/fp64 ``x`` contiguous in its layout with more than one
     element per (sample, channel) and at least ``_GROUP_NORM_MIN_NUMEL`` elements, contiguous affine
     parameters (and running buffers, if any) of shape ``(C,)`` in ``x``'s dtype, outside ``torch.compile``
-    graphs. Every check is cheap; anything else (including every invalid input) returns ``None``.
+    graphs. Every check is cheap; anything else (including every invalid input, such as an unknown
+    ``guard_scope``) returns ``None``. ``guard_scope``: ``"layer"`` or ``"group"`` (see
+    :func:`normlayers.reference.batch_kalman_norm_reference`); it only matters with ghost groups.
     """
     dtype = x.dtype
     if not (0.0 < prior_weight <= 1.0 and (dtype is torch.float32 or dtype is torch.float64)):
         return None
-    if not (isinstance(prior, tuple) and len(prior) == 2):
+    if not (isinstance(prior, tuple) and len(prior) == 2) or not (guard_scope == "layer" or guard_scope == "group"):
         return None
     prior_mean, prior_var = prior
     n, c = x.shape[0], x.shape[1]
@@ -718,8 +732,8 @@ def hot_train(
         return None
     running = None if running_mean is None else (running_mean, running_var, momentum, numel // (groups * c))
     apply = _GroupedPriorFn.apply if torch._C._are_functorch_transforms_active() else _grouped_apply_c
-    return apply(x, weight, bias, prior_mean, prior_var, float(prior_weight), float(eps), float(guard_ratio), groups,
-                 running)
+    return apply(x, weight, bias, prior_mean, prior_var, float(prior_weight), float(eps), float(guard_ratio),
+                 guard_scope == "layer", groups, running)
 
 
 _is_compiling = torch.compiler.is_compiling
@@ -867,6 +881,7 @@ def bkn_train(
     guard_ratio: float,
     group_size: int | None,
     *,
+    guard_scope: str = "layer",
     check_prior: bool = True,
     running: Running | None = None,
     flat: bool = False,
@@ -874,6 +889,7 @@ def bkn_train(
     """Training-mode BKN through the closed-form Function; ``(y, post_mean (G, C), post_var (G, C))``,
     or ``(C,)`` posteriors without ghost groups when ``flat`` (what the layer exposes; no view ops).
 
+    ``guard_scope``: ``"layer"`` (one guard decision for all ghost groups) or ``"group"`` (one per group).
     ``check_prior``: raise ``ValueError`` for NaN/inf prior values or a negative prior variance
     (checked in the guard's host sync; skipped inside ``torch.compile`` graphs).
     ``running``: ``(running_mean, running_var, momentum, M)`` to update in place, as
@@ -887,8 +903,8 @@ def bkn_train(
         if prior_mean.dtype != sdt or prior_var.dtype != sdt:
             prior_mean, prior_var = prior_mean.to(sdt), prior_var.to(sdt)
     y, post_mean, post_var = _BatchKalmanNormFn.apply(
-        x, weight, bias, prior_mean, prior_var, float(prior_weight), float(eps), float(guard_ratio), groups,
-        check_prior, running,
+        x, weight, bias, prior_mean, prior_var, float(prior_weight), float(eps), float(guard_ratio),
+        check_guard_scope(guard_scope) == "layer", groups, check_prior, running,
     )
     if groups == 1 and not flat:  # the functional API's (G, C) = (1, C)
         return y, post_mean.view(1, -1), post_var.view(1, -1)

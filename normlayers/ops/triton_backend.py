@@ -6,7 +6,8 @@ and ``update_running_stats_reference``). Passes and bytes per element (fp32):
 
 * forward, slice fits one program: 1 kernel reads x, writes y (8 B/elem) and finalizes the
   statistics; with an active guard the pass is speculative (mixture assumed), then a one-program
-  finalize decides the guard and a fix-up kernel rewrites y only for groups that fell back to BN.
+  finalize decides the guard (once for the layer, or per ghost group with ``guard_scope="group"``) and a
+  fix-up kernel rewrites y only for groups that fell back to BN.
 * forward, split: chunk statistics (4 B/elem), a merge per (group, channel), the guard/EMA
   finalize when needed, then ``y = x*a + b`` (8 B/elem): 12 B/elem in all.
 * backward: single pass reads x and dy and writes dx (12 B/elem); split: chunk sums (8 B/elem),
@@ -26,6 +27,8 @@ from types import ModuleType
 
 import torch
 from torch import Tensor
+
+from normlayers.reference import check_guard_scope
 
 __all__ = ["batch_kalman_norm_triton", "is_available", "KernelConfig", "bkn_forward", "bkn_backward"]
 
@@ -211,6 +214,7 @@ class BKNOptions:
     guard_ratio: float = 100.0
     group_size: int | None = None
     config: KernelConfig = KernelConfig()
+    guard_scope: str = "layer"  # "layer": one guard decision for all ghost groups; "group": one per group
 
 
 @dataclass
@@ -324,7 +328,8 @@ def bkn_forward(
         k._bkn_fwd_finalize_kernel[(1,)](
             mean_b, m2_b, pv_arg, post_mean, post_var, rstd, fire, rm_arg, rv_arg,
             geo.groups, geo.c, geo.m, s_pg, float(opts.guard_ratio), opts.eps, momentum, momentum_var,
-            GUARD=guard, UPDATE_RUNNING=update_running and not ema_inline,
+            GUARD=guard, LAYER_GUARD=opts.guard_scope == "layer" and geo.groups > 1,
+            UPDATE_RUNNING=update_running and not ema_inline,
             BLOCK_G=min(_next_pow2(geo.groups), 16), BLOCK_C=min(_next_pow2(geo.c), 128),
         )
     if not plan.single or guard:
@@ -496,6 +501,7 @@ def batch_kalman_norm_triton(
     guard_ratio: float = 100.0,
     group_size: int | None = None,
     config: KernelConfig | None = None,
+    guard_scope: str = "layer",
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Fused BKN (same contract as ``normlayers.functional.batch_kalman_norm``, backend "triton").
 
@@ -506,7 +512,7 @@ def batch_kalman_norm_triton(
     if not _triton_importable():
         raise ImportError("batch_kalman_norm_triton needs the 'triton' package (pip install triton)")
     opts = BKNOptions(float(prior_weight), float(momentum), float(eps), float(guard_ratio), group_size,
-                      config or KernelConfig())
+                      config or KernelConfig(), check_guard_scope(guard_scope))
     prior_mean, prior_var = (None, None) if prior is None else prior
     if prior is not None and not (isinstance(prior, (tuple, list)) and len(prior) == 2):
         raise TypeError("prior must be a (mean, var) pair of tensors")

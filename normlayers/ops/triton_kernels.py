@@ -183,6 +183,19 @@ def _bkn_fwd_combine_kernel(
 
 
 @triton.jit
+def _group_ratio_sums(ks, kmask, M2_B, PV, C, M, s_pg, eps, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per-group sums over the channels of ``var_P / (var_B + eps)``, (BLOCK_G,) for groups ``ks``."""
+    ratio = tl.zeros((BLOCK_G,), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cs = c0 + tl.arange(0, BLOCK_C)  # (BLOCK_C,)
+        mask = kmask[:, None] & (cs < C)[None, :]  # (BLOCK_G, BLOCK_C)
+        var_b = tl.load(M2_B + ks[:, None] * C + cs[None, :], mask=mask, other=0.0) / M
+        var_p = tl.load(PV + ks[:, None] * s_pg + cs[None, :], mask=mask, other=0.0).to(tl.float32)
+        ratio += tl.sum(tl.where(mask, var_p / (var_b + eps), 0.0), axis=1)
+    return ratio
+
+
+@triton.jit
 def _bkn_fwd_finalize_kernel(
     MEAN_B, M2_B,  # (G, C) fp32 batch statistics
     PV,  # prior var: (C,) with s_pg = 0, or (G, C) with s_pg = C
@@ -190,22 +203,28 @@ def _bkn_fwd_finalize_kernel(
     FIRE,  # (G,) int32 out: 1 where the group fell back to plain BN
     RM, RV,  # (C,) running buffers, EMA of the posterior averaged over groups
     G, C, M, s_pg, guard_ratio, eps, momentum, momentum_var,
-    GUARD: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
+    GUARD: tl.constexpr, LAYER_GUARD: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Cross-channel / cross-group O(G*C) step, one program: the guard, then the running-stat EMA."""
+    """Cross-channel / cross-group O(G*C) step, one program: the guard, then the running-stat EMA.
+
+    ``LAYER_GUARD``: one switch for the layer (the ratio's mean over all groups and channels), else one
+    switch per group (the mean over its channels)."""
     if GUARD:
+        if LAYER_GUARD:
+            total = 0.0
+            for g0 in range(0, G, BLOCK_G):
+                ks = g0 + tl.arange(0, BLOCK_G)  # (BLOCK_G,)
+                total += tl.sum(_group_ratio_sums(ks, ks < G, M2_B, PV, C, M, s_pg, eps, BLOCK_G, BLOCK_C), axis=0)
+            layer_ratio = total / (G * C)  # the mean over all groups and channels
         for g0 in range(0, G, BLOCK_G):
             ks = g0 + tl.arange(0, BLOCK_G)  # (BLOCK_G,)
             kmask = ks < G
-            ratio = tl.zeros((BLOCK_G,), dtype=tl.float32)
-            for c0 in range(0, C, BLOCK_C):
-                cs = c0 + tl.arange(0, BLOCK_C)  # (BLOCK_C,)
-                mask = kmask[:, None] & (cs < C)[None, :]  # (BLOCK_G, BLOCK_C)
-                var_b = tl.load(M2_B + ks[:, None] * C + cs[None, :], mask=mask, other=0.0) / M
-                var_p = tl.load(PV + ks[:, None] * s_pg + cs[None, :], mask=mask, other=0.0).to(tl.float32)
-                ratio += tl.sum(tl.where(mask, var_p / (var_b + eps), 0.0), axis=1)
-            fire = (ratio / C) >= guard_ratio  # (BLOCK_G,) one switch per group
+            if LAYER_GUARD:  # (BLOCK_G,) the layer's one switch in every group
+                fire = (tl.zeros((BLOCK_G,), dtype=tl.float32) + layer_ratio) >= guard_ratio
+            else:
+                ratio = _group_ratio_sums(ks, kmask, M2_B, PV, C, M, s_pg, eps, BLOCK_G, BLOCK_C)
+                fire = (ratio / C) >= guard_ratio  # (BLOCK_G,) one switch per group
             tl.store(FIRE + ks, fire.to(tl.int32), mask=kmask)
             for c0 in range(0, C, BLOCK_C):
                 cs = c0 + tl.arange(0, BLOCK_C)

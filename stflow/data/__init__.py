@@ -35,10 +35,11 @@ from .hdf5 import (
     write_flow_file,
     write_meteorology,
 )
+from .horizon import DirectHorizonDataModule, DirectHorizonWindows
 from .options import CrowdFlowOptions
 from .scaling import MinMaxScaler
 from .synthetic import RAINY_WEATHER, SyntheticCity, generate_synthetic_city, synthetic_file_names
-from .windowing import WindowIndex, build_windows, frame_offsets
+from .windowing import WindowIndex, build_windows, frame_offsets, origin_samples
 
 __all__ = [
     "CrowdFlowData",
@@ -48,6 +49,8 @@ __all__ = [
     "DATASETS",
     "DataFormatError",
     "DatasetSpec",
+    "DirectHorizonDataModule",
+    "DirectHorizonWindows",
     "FEATURE_KINDS",
     "FlowFile",
     "IncompleteDays",
@@ -68,6 +71,7 @@ __all__ = [
     "holiday_features",
     "load_crowd_flow",
     "meteorology_features",
+    "origin_samples",
     "parse_slot_dates",
     "read_flow_file",
     "read_holidays",

@@ -27,7 +27,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..runner import EpochShuffleSampler
+from ..runner import EpochShuffleSampler, ResumableLoader
 from .datasets import DatasetSpec, get_dataset_spec, resolve_file
 from .features import external_features
 from .hdf5 import DataFormatError, read_flow_file, read_holidays, read_meteorology, remove_incomplete_days
@@ -423,9 +423,11 @@ class CrowdFlowDataModule(pl.LightningDataModule):
         return self.data.info()
 
     def _loader(self, dataset: CrowdFlowWindows, train: bool) -> DataLoader:
+        """Training: a :class:`~stflow.runner.ResumableLoader` (a run stopped mid-epoch resumes at its next batch)
+        over the ``(seed, epoch)`` shuffle; evaluation: a plain ordered loader."""
         shuffle = train and self.shuffle_train and len(dataset) > 0
         sampler = EpochShuffleSampler(len(dataset), self.seed) if shuffle else None
-        return DataLoader(
+        return (ResumableLoader if train else DataLoader)(
             dataset,
             batch_size=self.batch_size,
             sampler=sampler,

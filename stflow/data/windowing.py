@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-__all__ = ["WindowIndex", "frame_offsets", "build_windows"]
+__all__ = ["WindowIndex", "frame_offsets", "build_windows", "origin_samples"]
 
 
 @dataclass
@@ -85,3 +85,23 @@ def build_windows(
         parts.append([rows[valid]] + [g[valid] for g in groups])
     target, closeness, period, trend = (np.concatenate([p[i] for p in parts]) for i in range(4))
     return WindowIndex(target, closeness, period, trend)
+
+
+def origin_samples(windows: WindowIndex, timestamps: pd.DatetimeIndex, slots_per_day: int, candidates: np.ndarray,
+                   horizon: int, last_row: int | None = None) -> np.ndarray:
+    """The candidate samples whose targets ``t .. t+horizon-1`` are consecutive slots, each a sample of ``windows``
+    and none after row ``last_row`` (e.g. the last test target): the origins of a ``horizon``-step forecast."""
+    targets = set(windows.target.tolist())
+    slot_ns = 86_400 * 10**9 // slots_per_day
+    stamps = pd.DatetimeIndex(timestamps).as_unit("ns").asi8
+    keep = []
+    for s in np.asarray(candidates):
+        t = int(windows.target[s])
+        end = t + horizon - 1
+        if end >= len(stamps) or (last_row is not None and end > last_row):
+            continue
+        if stamps[end] - stamps[t] != (horizon - 1) * slot_ns:
+            continue
+        if all(r in targets for r in range(t, end + 1)):
+            keep.append(int(s))
+    return np.asarray(keep, dtype=np.int64)

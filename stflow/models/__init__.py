@@ -8,7 +8,7 @@ from stflow.models.acfm_reference import ReferenceCheckpointError, load_referenc
 from stflow.models.baselines import HistoricalAverage, Persistence
 from stflow.models.deepstn import DeepSTN, DeepSTNConfig
 from stflow.models.kalman import KalmanFrameEncoder, kalman_acfm, kalman_deepstn, kalman_stresnet
-from stflow.models.registry import build_model, list_models, register_model
+from stflow.models.registry import build_model, direct_models, list_models, register_model, supports_direct
 from stflow.models.stid import STID, STIDConfig
 from stflow.models.stresnet import STResNet, STResNetConfig
 
@@ -28,6 +28,7 @@ __all__ = [
     "STResNet",
     "STResNetConfig",
     "build_model",
+    "direct_models",
     "kalman_acfm",
     "kalman_deepstn",
     "kalman_stresnet",
@@ -35,4 +36,5 @@ __all__ = [
     "load_reference_checkpoint",
     "load_reference_state_dict",
     "register_model",
+    "supports_direct",
 ]

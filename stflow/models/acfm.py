@@ -23,6 +23,10 @@ Variants:
   BikeNYC checkpoint also needs the data switch ``compat_weekend_bug=True`` (their weekend flag marks Monday and
   Sunday); without it the score moves from 5.598 to ~5.80 RMSE.
 
+Direct multi-step head (``horizon=H > 1``, :mod:`stflow.models.horizon`, clean variant only): both branch heads
+give ``2H`` step-major channels and the time-aware fusion weight is computed per step from that target slot's
+vector (``ext_target (B, H, D)``): prediction_k = tanh(r_k * P_c,k + (1 - r_k) * P_p,k), output ``(B, H, 2, h, w)``.
+
 Normalisation layers are created ONLY through the ``norm_layer`` constructor argument (channels -> module); the
 registered factories choose it by name (``norm="bn"|"gn"|"bkn"|"none"``), BKN being the BatchNorm model with its
 frame encoder chained by :mod:`stflow.models.kalman`.
@@ -39,6 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from stflow.layers.convlstm import CellKind, ConvLSTM, ConvLSTMCell, LiteralConvLSTMCell
+from stflow.models.horizon import check_horizon, split_steps, target_ext
 
 __all__ = ["ACFM", "ACFMConfig", "ACFM_PRESETS", "NormLayer"]
 
@@ -70,9 +75,11 @@ class ACFMConfig:
     fusion_hidden: int = 32
     variant: Variant = "clean"
     cell: CellKind = "fused"
+    horizon: int = 1  # output steps: 1 = one slot (B, 2, H, W); > 1 = a direct head (B, horizon, 2, H, W)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "grid_shape", tuple(int(s) for s in self.grid_shape))
+        check_horizon("ACFM", self.horizon)
         problems = []
         if len(self.grid_shape) != 2 or min(self.grid_shape) < 1:
             problems.append(f"grid_shape must be two positive ints, got {self.grid_shape}")
@@ -97,6 +104,9 @@ class ACFMConfig:
             problems.append(f"variant must be 'clean' or 'reference', got {self.variant!r}")
         if self.cell not in ("fused", "literal"):
             problems.append(f"cell must be 'fused' or 'literal', got {self.cell!r}")
+        if self.variant == "reference" and self.horizon != 1:
+            problems.append(f"variant='reference' is the authors' one-step network: horizon must be 1, got "
+                            f"{self.horizon} (use the clean variant or a recursive rollout)")
         if self.variant == "reference":
             longest = max(self.len_closeness, self.len_period + self.len_trend)
             if longest * self.flow_channels > self.hidden_channels:
@@ -186,6 +196,7 @@ class ACFM(nn.Module):
     def __init__(self, config: ACFMConfig, norm_layer: NormLayer = nn.BatchNorm2d) -> None:
         super().__init__()
         self.config = cfg = config
+        self.horizon = cfg.horizon
         c, grid = cfg.hidden_channels, cfg.grid_shape
         self.encoder = FrameEncoder(cfg.flow_channels, c, cfg.res_units, norm_layer)
         self.ext_embed = (
@@ -198,14 +209,14 @@ class ACFM(nn.Module):
         self.attention_p = nn.ModuleList(_attention_head(head_in, c) for _ in range(cfg.len_periodic))
         self.lstm_c = ConvLSTM(c, c, grid, **lstm_args)
         self.lstm_p = ConvLSTM(c, c, grid, **lstm_args)
-        self.head_c = nn.Conv2d(c, cfg.flow_channels, 3, padding=1)
-        self.head_p = nn.Conv2d(c, cfg.flow_channels, 3, padding=1)
+        self.head_c = nn.Conv2d(c, cfg.flow_channels * cfg.horizon, 3, padding=1)
+        self.head_p = nn.Conv2d(c, cfg.flow_channels * cfg.horizon, 3, padding=1)
         if cfg.ext_dim > 0:
             self.fusion = nn.Sequential(
                 nn.Linear(cfg.ext_dim, cfg.fusion_hidden), nn.SELU(), nn.Linear(cfg.fusion_hidden, 1)
             )
-        else:  # no external vector: the branch weight is one learned constant
-            self.fusion_logit = nn.Parameter(torch.zeros(1))
+        else:  # no external vector: the branch weight is one learned constant (per step)
+            self.fusion_logit = nn.Parameter(torch.zeros(cfg.horizon))
         self._reset_parameters()
 
     def _reset_parameters(self) -> None:
@@ -227,20 +238,24 @@ class ACFM(nn.Module):
     def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
         """batch: closeness (B, lc, 2, H, W), period (B, lp, 2, H, W), trend (B, lt, 2, H, W), ext_closeness
         (B, lc, D), ext_period (B, lp, D), ext_trend (B, lt, D), ext_target (B, D); frames most recent first,
-        flows scaled to [-1, 1]. Returns the scaled prediction (B, 2, H, W)."""
+        flows scaled to [-1, 1]. Returns the scaled prediction (B, 2, H, W). With ``horizon`` K > 1: ext_target
+        (B, K, D) (one vector per target slot) -> (B, K, 2, H, W)."""
         cfg = self.config
         frames, ext = self._gather(batch)  # (B, T, 2, H, W), (B, T, D) or None; T = lc + lp + lt
         feats = self._encode(frames)  # (B, T, C, H, W)
         if self.ext_embed is not None:
             feats = feats + self.ext_embed(ext)
         feats_c, feats_p = feats.split([cfg.len_closeness, cfg.len_periodic], dim=1)
-        pred_c = self._branch(feats_c, self.attention_c, self.lstm_c, self.head_c)
-        pred_p = self._branch(feats_p, self.attention_p, self.lstm_p, self.head_p)
+        pred_c = split_steps(self._branch(feats_c, self.attention_c, self.lstm_c, self.head_c), cfg.horizon)
+        pred_p = split_steps(self._branch(feats_p, self.attention_p, self.lstm_p, self.head_p), cfg.horizon)
         if cfg.ext_dim > 0:
-            logit = self.fusion(batch["ext_target"])  # (B, 1)
+            logit = self.fusion(batch["ext_target"])  # (B, 1), or (B, K, 1) per target slot
         else:
-            logit = self.fusion_logit.expand(frames.shape[0], 1)  # (B, 1)
-        logit = logit.view(-1, 1, 1, 1)  # (B, 1) -> (B, 1, 1, 1), broadcast over channels and grid
+            logit = self.fusion_logit.expand(frames.shape[0], cfg.horizon)  # (B, 1) or (B, K)
+        if cfg.horizon == 1:
+            logit = logit.view(-1, 1, 1, 1)  # (B, 1) -> (B, 1, 1, 1), broadcast over channels and grid
+        else:
+            logit = logit.reshape(-1, cfg.horizon, 1, 1, 1)  # (B, K[, 1]) -> (B, K, 1, 1, 1), per step
         return torch.tanh(torch.sigmoid(logit) * pred_c + torch.sigmoid(-logit) * pred_p)
 
     def _gather(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor | None]:
@@ -268,9 +283,8 @@ class ACFM(nn.Module):
                 if e.shape[1:] != (n, cfg.ext_dim):
                     raise ValueError(f"ACFM expects ext_{key} of shape (B, {n}, {cfg.ext_dim}), got {tuple(e.shape)}")
                 exts.append(e)
-        if cfg.ext_dim > 0 and batch["ext_target"].shape[1:] != (cfg.ext_dim,):
-            got = tuple(batch["ext_target"].shape)
-            raise ValueError(f"ACFM expects ext_target of shape (B, {cfg.ext_dim}), got {got}")
+        if cfg.ext_dim > 0:
+            target_ext("ACFM", batch, cfg.horizon, cfg.ext_dim)
         return torch.cat(frames, dim=1), (torch.cat(exts, dim=1) if exts else None)
 
     def _encode(self, frames: Tensor) -> Tensor:

@@ -17,6 +17,10 @@ maps them to ``stem_channels``; the external vector of the target slot, when the
 concatenated and a 3x3 conv gives ``filters`` channels; ``res_units`` ResPlus units; then norm -> ReLU ->
 conv3x3(F -> 2) -> tanh.
 
+``horizon=H > 1``: a direct multi-step head (:mod:`stflow.models.horizon`): the external maps are made from EVERY
+target slot's vector (``ext_target (B, H, D)`` -> ``H * ext_channels`` maps into the stem, so the shared trunk
+knows the time of each step) and the head conv gives ``2H`` step-major channels -> ``(B, H, 2, h, w)``.
+
 BKN (``norm="bkn"``, :func:`stflow.models.kalman.kalman_deepstn`): ``normlayers.convert`` chains ``body`` (the units
 and the output norm): each unit's ``norm1`` and the output norm get priors (the residual sum: the unit's input
 statistics plus ``norm2``'s posterior through ReLU and ``conv2``); ``norm2`` sees a concatenation of the local and
@@ -36,6 +40,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+from stflow.models.horizon import check_horizon, split_steps, target_ext
 
 __all__ = ["DeepSTN", "DeepSTNConfig"]
 
@@ -58,9 +64,11 @@ class DeepSTNConfig:
     pool_rate: int = 2  # average pooling before the dense layer
     res_units: int = 2
     dropout: float = 0.1
+    horizon: int = 1  # output steps: 1 = one slot (B, 2, H, W); > 1 = a direct head (B, horizon, 2, H, W)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "grid_shape", tuple(int(s) for s in self.grid_shape))
+        check_horizon("DeepSTN+", self.horizon)
         lengths = (self.len_closeness, self.len_period, self.len_trend)
         if min(lengths) < 0 or sum(lengths) < 1:
             raise ValueError(f"DeepSTN+ needs non-negative lengths with at least one frame, got (lc, lp, lt)={lengths}")
@@ -119,6 +127,7 @@ class DeepSTN(nn.Module):
     def __init__(self, config: DeepSTNConfig, norm_layer: NormLayer | None = None) -> None:
         super().__init__()
         self.config = cfg = config
+        self.horizon = cfg.horizon
         h, w = cfg.grid_shape
         self.lengths = {"closeness": cfg.len_closeness, "period": cfg.len_period, "trend": cfg.len_trend}
         self.stems = nn.ModuleDict(
@@ -132,18 +141,20 @@ class DeepSTN(nn.Module):
             if cfg.ext_dim > 0
             else None
         )
-        fused = len(self.stems) * cfg.stem_channels + (cfg.ext_channels if self.external is not None else 0)
+        ext_maps = cfg.ext_channels * cfg.horizon if self.external is not None else 0  # one set per target slot
+        fused = len(self.stems) * cfg.stem_channels + ext_maps
         self.fuse = nn.Conv2d(fused, cfg.filters, 3, padding=1)
         # ResPlus units then the output norm, in ONE Sequential: the BKN wiring chains them with normlayers.convert.
         self.body = nn.Sequential(
             *(ResPlus(cfg, norm_layer) for _ in range(cfg.res_units)),
             norm_layer(cfg.filters) if norm_layer else nn.Identity(),
         )
-        self.head = nn.Conv2d(cfg.filters, cfg.flow_channels, 3, padding=1)
+        self.head = nn.Conv2d(cfg.filters, cfg.flow_channels * cfg.horizon, 3, padding=1)
 
     def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
         """batch: closeness (B, lc, 2, H, W), period (B, lp, 2, H, W), trend (B, lt, 2, H, W) scaled, most recent
-        first; ext_target (B, D) when ext_dim > 0 -> prediction (B, 2, H, W), scaled to [-1, 1]."""
+        first; ext_target (B, D) when ext_dim > 0 -> prediction (B, 2, H, W), scaled to [-1, 1]. With ``horizon``
+        K > 1: ext_target (B, K, D) (one vector per target slot) -> (B, K, 2, H, W)."""
         cfg = self.config
         frame_shape = (cfg.flow_channels, *cfg.grid_shape)
         parts = []
@@ -155,12 +166,11 @@ class DeepSTN(nn.Module):
                                  f"{', '.join(map(str, frame_shape))}), got {got}")
             parts.append(stem(frames.flatten(1, 2)))  # (B, l, 2, H, W) -> (B, 2l, H, W) -> (B, S, H, W)
         if self.external is not None:
-            ext = batch.get("ext_target")
-            if ext is None or tuple(ext.shape[1:]) != (cfg.ext_dim,):
-                got = None if ext is None else tuple(ext.shape)
-                raise ValueError(f"DeepSTN+ expects ext_target of shape (B, {cfg.ext_dim}), got {got}")
-            maps = self.external(ext)  # (B, E*H*W)
-            parts.append(maps.unflatten(1, (cfg.ext_channels, *cfg.grid_shape)))  # -> (B, E, H, W)
-        x = self.fuse(torch.cat(parts, dim=1))  # (B, n*S [+ E], H, W) -> (B, F, H, W)
+            ext = target_ext("DeepSTN+", batch, cfg.horizon, cfg.ext_dim)
+            maps = self.external(ext)  # (B, E*H*W), or (B, K, E*H*W) per target slot
+            if cfg.horizon > 1:
+                maps = maps.flatten(1)  # (B, K, E*H*W) -> (B, K*E*H*W), step-major
+            parts.append(maps.unflatten(1, (-1, *cfg.grid_shape)))  # -> (B, E, H, W), or (B, K*E, H, W)
+        x = self.fuse(torch.cat(parts, dim=1))  # (B, n*S [+ K*E], H, W) -> (B, F, H, W)
         x = self.body(x)  # ResPlus units, then the output norm: (B, F, H, W)
-        return torch.tanh(self.head(torch.relu(x)))  # (B, 2, H, W)
+        return torch.tanh(split_steps(self.head(torch.relu(x)), cfg.horizon))  # (B, 2, H, W) or (B, K, 2, H, W)

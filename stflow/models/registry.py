@@ -8,6 +8,12 @@ The normalization is chosen by name: ``build_model(name, ..., norm="bkn", norm_o
 ``norm`` in ``normlayers.NORM_KINDS`` ("bn", "gn", "bkn", "none"; None = the model's default) and
 :class:`normlayers.NormOptions` (a mapping of its fields is accepted too). Both are handed to the factory only when
 given, so a factory without norm layers need not know them.
+
+Multi-step: a factory registered with ``direct=True`` also takes ``horizon=H`` (a model option) and then builds a
+DIRECT head: the network returns all H steps at once, ``(B, H, 2, h, w)``, from a batch whose ``ext_target`` is
+``(B, H, D)`` (each target slot's vector). ``horizon`` absent or 1 builds today's one-step network unchanged.
+Other models (the baselines, the authors' ACFM) are one-step; several steps are their recursive rollout
+(:func:`stflow.forecast.rollout`). :func:`supports_direct` says which is which.
 """
 
 from __future__ import annotations
@@ -19,19 +25,24 @@ from torch import nn
 
 from normlayers.select import NormOptions, check_norm_kind
 
-__all__ = ["register_model", "build_model", "list_models", "DATA_KEYWORDS"]
+__all__ = ["register_model", "build_model", "list_models", "direct_models", "supports_direct", "DATA_KEYWORDS"]
 
 DATA_KEYWORDS = ("grid_shape", "ext_dim", "len_closeness", "len_period", "len_trend", "slots_per_day")
 _FACTORIES: dict[str, Callable[..., nn.Module]] = {}
+_DIRECT: set[str] = set()  # factories that take horizon=H and build a direct multi-step head
 
 
-def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Decorator registering ``factory`` under ``name`` (names are unique)."""
+def register_model(
+    name: str, *, direct: bool = False
+) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator registering ``factory`` under ``name`` (names are unique); ``direct``: it takes ``horizon``."""
 
     def decorator(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _FACTORIES and _FACTORIES[name] is not factory:
             raise ValueError(f"model name {name!r} is already registered by {_FACTORIES[name].__module__}")
         _FACTORIES[name] = factory
+        if direct:
+            _DIRECT.add(name)
         return factory
 
     return decorator
@@ -45,6 +56,18 @@ def list_models() -> list[str]:
     """Sorted names of every registered model."""
     _ensure_builtin_models()
     return sorted(_FACTORIES)
+
+
+def supports_direct(name: str) -> bool:
+    """Whether model ``name`` has a direct multi-step head (``horizon=H`` option)."""
+    _ensure_builtin_models()
+    return name in _DIRECT
+
+
+def direct_models() -> list[str]:
+    """Sorted names of the models with a direct multi-step head."""
+    _ensure_builtin_models()
+    return sorted(_DIRECT)
 
 
 def build_model(

@@ -12,6 +12,10 @@ Per cell (H*W of them, all sharing the weights):
   (T = ``slots_per_day``) (``stflow.data.features``); the model reads ``argmax`` of those two one-hots.
   ``time_embeddings=False`` drops both (then any external vector, or none, is accepted and ignored).
 
+``horizon=H > 1``: a direct multi-step head (:mod:`stflow.models.horizon`), STID's own multi-step design: the
+regression head gives ``2H`` numbers per cell (step-major) -> ``(B, H, 2, h, w)``; the time embeddings are those of
+the FIRST target slot (``ext_target (B, H, D)``, step 0; the later steps' slots follow from it).
+
 The concatenation (``hidden = embed_dim + node_dim [+ tod_dim + dow_dim]``) goes through ``layers`` residual MLP
 blocks ``x + fc2(dropout(ReLU(fc1(x))))`` and a Linear(hidden -> 2) regression head, then tanh (outputs are scaled
 to [-1, 1] like every model here). There are no normalization layers: the registry's ``norm`` must be None or
@@ -25,6 +29,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+from stflow.models.horizon import check_horizon, split_steps, target_ext
 
 __all__ = ["STID", "STIDConfig", "WEEKDAY_SLICE", "slot_slice"]
 
@@ -52,9 +58,11 @@ class STIDConfig:
     layers: int = 3
     dropout: float = 0.15
     time_embeddings: bool = True
+    horizon: int = 1  # output steps: 1 = one slot (B, 2, H, W); > 1 = a direct head (B, horizon, 2, H, W)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "grid_shape", tuple(int(s) for s in self.grid_shape))
+        check_horizon("STID", self.horizon)
         lengths = (self.len_closeness, self.len_period, self.len_trend)
         if min(lengths) < 0 or sum(lengths) < 1:
             raise ValueError(f"STID needs non-negative lengths with at least one frame, got (lc, lp, lt)={lengths}")
@@ -105,6 +113,7 @@ class STID(nn.Module):
     def __init__(self, config: STIDConfig) -> None:
         super().__init__()
         self.config = cfg = config
+        self.horizon = cfg.horizon
         h, w = cfg.grid_shape
         self.lengths = {"closeness": cfg.len_closeness, "period": cfg.len_period, "trend": cfg.len_trend}
         self.history = nn.Linear(cfg.frames * cfg.flow_channels, cfg.embed_dim)
@@ -116,11 +125,12 @@ class STID(nn.Module):
             nn.init.xavier_uniform_(self.time_of_day)
             nn.init.xavier_uniform_(self.day_of_week)
         self.blocks = nn.Sequential(*(_Block(cfg.hidden, cfg.dropout) for _ in range(cfg.layers)))
-        self.head = nn.Linear(cfg.hidden, cfg.flow_channels)
+        self.head = nn.Linear(cfg.hidden, cfg.flow_channels * cfg.horizon)
 
     def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
         """batch: closeness (B, lc, 2, H, W), period (B, lp, 2, H, W), trend (B, lt, 2, H, W) scaled, most recent
-        first; ext_target (B, D) with the features='acfm' layout when time_embeddings -> (B, 2, H, W) in [-1, 1]."""
+        first; ext_target (B, D) with the features='acfm' layout when time_embeddings -> (B, 2, H, W) in [-1, 1].
+        With ``horizon`` S > 1: ext_target (B, S, D) (step 0's time is embedded) -> (B, S, 2, H, W)."""
         cfg = self.config
         h, w = cfg.grid_shape
         frame_shape = (cfg.flow_channels, h, w)
@@ -139,13 +149,13 @@ class STID(nn.Module):
         x = x.flatten(1, 2).flatten(2).transpose(1, 2)  # (B, L, 2, H, W) -> (B, 2L, H*W) -> (B, H*W, 2L): per cell
         features = [self.history(x), self.node.expand(b, -1, -1)]  # (B, H*W, embed_dim), (B, H*W, node_dim)
         if cfg.time_embeddings:
-            ext = batch.get("ext_target")
-            if ext is None or tuple(ext.shape[1:]) != (cfg.ext_dim,):
-                got = None if ext is None else tuple(ext.shape)
-                raise ValueError(f"STID expects ext_target of shape (B, {cfg.ext_dim}), got {got}")
+            ext = target_ext("STID", batch, cfg.horizon, cfg.ext_dim)
+            if cfg.horizon > 1:
+                ext = ext[:, 0]  # (B, S, D) -> (B, D): the first target slot's time
             weekday = ext[:, WEEKDAY_SLICE].argmax(dim=1)  # (B,) 0 = Monday
             slot = ext[:, slot_slice(cfg.slots_per_day)].argmax(dim=1)  # (B,) slot of day of the target
             features.append(self.time_of_day[slot].unsqueeze(1).expand(-1, h * w, -1))  # (B, H*W, tod_dim)
             features.append(self.day_of_week[weekday].unsqueeze(1).expand(-1, h * w, -1))  # (B, H*W, dow_dim)
-        y = self.head(self.blocks(torch.cat(features, dim=2)))  # (B, H*W, hidden) -> (B, H*W, 2)
-        return torch.tanh(y.transpose(1, 2).unflatten(2, (h, w)))  # (B, H*W, 2) -> (B, 2, H*W) -> (B, 2, H, W)
+        y = self.head(self.blocks(torch.cat(features, dim=2)))  # (B, H*W, hidden) -> (B, H*W, 2S)
+        y = y.transpose(1, 2).unflatten(2, (h, w))  # (B, H*W, 2S) -> (B, 2S, H*W) -> (B, 2S, H, W)
+        return torch.tanh(split_steps(y, cfg.horizon))  # (B, 2, H, W), or (B, 2S, H, W) -> (B, S, 2, H, W)

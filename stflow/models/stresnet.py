@@ -11,6 +11,10 @@ use it by default because without it the residual stream grows until the tanh sa
 ``norm_layer=None`` gives the un-normalized network; any ``norm_layer(channels)`` can be plugged in. The registered
 factories choose it by name (``norm="bn"|"gn"|"bkn"|"none"``); BKN chains the residual units' norms
 (:func:`stflow.models.kalman.kalman_stresnet`).
+
+``horizon=H > 1``: a direct multi-step head (:mod:`stflow.models.horizon`): every component's last conv and the
+fusion weights give ``2H`` step-major channels, the external component is applied to each target slot's vector
+(``ext_target (B, H, D)``), the output is ``(B, H, 2, h, w)``.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from stflow.models.horizon import check_horizon, split_steps, target_ext
 
 __all__ = ["STResNet", "STResNetConfig", "STRESNET_PRESETS"]
 
@@ -44,9 +50,11 @@ class STResNetConfig:
     filters: int = 64
     res_units: int = 4
     ext_hidden: int = 10
+    horizon: int = 1  # output steps: 1 = one slot (B, 2, H, W); > 1 = a direct head (B, horizon, 2, H, W)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "grid_shape", tuple(int(s) for s in self.grid_shape))
+        check_horizon("ST-ResNet", self.horizon)
         lengths = (self.len_closeness, self.len_period, self.len_trend)
         if min(lengths) < 0 or sum(lengths) < 1:
             raise ValueError(
@@ -87,10 +95,10 @@ class _Component(nn.Module):
         super().__init__()
         self.stem = nn.Conv2d(in_channels, cfg.filters, 3, padding=1)
         self.units = nn.Sequential(*(_ResUnit(cfg.filters, norm_layer) for _ in range(cfg.res_units)))
-        self.head = nn.Conv2d(cfg.filters, cfg.flow_channels, 3, padding=1)
+        self.head = nn.Conv2d(cfg.filters, cfg.flow_channels * cfg.horizon, 3, padding=1)
 
     def forward(self, frames: Tensor) -> Tensor:
-        """frames (B, l, 2, H, W) -> (B, 2, H, W)."""
+        """frames (B, l, 2, H, W) -> (B, 2 * horizon, H, W), steps major."""
         x = self.stem(frames.flatten(1, 2))  # (B, l, 2, H, W) -> (B, 2l, H, W): frame-major, as DeepST stacks
         return self.head(torch.relu(self.units(x)))
 
@@ -103,14 +111,15 @@ class STResNet(nn.Module):
     def __init__(self, config: STResNetConfig, norm_layer: NormLayer | None = None) -> None:
         super().__init__()
         self.config = cfg = config
+        self.horizon = cfg.horizon
         h, w = cfg.grid_shape
         self.lengths = {"closeness": cfg.len_closeness, "period": cfg.len_period, "trend": cfg.len_trend}
         self.components = nn.ModuleDict(
             {k: _Component(n * cfg.flow_channels, cfg, norm_layer) for k, n in self.lengths.items() if n > 0}
         )
-        # Parametric-matrix fusion: one (2, H, W) weight per component (DeepST draws them from U[0, 1)).
+        # Parametric-matrix fusion: one (2, H, W) weight per component and step (DeepST draws them from U[0, 1)).
         self.fusion_weights = nn.ParameterDict(
-            {k: nn.Parameter(torch.rand(cfg.flow_channels, h, w)) for k in self.components}
+            {k: nn.Parameter(torch.rand(cfg.flow_channels * cfg.horizon, h, w)) for k in self.components}
         )
         self.external = (
             nn.Sequential(
@@ -123,7 +132,8 @@ class STResNet(nn.Module):
 
     def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
         """batch: closeness (B, lc, 2, H, W), period (B, lp, 2, H, W), trend (B, lt, 2, H, W) scaled, most recent
-        first; ext_target (B, D) when ext_dim > 0 -> prediction (B, 2, H, W), scaled."""
+        first; ext_target (B, D) when ext_dim > 0 -> prediction (B, 2, H, W), scaled. With ``horizon`` S > 1:
+        ext_target (B, S, D) (one vector per target slot) -> (B, S, 2, H, W)."""
         cfg = self.config
         frame_shape = (cfg.flow_channels, *cfg.grid_shape)
         out = None
@@ -135,10 +145,9 @@ class STResNet(nn.Module):
                                  f"{', '.join(map(str, frame_shape))}), got {got}")
             term = self.fusion_weights[key] * component(frames)
             out = term if out is None else out + term
+        out = split_steps(out, cfg.horizon)  # (B, 2S, H, W) -> (B, S, 2, H, W) when S > 1
         if self.external is not None:
-            ext = batch.get("ext_target")
-            if ext is None or tuple(ext.shape[1:]) != (cfg.ext_dim,):
-                got = None if ext is None else tuple(ext.shape)
-                raise ValueError(f"ST-ResNet expects ext_target of shape (B, {cfg.ext_dim}), got {got}")
-            out = out + self.external(ext).unflatten(1, frame_shape)  # (B, 2*H*W) -> (B, 2, H, W)
+            ext = target_ext("ST-ResNet", batch, cfg.horizon, cfg.ext_dim)
+            # (B, 2*H*W) -> (B, 2, H, W), or per step (B, S, 2*H*W) -> (B, S, 2, H, W)
+            out = out + self.external(ext).unflatten(-1, frame_shape)
         return torch.tanh(out)

@@ -12,6 +12,8 @@ Every factory takes the data keywords of :mod:`stflow.models.registry` plus its 
   ``pool_rate``, ``res_units``, ``dropout``, ...); every norm; BKN chains the ResPlus units (:func:`kalman_deepstn`);
 - ``stid``: any :class:`STIDConfig` field except the data-given ones (``embed_dim``, ``layers``, ``time_embeddings``,
   ...); no norm layers (None or "none"); its time embeddings need the features="acfm" external vector;
+- ``horizon=H`` (every factory registered with ``direct=True``: ``acfm_bikenyc``, ``acfm_taxibj``, ``stresnet*``,
+  ``deepstn``, ``stid``): a direct head predicting H slots at once (:mod:`stflow.models.horizon`);
 - ``persistence``: ``mode`` ("last" or "week"); ``historical_average``: no option (fit with ``fit_history``).
 
 The trainable models also take ``norm`` ("bn", "gn", "bkn" or "none"; None = the model's default, BatchNorm) and
@@ -79,6 +81,8 @@ def _acfm(
 ) -> ACFM:
     name = f"acfm_{'reference_' if variant == 'reference' else ''}{preset}"
     own = {f.name for f in dataclasses.fields(ACFMConfig)} - _DATA_FIELDS - {"variant"}
+    if variant == "reference":
+        own -= {"horizon"}  # the authors' one-step network
     _check_options(name, options, own)
     if variant == "reference" and ext_dim != ACFM_PRESETS[preset]["ext_dim"]:
         raise ValueError(
@@ -164,12 +168,12 @@ def _stid(
     return STID(config)
 
 
-@register_model("acfm_bikenyc")
+@register_model("acfm_bikenyc", direct=True)
 def acfm_bikenyc(**kwargs: Any) -> ACFM:
     return _acfm("bikenyc", "clean", **kwargs)
 
 
-@register_model("acfm_taxibj")
+@register_model("acfm_taxibj", direct=True)
 def acfm_taxibj(**kwargs: Any) -> ACFM:
     return _acfm("taxibj", "clean", **kwargs)
 
@@ -184,25 +188,25 @@ def acfm_reference_taxibj(**kwargs: Any) -> ACFM:
     return _acfm("taxibj", "reference", **kwargs)
 
 
-@register_model("stresnet")
+@register_model("stresnet", direct=True)
 def stresnet(**kwargs: Any) -> STResNet:
     """ST-ResNet with the BikeNYC depth (4 residual units)."""
     return _stresnet("bikenyc", **kwargs)
 
 
-@register_model("stresnet_taxibj")
+@register_model("stresnet_taxibj", direct=True)
 def stresnet_taxibj(**kwargs: Any) -> STResNet:
     """ST-ResNet with the TaxiBJ depth (12 residual units)."""
     return _stresnet("taxibj", **kwargs)
 
 
-@register_model("deepstn")
+@register_model("deepstn", direct=True)
 def deepstn(**kwargs: Any) -> DeepSTN:
     """DeepSTN+ (ResPlus units, closeness/period/trend stem, time maps; no POI gate)."""
     return _deepstn(**kwargs)
 
 
-@register_model("stid")
+@register_model("stid", direct=True)
 def stid(**kwargs: Any) -> STID:
     """STID: per-cell MLP over the window with spatial, time-of-day and day-of-week embeddings."""
     return _stid(**kwargs)

@@ -79,8 +79,11 @@ def test_ground_truth_pools_folds_and_reuses_finished_seeds(tmp_path, monkeypatc
     assert json.loads(path.read_text())["seeds"] == [0, 1, 2]  # ...and the file keeps every seed
 
     calls.clear()
-    groundtruth.build_ground_truth(space, path, 4, seeds=[0, 1, 2], epochs=4, folds=5, progress=False)
-    assert len(calls) == 4 * 3 * 5  # other settings: nothing reused
+    with pytest.raises(ValueError, match=r"gt.json \(ground truth\) was made with another config \(epochs: 3 -> 4"):
+        groundtruth.build_ground_truth(space, path, 4, seeds=[0, 1, 2], epochs=4, folds=5, progress=False)
+    assert not calls and json.loads(path.read_text())["epochs"] == 3  # other settings: refused, file kept
+    groundtruth.build_ground_truth(space, path, 4, seeds=[0, 1, 2], epochs=4, folds=5, progress=False, overwrite=True)
+    assert len(calls) == 4 * 3 * 5 and json.loads(path.read_text())["epochs"] == 4  # overwrite: nothing reused
 
 
 def test_seed_ceiling_is_the_mean_pairwise_kendall():

@@ -196,3 +196,22 @@ def test_cli_end_to_end_and_errors(tmp_path, capsys):
     assert transfer_main(["nope"]) == 2
     err = capsys.readouterr().err
     assert err.count("error:") == 3 and "head must be one of fpn, fcn" in err
+
+
+def test_cli_transfers_a_hytra_network_on_48px_scenes_of_four_digits(tmp_path):
+    """The issue's other example: a HyTra architecture through the CLI, on 48x48 canvases of up to 4 digits."""
+    out = tmp_path / "hytra"
+    enc = [[0, 1, 2], [2, 3, 4], [4, 5, 5]]
+    args = ["seg", "--space", "hytra-digits", "--arch", json.dumps(enc), "--out-dir", str(out), "--epochs", "1",
+            "--pretrain-epochs", "1", "--num-train", "8", "--num-val", "4", "--num-test", "4", "--canvas", "48",
+            "--min-digits", "4", "--max-digits", "4", "--num-pictures", "1", "--no-progress"]
+    assert transfer_main(args) == 0
+    result = json.loads((out / "result.json").read_text())
+    hnet = build_hytra_network(hytra_digits(), enc, 10)
+    want = sum(p.numel() for p in hnet.parameters()) - sum(p.numel() for p in hnet.head.parameters())
+    assert result["backbone_params"] == want  # the HyTra backbone was transferred, not the default MBConv net
+    assert len(result["test_iou"]) == NUM_CLASSES and 0 <= result["test_miou"] <= 1
+    dm = SegConfig(canvas=48, min_digits=4, max_digits=4, num_train=8, num_val=4, num_test=4).datamodule()
+    dm.setup()
+    assert dm.scenes["test"].images.shape[1:] == (48, 48)
+    assert all(len(p) == 4 for p in dm.scenes["test"].placements)

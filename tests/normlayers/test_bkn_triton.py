@@ -30,6 +30,8 @@ from normlayers.reference import (  # noqa: E402
 
 patch_interpreter()
 
+from _guard_cases import FIRED, GROUP_SIZE, GUARD_RATIO, P, hand_built, numpy_forward  # noqa: E402
+
 # Force the split path: 16-element tiles, 32-element chunks (two tiles merged per chunk).
 SPLIT = KernelConfig(chunk=32, tile_fwd=16, tile_bwd=16)
 SINGLE = KernelConfig()
@@ -62,7 +64,8 @@ def _inputs(shape, prior_kind, group_size, seed):
     return leaves, upstream
 
 
-def _run(impl, leaves, upstream, *, dtype, channels_last, p, group_size, config=SINGLE, guard_ratio=100.0):
+def _run(impl, leaves, upstream, *, dtype, channels_last, p, group_size, config=SINGLE, guard_ratio=100.0,
+         guard_scope="layer"):
     """Forward + backward through ``impl`` ("triton" or "torch"); x in ``dtype``, parameters in fp32/fp64."""
     pdt = torch.float64 if dtype == torch.float64 else torch.float32
     x = leaves["x"].detach().to(dtype, copy=True)
@@ -76,14 +79,14 @@ def _run(impl, leaves, upstream, *, dtype, channels_last, p, group_size, config=
     if impl == "triton":
         y, pm, pv = batch_kalman_norm_triton(
             x, rm, rv, params["weight"], params["bias"], prior=prior, prior_weight=p, training=True,
-            guard_ratio=guard_ratio, group_size=group_size, config=config,
+            guard_ratio=guard_ratio, group_size=group_size, config=config, guard_scope=guard_scope,
         )
         if channels_last:
             assert y.is_contiguous(memory_format=torch.channels_last)
     else:
         y, pm, pv = batch_kalman_norm_reference(
             x, params["weight"], params["bias"], params["prior_mean"], params["prior_var"], p,
-            guard_ratio=guard_ratio, group_size=group_size,
+            guard_ratio=guard_ratio, group_size=group_size, guard_scope=guard_scope,
         )
         update_running_stats_reference(rm, rv, pm, pv, 0.1, elements_per_group(x, group_size))
     loss = (y.double() * upstream["y"]).sum() + (pm.double() * upstream["post_mean"]).sum()
@@ -141,10 +144,11 @@ def test_parity_with_reference(shape, channels_last, dtype, prior, group_size, p
 
 @pytest.mark.parametrize("path", ["single", "split"])
 def test_guard_fires_per_group(path):
-    """Group 0's prior variance is 1e4 x its batch variance: it falls back to BN; group 1 mixes."""
+    """guard_scope="group": group 0's prior variance is 1e4 x its batch variance: it falls back to BN; group 1
+    mixes."""
     leaves, upstream = _inputs((4, 3, 5, 5), "group", 2, seed=7)
     leaves["prior_var"][0] = 1e4
-    common = dict(channels_last=False, p=0.5, group_size=2)
+    common = dict(channels_last=False, p=0.5, group_size=2, guard_scope="group")
     ref = _run("torch", leaves, upstream, dtype=torch.float64, **common)
     low = _run("torch", leaves, upstream, dtype=torch.float32, **common)
     kern = _run("triton", leaves, upstream, dtype=torch.float32, config=SPLIT if path == "split" else SINGLE,
@@ -155,6 +159,32 @@ def test_guard_fires_per_group(path):
     torch.testing.assert_close(kern[2][0], xs.var(dim=1, unbiased=False), rtol=0, atol=1e-5)
     assert bool((kern[8][0] == 0).all()) and bool((kern[9][0] == 0).all())  # no gradient to its prior
     assert bool((kern[8][1] != 0).all())  # group 1 used its prior
+
+
+@pytest.mark.parametrize("channels_last,path", [(False, "single"), (True, "split")])
+@pytest.mark.parametrize("scope", ["layer", "group"])
+@pytest.mark.parametrize("case", ["layer_fires", "layer_mixes"])
+def test_guard_scope_on_groups_that_disagree(case, scope, channels_last, path):
+    """The hand-built case of _guard_cases.py: the kernels follow the reference in both scopes, and their
+    posteriors and prior gradients show each scope's decisions (the independent numpy forward's)."""
+    x, w, b, pm, pv = hand_built(case, "gc")
+    c = x.shape[1]
+    leaves = {"x": x, "weight": w, "bias": b, "prior_mean": pm, "prior_var": pv,
+              "running_mean": torch.zeros(c, dtype=torch.float64), "running_var": torch.ones(c, dtype=torch.float64)}
+    _, upstream = _inputs(tuple(x.shape), "group", GROUP_SIZE, seed=23)
+    common = dict(channels_last=channels_last, p=P, group_size=GROUP_SIZE, guard_ratio=GUARD_RATIO,
+                  guard_scope=scope)
+    ref = _run("torch", leaves, upstream, dtype=torch.float64, **common)
+    low = _run("torch", leaves, upstream, dtype=torch.float32, **common)
+    kern = _run("triton", leaves, upstream, dtype=torch.float32, config=SPLIT if path == "split" else SINGLE,
+                **common)
+    _assert_within_torch_error(kern, low, ref, torch.float32, f"{case} {scope} {path}")
+    _, m_np, v_np, fired, _ = numpy_forward(x, w, b, pm, pv, scope)
+    assert tuple(fired) == FIRED[case, scope]
+    torch.testing.assert_close(kern[1], torch.from_numpy(m_np), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kern[2], torch.from_numpy(v_np), rtol=1e-5, atol=1e-5)
+    for k, f in enumerate(fired):  # a fired group's prior gets no gradient
+        assert bool((kern[8][k] == 0).all()) == bool(f) and bool((kern[9][k] == 0).all()) == bool(f)
 
 
 def test_disabled_guard_keeps_the_mixture():
@@ -316,14 +346,18 @@ names = sorted(n for n in dir(kernels) if n.endswith("_kernel"))
 for name in names:
     fn = getattr(kernels, name)
     is_constexpr = {param.name: param.is_constexpr for param in fn.params}
-    consts = {a: flags[a] for a in fn.arg_names if a in flags and is_constexpr[a]}
-    signature = {
-        a: "constexpr" if a in consts else "fp32" if a in floats else
-        pointer_types.get(a, "*fp32") if a.isupper() and a not in ints else "i32"
-        for a in fn.arg_names
-    }
-    src = ASTSource(fn=fn, signature=signature, constexprs={(fn.arg_names.index(a),): v for a, v in consts.items()})
-    assert triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"], name
+    for layer_guard in ((True, False) if "LAYER_GUARD" in fn.arg_names else (None,)):  # both guard scopes
+        consts = {a: flags[a] for a in fn.arg_names if a in flags and is_constexpr[a]}
+        if layer_guard is not None:
+            consts["LAYER_GUARD"] = layer_guard
+        signature = {
+            a: "constexpr" if a in consts else "fp32" if a in floats else
+            pointer_types.get(a, "*fp32") if a.isupper() and a not in ints else "i32"
+            for a in fn.arg_names
+        }
+        src = ASTSource(fn=fn, signature=signature,
+                        constexprs={(fn.arg_names.index(a),): v for a, v in consts.items()})
+        assert triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"], name
 print("compiled", len(names))
 """
 

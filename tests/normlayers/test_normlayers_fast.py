@@ -40,19 +40,23 @@ def test_gradcheck_float64_through_fast_function(group_size, prior_kind, channel
     assert torch.autograd.gradcheck(fn, inputs, fast_mode=True)
 
 
-def test_gradcheck_with_guard_fired_and_no_affine():
+@pytest.mark.parametrize("scope", ["group", "layer"])
+def test_gradcheck_with_guard_fired_and_no_affine(scope):
     x, _, _, pm, pv = _make((4, 3, 2, 3), torch.float64, 2, "group", seed=1)
     with torch.no_grad():
-        pv[0] *= 1e4  # group 0 falls back to BN: zero gradient to its prior
+        pv[0] *= 1e4  # group 0's ratio: far above the threshold, and so is the layer's mean
 
     def fn(x, pm, pv):
-        return bkn_train(x, None, None, (pm, pv), 0.9, 1e-5, 100.0, 2)
+        return bkn_train(x, None, None, (pm, pv), 0.9, 1e-5, 100.0, 2, guard_scope=scope)
 
     assert torch.autograd.gradcheck(fn, (x, pm, pv), fast_mode=True)
     y, m, v = fn(x, pm, pv)
     (y.square().sum() + m.sum() + v.sum()).backward()
-    assert torch.all(pm.grad[0] == 0) and torch.all(pv.grad[0] == 0)
-    assert torch.all(pm.grad[1] != 0) and torch.all(pv.grad[1] != 0)
+    assert torch.all(pm.grad[0] == 0) and torch.all(pv.grad[0] == 0)  # fell back to BN: no gradient to its prior
+    if scope == "group":  # group 1 mixed its prior in
+        assert torch.all(pm.grad[1] != 0) and torch.all(pv.grad[1] != 0)
+    else:  # the layer fell back as a whole
+        assert torch.all(pm.grad == 0) and torch.all(pv.grad == 0)
 
 
 @pytest.mark.parametrize("group_size", [None, 2])

@@ -109,7 +109,7 @@ def test_hot_path_equals_the_general_function(dtype, tol):
     arithmetic); both write y into group norm's spare output, in either statistics dtype."""
     x, w, b, pm, pv = _inputs(HOT_SHAPE, dtype, seed=5)
     hot = hot_train(x, None, None, w, b, (pm, pv), 0.9, 0.1, 1e-5, 100.0)
-    general = _BatchKalmanNormFn.apply(x, w, b, pm, pv, 0.9, 1e-5, 100.0, 1, True, None)
+    general = _BatchKalmanNormFn.apply(x, w, b, pm, pv, 0.9, 1e-5, 100.0, True, 1, True, None)
     assert _node_name(hot[0]) == "_NchwPriorFnBackward" and _node_name(general[0]) == "_BatchKalmanNormFnBackward"
     for got, want in zip(hot, general):
         torch.testing.assert_close(got, want, rtol=tol, atol=tol)

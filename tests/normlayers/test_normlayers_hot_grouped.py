@@ -1,7 +1,8 @@
 """The hot path for channels-last input and ghost groups (normlayers.ops.torch_backend._GroupedPriorFn via
 hot_train): taken when it should be; float64 parity with the reference (outputs, running buffers, gradients of
 y alone and of y with the posterior); fp32 equality with the general Function; gradcheck; the guard per group
-(none, some, all fired); bad prior values. Every test runs with both per-channel finalizes (C call, torch ops)."""
+(none, some, all fired; decided per group or once for the layer); bad prior values. Every test runs with both
+per-channel finalizes (C call, torch ops)."""
 
 from __future__ import annotations
 
@@ -40,7 +41,9 @@ def _node_name(y: torch.Tensor) -> str:
     return type(y.grad_fn).__name__
 
 
-# (layout, group_size, prior of shape (C,) or (G, C), guard): the cases the hot path adds
+# (layout, group_size, prior of shape (C,) or (G, C), guard): the cases the hot path adds. "some": the first
+# group's ratio is far above the threshold, the others' below, decided per group (guard_scope="group"); the
+# layer's mean is above it too, so "some_layer" (guard_scope="layer") falls back in every group
 CASES = [
     ("channels_last", None, "c", "none"),
     ("channels_last", None, "c", "all"),
@@ -52,14 +55,20 @@ CASES = [
     ("nchw", 2, "gc", "none"),
     ("nchw", 2, "c", "some"),
     ("nchw", 4, "gc", "all"),
+    ("channels_last", 2, "gc", "some_layer"),
+    ("nchw", 2, "gc", "some_layer"),
 ]
+
+
+def _scope(guard):
+    return "group" if guard == "some" else "layer"
 
 
 def _case_inputs(layout, group_size, prior, guard, dtype=torch.float64, seed=0, shape=SHAPE):
     groups = 1 if group_size is None else shape[0] // group_size
     prior_shape = (shape[1],) if prior == "c" else (groups, shape[1])
     return _inputs(shape, layout, prior_shape, dtype, seed=seed, prior_scale=1e4 if guard == "all" else 1.0,
-                   quiet_group=slice(0, group_size) if guard == "some" else None)
+                   quiet_group=slice(0, group_size) if guard in ("some", "some_layer") else None)
 
 
 def test_layer_takes_the_grouped_hot_path_where_it_applies():
@@ -98,11 +107,11 @@ def test_grouped_hot_path_matches_the_reference_float64(layout, group_size, prio
     ref = [t.detach().clone().requires_grad_() for t in (x, w, b, pm, pv)]
     c = SHAPE[1]
     rm, rv = torch.zeros(c, dtype=torch.float64), torch.ones(c, dtype=torch.float64)
-    y, post_mean, post_var = hot_train(x, rm, rv, w, b, (pm, pv), 0.8, 0.1, 1e-5, 100.0, group_size)
+    y, post_mean, post_var = hot_train(x, rm, rv, w, b, (pm, pv), 0.8, 0.1, 1e-5, 100.0, group_size, _scope(guard))
     assert _node_name(y) == "_GroupedPriorFnBackward"
     if layout == "channels_last":
         assert y.is_contiguous(memory_format=CL)
-    y_ref, m_ref, v_ref = batch_kalman_norm_reference(*ref, 0.8, group_size=group_size)
+    y_ref, m_ref, v_ref = batch_kalman_norm_reference(*ref, 0.8, group_size=group_size, guard_scope=_scope(guard))
     if group_size is None:  # one group: (C,) posteriors, as the layer exposes them
         m_ref, v_ref = m_ref[0], v_ref[0]
     torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-11)
@@ -132,7 +141,7 @@ def test_grouped_hot_path_matches_the_reference_float64(layout, group_size, prio
         expect = torch.autograd.grad(ref_outputs, ref, grads, retain_graph=True)
         for got, want in zip(fast, expect):
             torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
-    if guard == "all":  # every guard fired: BatchNorm's statistics, no gradient to the prior
+    if guard in ("all", "some_layer"):  # every guard fired: BatchNorm's statistics, no gradient to the prior
         assert torch.all(fast[3] == 0) and torch.all(fast[4] == 0)
     if guard == "some" and prior == "gc":
         assert torch.all(fast[3][0] == 0) and torch.any(fast[3][1] != 0)
@@ -142,8 +151,9 @@ def test_grouped_hot_path_matches_the_reference_float64(layout, group_size, prio
 def test_grouped_hot_path_equals_the_general_function_fp32(layout, group_size, prior, guard):
     x, w, b, pm, pv = _case_inputs(layout, group_size, prior, guard, dtype=torch.float32, seed=5)
     groups = 1 if group_size is None else SHAPE[0] // group_size
-    hot = hot_train(x, None, None, w, b, (pm, pv), 0.9, 0.1, 1e-5, 100.0, group_size)
-    general = _BatchKalmanNormFn.apply(x, w, b, pm, pv, 0.9, 1e-5, 100.0, groups, True, None)
+    hot = hot_train(x, None, None, w, b, (pm, pv), 0.9, 0.1, 1e-5, 100.0, group_size, _scope(guard))
+    general = _BatchKalmanNormFn.apply(x, w, b, pm, pv, 0.9, 1e-5, 100.0, _scope(guard) == "layer", groups, True,
+                                       None)
     assert _node_name(hot[0]) == "_GroupedPriorFnBackward" and _node_name(general[0]) == "_BatchKalmanNormFnBackward"
     for got, want in zip(hot, general):
         torch.testing.assert_close(got, want, rtol=2e-6, atol=2e-6)

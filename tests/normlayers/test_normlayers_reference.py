@@ -79,17 +79,20 @@ def test_functional_matches_f_batch_norm_including_running_stats():
     assert pm is None and pv is None
 
 
-def _spec_numpy(x, prior_mean, prior_var, p, gamma, beta, group_size, eps=1e-5, guard=100.0):
-    """The bkn.md update, written independently in float64 numpy, one ghost group at a time."""
+def _spec_numpy(x, prior_mean, prior_var, p, gamma, beta, group_size, eps=1e-5, guard=100.0, scope="layer"):
+    """The bkn.md update, written independently in float64 numpy, one ghost group at a time; the guard's ratio
+    averaged over all groups' channels (``scope="layer"``) or over each group's (``"group"``)."""
     x = x.astype(np.float64)
     n, c = x.shape[:2]
     groups = n // group_size
+    slices = [x[k * group_size:(k + 1) * group_size].transpose(1, 0, *range(2, x.ndim)).reshape(c, -1)
+              for k in range(groups)]
+    ratios = [np.mean(prior_var[k] / (xg.var(axis=1) + eps)) for k, xg in enumerate(slices)]
     ys, means, vars_, fired = [], [], [], []
-    for k in range(groups):
-        xg = x[k * group_size:(k + 1) * group_size].transpose(1, 0, *range(2, x.ndim)).reshape(c, -1)
+    for k, xg in enumerate(slices):
         mu_b, var_b = xg.mean(axis=1), xg.var(axis=1)
         mu_p, var_p = prior_mean[k], prior_var[k]
-        fire = np.mean(var_p / (var_b + eps)) >= guard
+        fire = (np.mean(ratios) if scope == "layer" else ratios[k]) >= guard
         if fire:
             mu_hat, var_hat = mu_b, var_b
         else:
@@ -105,9 +108,10 @@ def _spec_numpy(x, prior_mean, prior_var, p, gamma, beta, group_size, eps=1e-5, 
     return np.concatenate(ys), np.stack(means), np.stack(vars_), fired
 
 
+@pytest.mark.parametrize("scope", ["layer", "group"])
 @pytest.mark.parametrize("group_size", [None, 2])
 @pytest.mark.parametrize("backend", ["reference", "torch"])
-def test_update_matches_spec_in_float64_with_guard(group_size, backend):
+def test_update_matches_spec_in_float64_with_guard(group_size, backend, scope):
     gen = torch.Generator().manual_seed(3)
     n, c = 6, 5
     x = torch.randn(n, c, 4, 3, generator=gen, dtype=torch.float64) * 1.5 + 0.3
@@ -118,25 +122,27 @@ def test_update_matches_spec_in_float64_with_guard(group_size, backend):
     prior_mean = torch.randn(groups, c, generator=gen, dtype=torch.float64) * 2.0  # far from mu_B: cross term
     prior_var = torch.rand(groups, c, generator=gen, dtype=torch.float64) + 0.5
     if groups > 1:
-        prior_var[-1] *= 1e4  # the last group's guard fires, the others' do not
+        prior_var[-1] *= 1e4  # the last group's ratio is far above the threshold, the others' below
     else:
         prior_var *= 1e4
     p = 0.7
     y_np, m_np, v_np, fired = _spec_numpy(x.numpy(), prior_mean.numpy(), prior_var.numpy(), p, gamma.numpy(),
-                                          beta.numpy(), gs)
-    assert fired[-1] and (groups == 1 or not any(fired[:-1]))
+                                          beta.numpy(), gs, scope=scope)
+    # "group": only the last group falls back; "layer": the mean over all groups is above the threshold too
+    assert fired[-1] and (groups == 1 or all(fired) if scope == "layer" else not any(fired[:-1]))
     if backend == "reference":
-        y, pm, pv = batch_kalman_norm_reference(x, gamma, beta, prior_mean, prior_var, p, group_size=group_size)
+        y, pm, pv = batch_kalman_norm_reference(x, gamma, beta, prior_mean, prior_var, p, group_size=group_size,
+                                                guard_scope=scope)
     else:
         y, pm, pv = batch_kalman_norm(x, None, None, gamma, beta, prior=(prior_mean, prior_var), prior_weight=p,
-                                      group_size=group_size, backend="torch")
+                                      group_size=group_size, backend="torch", guard_scope=scope)
     np.testing.assert_allclose(y.numpy(), y_np, rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(pm.numpy(), m_np, rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(pv.numpy(), v_np, rtol=1e-10, atol=1e-10)
 
     # without the guard (infinite ratio) every group mixes, the cross term included
     y2, pm2, pv2 = batch_kalman_norm_reference(x, gamma, beta, prior_mean, prior_var, p, guard_ratio=float("inf"),
-                                               group_size=group_size)
+                                               group_size=group_size, guard_scope=scope)
     _, m2_np, v2_np, _ = _spec_numpy(x.numpy(), prior_mean.numpy(), prior_var.numpy(), p, gamma.numpy(),
                                      beta.numpy(), gs, guard=np.inf)
     np.testing.assert_allclose(pv2.numpy(), v2_np, rtol=1e-10)

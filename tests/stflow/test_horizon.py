@@ -24,7 +24,8 @@ def city(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def trained(city: Path) -> dict:
     return train.main(["--data-dir", str(city), "--test-days", "2", "--epochs", "1", "--batch-size", "32",
-                       "--no-progress-bar", "--out-dir", str(city.parent / "run"), "--horizon", "3", "--json"])
+                       "--no-progress-bar", "--out-dir", str(city.parent / "run"), "--horizon", "3", "--horizon-mode",
+                       "recursive", "--json"])
 
 
 def test_persistence_per_step_rmse_recomputed(city: Path) -> None:
@@ -78,6 +79,7 @@ def test_rollout_feeds_back_its_own_predictions(trained: dict, city: Path) -> No
 def test_train_horizon_reports_per_step(trained: dict) -> None:
     steps = trained["test_horizon"]["steps"]
     assert len(steps) == 3 and trained["test_horizon"]["protocol"] == "deepst"
+    assert trained["horizon_mode"] == trained["test_horizon"]["mode"] == "recursive"
     again = evaluate.evaluate(trained["best_checkpoint"], horizon=3)
     for mine, theirs in zip(steps, again["steps"]):
         assert mine["rmse"] == pytest.approx(theirs["rmse"], rel=1e-6)

@@ -122,8 +122,10 @@ void bkn_backward_chain_finalize(int is_double, int64_t c, int64_t count, const 
  * Inputs: per-row moments m and s, (G*n, C), n rows per group (rows of equal element counts): with var_rows = 0
  * s is group norm's inverse deviation (eps = 0), with var_rows = 1 the biased variance (BN's statistics kernel).
  * Group k's moments by the law of total variance: mu_B = mean_i m, var_B = mean_i(var_i + (m_i - mu_B)^2).
- * The prior is (C,) shared by the groups (prior_stride = 0) or (G, C) (prior_stride = C). Guard per group:
- * mean_c var_P / (var_B + eps) >= guard_ratio -> p_k = 0, written to p_used[k] (doubles).
+ * The prior is (C,) shared by the groups (prior_stride = 0) or (G, C) (prior_stride = C). Guard on the ratios
+ * var_P / (var_B + eps): with layer_guard = 1 one decision for all groups, mean over (G, C) >= guard_ratio;
+ * with layer_guard = 0 one per group, mean over group k's channels >= guard_ratio. A group whose guard fired
+ * gets p_k = 0, written to p_used[k] (doubles; it holds group k's ratio sum until the decision).
  * Outputs (G, C): mu_hat, var_hat, r, d, a = r*gamma; with expand > 0, per-row copies
  * (G*expand, C) of mu_hat (mean_rows), r (rstd_rows), a (scale_rows) and beta - mu_hat*a (shift_rows), each row
  * of group k repeated expand times (NULL pointers are skipped). Running buffers (NULL to skip): EMA of the
@@ -132,12 +134,12 @@ void bkn_backward_chain_finalize(int is_double, int64_t c, int64_t count, const 
 double bkn_forward_finalize_grouped(int is_double, int var_rows, int64_t groups, int64_t n, int64_t c,
                                     const void *m, const void *s, const void *prior_mean, const void *prior_var,
                                     int64_t prior_stride, const void *weight, const void *bias, double p,
-                                    double eps, double guard_ratio, void *running_mean, void *running_var,
-                                    double momentum, int64_t count, void *post_mean, void *post_var, void *rstd,
-                                    void *d, void *a, double *p_used, int64_t expand, void *mean_rows,
-                                    void *rstd_rows, void *scale_rows, void *shift_rows) {
-    int64_t fired = 0;
-    for (int64_t k = 0; k < groups; ++k) {
+                                    double eps, double guard_ratio, int layer_guard, void *running_mean,
+                                    void *running_var, double momentum, int64_t count, void *post_mean,
+                                    void *post_var, void *rstd, void *d, void *a, double *p_used, int64_t expand,
+                                    void *mean_rows, void *rstd_rows, void *scale_rows, void *shift_rows) {
+    double layer_sum = 0.0;
+    for (int64_t k = 0; k < groups; ++k) { /* batch moments (parked in the outputs) and each group's ratio sum */
         double ratio_sum = 0.0;
         for (int64_t j = 0; j < c; ++j) {
             double pm = load(prior_mean, k * prior_stride + j, is_double);
@@ -155,11 +157,18 @@ double bkn_forward_finalize_grouped(int is_double, int var_rows, int64_t groups,
                 var += dev * dev + (var_rows ? v : 1.0 / (v * v)); /* r = inf (a constant row) adds 0 */
             }
             var /= (double)n;
-            mu = store(post_mean, k * c + j, mu, is_double); /* batch moments parked until the guard is known */
+            store(post_mean, k * c + j, mu, is_double); /* batch moments parked until the guard is known */
             var = store(post_var, k * c + j, var, is_double);
             ratio_sum += pv / (var + eps);
         }
-        double pk = ratio_sum / (double)c >= guard_ratio ? 0.0 : p, q = 1.0 - pk;
+        p_used[k] = ratio_sum;
+        layer_sum += ratio_sum;
+    }
+    int layer_fired = layer_sum / ((double)groups * (double)c) >= guard_ratio;
+    int64_t fired = 0;
+    for (int64_t k = 0; k < groups; ++k) { /* the guard, then the mixture */
+        int fire = layer_guard ? layer_fired : p_used[k] / (double)c >= guard_ratio;
+        double pk = fire ? 0.0 : p, q = 1.0 - pk;
         fired += pk == 0.0 && p > 0.0;
         p_used[k] = pk;
         for (int64_t j = 0; j < c; ++j) {
