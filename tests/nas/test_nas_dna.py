@@ -10,6 +10,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from _tiny_space import TINY_SPACE
 
 import nas.methods.dna as dna
 from nas import cli
@@ -21,17 +22,6 @@ from nas.search.ratings import load_ratings
 from nas.spaces import SearchSpace
 from nas.supernet import BlockSupernet
 from stflow.config import ConfigError, load_config
-
-TINY_SPACE = {
-    "name": "tiny-digits",
-    "stem_channels": 4,
-    "ops": [{"kind": "skip"}, {"kernel": 3, "expansion": 1}, {"kernel": 3, "expansion": 2}],
-    "blocks": [
-        {"out_channels": 4, "stride": 1, "layers": 2},
-        {"out_channels": 6, "stride": 2, "layers": 2},
-        {"out_channels": 8, "stride": 2, "layers": 2},
-    ],
-}
 
 
 def tiny_cfg(**changes) -> DNAConfig:

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import yaml
+from _tiny_space import TINY_SPACE
 
 import nas.methods.bossnas as bossnas
 import nas.methods.dna as dna
@@ -31,16 +32,6 @@ from nas.search.ratings import RatingTable, save_ratings
 from nas.spaces import SearchSpace
 from nas.transfer.__main__ import main as transfer_main
 
-TINY_SPACE = {
-    "name": "tiny-digits",
-    "stem_channels": 4,
-    "ops": [{"kind": "skip"}, {"kernel": 3, "expansion": 1}, {"kernel": 3, "expansion": 2}],
-    "blocks": [
-        {"out_channels": 4, "stride": 1, "layers": 2},
-        {"out_channels": 6, "stride": 2, "layers": 2},
-        {"out_channels": 8, "stride": 2, "layers": 2},
-    ],
-}
 MLP_ARGS = ["--no-progress", "--teacher-epochs", "0.5", "--warmup-epochs", "0.5", "--candidate-epochs", "0.1",
             "--stage1-evals", "3", "--stage2-evals", "2", "--init-samples", "2", "--retrain-interval", "2",
             "--height-levels", "[3]", "--stage3-epochs", "0.2", "--retrain-epochs", "0.2", "--retrain-seeds", "[0]",
