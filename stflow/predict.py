@@ -38,6 +38,18 @@ class PredictConfig:
     def validate(self) -> None:
         if not self.out.lower().endswith((".h5", ".hdf5", ".npz", ".csv")):
             raise ValueError(f"--out must end with .h5, .npz or .csv, got {self.out!r}")
+        import pandas as pd
+
+        times = {}
+        for key in ("start", "end"):
+            value = getattr(self, key)
+            if value is not None:
+                try:
+                    times[key] = pd.Timestamp(value)
+                except ValueError:
+                    raise ValueError(f"--{key}: cannot read {value!r} as a time (e.g. 2014-09-21T08:00)") from None
+        if len(times) == 2 and times["start"] > times["end"]:
+            raise ValueError(f"--start {times['start']} is after --end {times['end']}")
 
 
 def predict(cfg: PredictConfig) -> dict[str, Any]:

@@ -87,6 +87,12 @@ def test_missing_history_names_the_slots(trained: dict, evaluation: dict, capsys
     assert future.timestamps[0] == dm.timestamps[-1] + pd.Timedelta(hours=1)
     code = predict.run_cli(predict.main, ["--checkpoint", trained["best_checkpoint"], "--out", "x.txt"])
     assert code == 2 and "--out must end with .h5, .npz or .csv" in capsys.readouterr().err
+    for period, message in ((["--start", "2015-03-16 05:00", "--end", "2015-03-16 04:00"],
+                             "error: --start 2015-03-16 05:00:00 is after --end 2015-03-16 04:00:00\n"),
+                            (["--start", "yesterday"], "error: --start: cannot read 'yesterday' as a time")):
+        code = predict.run_cli(predict.main, ["--checkpoint", trained["best_checkpoint"], "--out", "x.npz", *period])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith(message) and err.count("\n") == 1, err
 
 
 def test_written_h5_reads_back_as_input_layout(trained: dict, tmp_path: Path) -> None:
