@@ -107,6 +107,29 @@ def claim(out: Path) -> bool:
     return True
 
 
+def bikenyc_dir(data_dir: str | None) -> str | None:
+    """``data_dir``, else the shared BikeNYC folder; None (after printing why) when there is none."""
+    if data_dir is not None:
+        return data_dir
+    shared = shared_dir()
+    if shared is None or not (shared / "data" / "bikenyc").is_dir():
+        print("skipped: no shared BikeNYC data (../shared/data/bikenyc); pass --data-dir")
+        return None
+    return str(shared / "data" / "bikenyc")
+
+
+def train_claimed(config: TrainConfig) -> dict[str, Any] | None:
+    """Train (or resume) the run of ``config`` unless another process holds it (then None); the claim is released
+    whatever happens."""
+    out = Path(config.run.out_dir)
+    if not claim(out):
+        return None
+    try:
+        return train_one(config)
+    finally:
+        (out / ".running").unlink(missing_ok=True)
+
+
 def train_one(config: TrainConfig) -> dict[str, Any]:
     """Run (or resume) one seed; returns stflow.train.run's result."""
     out = Path(config.run.out_dir)
@@ -280,13 +303,9 @@ def plot(summary: list[dict[str, Any]], per_seed: list[dict[str, Any]], results:
 def main(argv: list[str] | None = None) -> int:
     ns, _ = parse_bench(Leaderboard, argv, prog="python -m benchmarks leaderboard",
                         description=__doc__.split("\n\n")[0])
-    data_dir = ns.data_dir
+    data_dir = bikenyc_dir(ns.data_dir)
     if data_dir is None:
-        shared = shared_dir()
-        if shared is None or not (shared / "data" / "bikenyc").is_dir():
-            print("skipped: no shared BikeNYC data (../shared/data/bikenyc); pass --data-dir")
-            return 0
-        data_dir = str(shared / "data" / "bikenyc")
+        return 0
     root = Path(ns.out_dir) if ns.out_dir else REPO / "runs" / "leaderboard"
     results = output_dir()
     if ns.threads is not None:
@@ -302,14 +321,10 @@ def main(argv: list[str] | None = None) -> int:
                 if is_finished(Path(config.run.out_dir), config):
                     print(f"{row} seed {seed}: done already ({config.run.out_dir})", flush=True)
                     continue
-                out = Path(config.run.out_dir)
-                if not claim(out):
+                result = train_claimed(config)
+                if result is None:
                     print(f"{row} seed {seed}: being trained by another process, skipped", flush=True)
                     continue
-                try:
-                    result = train_one(config)
-                finally:
-                    (out / ".running").unlink(missing_ok=True)
                 print(f"{row} seed {seed}: test RMSE {result['test']['test_rmse']:.3f} after {result['epochs']} "
                       f"epochs ({result['wall_s']:.0f} s)", flush=True)
     summary, per_seed, in_progress = collect(root, tuple(ns.models), tuple(ns.seeds), ns.epochs, data_dir)

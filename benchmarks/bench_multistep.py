@@ -30,9 +30,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from benchmarks.bench_leaderboard import claim, is_finished, train_one
+from benchmarks.bench_leaderboard import bikenyc_dir, is_finished, train_claimed
 from benchmarks.harness import check_at_least, output_path, parse_bench, report
-from stflow.paths import shared_dir
 from stflow.train import TrainConfig, load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -155,13 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     from stflow.evaluate import evaluate
 
     ns, _ = parse_bench(Multistep, argv, prog="python -m benchmarks multistep", description=__doc__.split("\n\n")[0])
-    data_dir = ns.data_dir
+    data_dir = bikenyc_dir(ns.data_dir)
     if data_dir is None:
-        shared = shared_dir()
-        if shared is None or not (shared / "data" / "bikenyc").is_dir():
-            print("skipped: no shared BikeNYC data (../shared/data/bikenyc); pass --data-dir")
-            return 0
-        data_dir = str(shared / "data" / "bikenyc")
+        return 0
     if ns.threads is not None:
         import torch
 
@@ -178,16 +173,12 @@ def main(argv: list[str] | None = None) -> int:
         for row in ns.direct_models:
             for seed in ns.seeds:
                 config = direct_config(row, seed, root, h, ns.epochs, data_dir)
-                out = Path(config.run.out_dir)
-                if is_finished(out, config):
+                if is_finished(Path(config.run.out_dir), config):
                     continue
-                if not claim(out):
+                trained = train_claimed(config)
+                if trained is None:
                     print(f"{row} direct seed {seed}: being trained by another process, skipped", flush=True)
                     continue
-                try:
-                    trained = train_one(config)
-                finally:
-                    (out / ".running").unlink(missing_ok=True)
                 print(f"{row} direct seed {seed}: test RMSE step 1 {trained['test']['test_rmse']:.3f}, mean "
                       f"{trained['test']['test_rmse_mean']:.3f} after {trained['epochs']} epochs "
                       f"({trained['wall_s']:.0f} s)", flush=True)

@@ -84,24 +84,16 @@ def cache_path(name: str) -> Path:
 def _output_flags(parser: Any) -> None:
     parser.add_argument("--results_dir", default=None,
                         help="folder of the tables, figures and new caches; null: runs/benchmarks/ in the repository")
-    parser.add_argument("--update_results", type=bool, default=False,
+    parser.add_argument("--update_results", type=bool, nargs="?", const=True, default=False,  # bare flag: true
                         help="write into the committed benchmarks/results/ instead (refreshing the published figures)")
 
 
 def parse_bench(cls: type[T], argv: Sequence[str] | None, **kwargs: Any) -> tuple[T, dict[str, Any]]:
     """:func:`stflow.config.parse_cli` of a benchmark's options plus the shared output flags
     (``--results-dir DIR``, ``--update-results``), which then choose the output folder (:func:`set_output`)."""
-    import sys
-
     from stflow.config import ConfigError, parse_cli
 
     own = kwargs.pop("extra", None)
-    given = list(sys.argv[1:] if argv is None else argv)
-    argv = []
-    for i, token in enumerate(given):  # a bare --update-results means --update-results true (as a bool field's)
-        argv.append(token)
-        if token in ("--update-results", "--update_results") and (i + 1 == len(given) or given[i + 1].startswith("--")):
-            argv.append("true")
 
     def extra(parser: Any) -> None:
         _output_flags(parser)

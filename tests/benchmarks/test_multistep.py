@@ -38,7 +38,7 @@ def test_bad_options_are_refused_before_any_work(args, key, monkeypatch, capsys)
     def started(*_a, **_k):
         raise AssertionError("work started")
 
-    monkeypatch.setattr(bench_multistep, "train_one", started)
+    monkeypatch.setattr(bench_multistep, "train_claimed", started)
     monkeypatch.setattr(bench_multistep, "report", started)
     assert main(["multistep", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
