@@ -292,17 +292,12 @@ class ForecastingSystem(pl.LightningModule):
         super().optimizer_step(*args, **kwargs)
         self.update_ema()
 
-    def _loss(self, pred: Tensor, target: Tensor) -> Tensor:
+    def step_loss(self, pred: Tensor, target: Tensor) -> Tensor:
+        """The training loss: ``pred``/``target`` (B, 2, h, w), or (B, H, 2, h, w) for a direct head, where the
+        loss over every value is the mean over the steps of each step's loss (the steps hold equally many)."""
         if self.hparams.loss == "mse":
             return nn.functional.mse_loss(pred, target)
         return nn.functional.l1_loss(pred, target)
-
-    def step_loss(self, pred: Tensor, target: Tensor) -> Tensor:
-        """The training loss: ``pred``/``target`` (B, 2, h, w), or (B, H, 2, h, w) for a direct head, where it is
-        the mean over the steps of each step's loss."""
-        if self.horizon == 1:
-            return self._loss(pred, target)
-        return torch.stack([self._loss(pred[:, k], target[:, k]) for k in range(self.horizon)]).mean()
 
     def _update(self, stage: str, metrics: FlowMetrics, pred: Tensor, target: Tensor, index: Tensor) -> None:
         """Update ``metrics`` (step 1) and, for a direct head, the stage's later-step metrics (row index + k)."""
