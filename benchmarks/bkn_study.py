@@ -22,11 +22,13 @@ from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
+import torch
 from torch import nn
 
 from nas.data import DigitsDataModule
 from nas.models import PreActResNet
 from nas.systems import ClassifierSystem
+from normlayers import BatchKalmanNorm
 from normlayers.select import base_norm_factory, finalize_norms, norm_spec
 from stflow.callbacks import EpochRecorder
 from stflow.runner import RunConfig, fit
@@ -37,14 +39,21 @@ from stflow.runner import RunConfig, fit
 
 
 def build_resnet(
-    norm: str, stat_batch: int, group_size: int | None = None, depth: int = 1, **kwargs: Any
+    norm: str,
+    stat_batch: int,
+    group_size: int | None = None,
+    depth: int = 1,
+    guard_scope: str = "layer",
+    guard_ratio: float = 100.0,
+    shortcut: str = "prior",
+    **kwargs: Any,
 ) -> tuple[nn.Module, float | None]:
     """The study's ResNet with norm ``norm``; BKN gets the prior weight of ``stat_batch`` samples."""
     spec = norm_spec(norm)
     model = PreActResNet(
         norm_layer=base_norm_factory(spec, None if spec.kind == "bkn" else group_size), depth=depth, **kwargs
     )
-    return finalize_norms(model, spec, stat_batch, group_size)
+    return finalize_norms(model, spec, stat_batch, group_size, guard_scope, guard_ratio, shortcut)
 
 
 def study_data(batch_size: int, seed: int = 0, eval_batch_size: int = 512) -> DigitsDataModule:
@@ -72,6 +81,73 @@ def study_system(model: nn.Module, lr: float = 0.1, max_epochs: int = 10) -> Cla
     )
 
 
+class GuardMonitor:
+    """Counts, during training, how often BKN's fallback to plain BN fires under each guard rule.
+
+    A forward pre-hook on every :class:`BatchKalmanNorm` with ghost groups sees the layer's input and the prior
+    the Kalman chain feeds it, and recomputes ``ratio = var_P / (var_B + eps)`` per (group, channel) as
+    ``normlayers.reference`` does: the layer rule fires when the mean over all groups and channels reaches
+    ``guard_ratio``, the group rule for each group whose mean over channels does. Both are counted on the same
+    statistics, whatever rule the model itself uses, so a run shows how often the two scopes would differ.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.calls = self.layer_fired = self.groups = self.groups_fired = self.disagree = 0
+        self.layer_ratios: list[float] = []  # the layer rule's ratio, one per call
+        self.group_ratios: list[torch.Tensor] = []  # the group rule's ratios, (G,) per call
+        self._handles = [
+            m.register_forward_pre_hook(self._count, with_kwargs=True)
+            for m in model.modules()
+            if isinstance(m, BatchKalmanNorm) and m.group_size
+        ]
+
+    @torch.no_grad()
+    def _count(self, module: BatchKalmanNorm, args: tuple, kwargs: dict) -> None:
+        prior = kwargs.get("prior")
+        if not module.training or prior is None or module.prior_weight == 0.0:
+            return
+        x = args[0]
+        g = int(module.group_size)
+        groups, c = x.shape[0] // g, x.shape[1]
+        # (N, C, *) -> (G, g, C, L): ghost group, sample in group, channel, flattened spatial
+        var_b = torch.var(x.float().reshape(groups, g, c, -1), dim=(1, 3), correction=0)  # (G, C)
+        var_p = prior[1].float().expand(groups, c)  # (C,) or (G, C) -> (G, C)
+        ratios = var_p / (var_b + module.eps)
+        layer_ratio, group_ratio = float(ratios.mean()), ratios.mean(dim=1)  # scalar, (G,)
+        self.layer_ratios.append(layer_ratio)
+        self.group_ratios.append(group_ratio)
+        layer = layer_ratio >= module.guard_ratio
+        per_group = group_ratio >= module.guard_ratio
+        fired = int(per_group.sum())
+        self.calls += 1
+        self.layer_fired += layer
+        self.groups += groups
+        self.groups_fired += fired
+        self.disagree += fired != (groups if layer else 0)
+
+    def summary(self) -> dict[str, float]:
+        """Counts and rates (%): layer rule per layer call, group rule per group decision, calls where they differ;
+        the median, 99th percentile and maximum of each rule's ratio (how far from ``guard_ratio`` they stay)."""
+        rate = lambda n, d: 100.0 * n / d if d else float("nan")  # noqa: E731
+        stats = {
+            "calls": self.calls,
+            "groups": self.groups,
+            "layer_fire_pct": rate(self.layer_fired, self.calls),
+            "group_fire_pct": rate(self.groups_fired, self.groups),
+            "disagree_pct": rate(self.disagree, self.calls),
+        }
+        for rule, values in (("layer", np.asarray(self.layer_ratios)),
+                             ("group", torch.cat(self.group_ratios).numpy() if self.group_ratios else np.zeros(0))):
+            for name, q in (("p50", 50), ("p99", 99), ("max", 100)):
+                stats[f"{rule}_ratio_{name}"] = float(np.percentile(values, q)) if values.size else float("nan")
+        return stats
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Runs and their bookkeeping
 # --------------------------------------------------------------------------------------------------------------
@@ -79,11 +155,18 @@ def study_system(model: nn.Module, lr: float = 0.1, max_epochs: int = 10) -> Cla
 
 @dataclass(frozen=True)
 class Cell:
-    """One cell of a study table: a norm at a batch setting. ``group_size`` set = ghost groups in a real batch."""
+    """One cell of a study table: a norm at a batch setting. ``group_size`` set = ghost groups in a real batch;
+    ``guard_scope``, ``guard_ratio``: BKN's BN-fallback decision per layer (default) or per ghost group, and its
+    threshold (default 100); ``shortcut``: what a residual branch carries in the Kalman chain (default "prior");
+    ``depth``: residual blocks per stage of the ResNet."""
 
     norm: str
     batch_size: int
     group_size: int | None = None
+    guard_scope: str = "layer"
+    guard_ratio: float = 100.0
+    shortcut: str = "prior"
+    depth: int = 1
 
     @property
     def stat_batch(self) -> int:
@@ -97,7 +180,12 @@ class Cell:
     @property
     def name(self) -> str:
         ghost = f"_g{self.group_size}" if self.group_size else ""
-        return f"{self.norm}_b{self.batch_size}{ghost}"
+        # the defaults add nothing, so runs made before the guard options keep their names
+        scope = "" if self.guard_scope == "layer" else f"_guard-{self.guard_scope}"
+        ratio = "" if self.guard_ratio == 100.0 else f"_ratio{self.guard_ratio:g}"
+        shortcut = "" if self.shortcut == "prior" else f"_shortcut-{self.shortcut}"
+        depth = "" if self.depth == 1 else f"_depth{self.depth}"
+        return f"{self.norm}_b{self.batch_size}{ghost}{scope}{ratio}{shortcut}{depth}"
 
 
 def run_dir(root: Path, cell: Cell, seed: int) -> Path:
@@ -144,19 +232,29 @@ def train_digits_cell(
     epochs: int,
     root: Path,
     base_lr: float = 0.1,
-    depth: int = 1,
     resume: bool = True,
     keep_checkpoints: bool = False,
     limit_train_batches: int | None = None,
+    guard_stats: bool = False,
 ) -> dict[str, Any]:
-    """Train one digits run (or load it when finished) and return its result dict."""
+    """Train one digits run (or load it when finished) and return its result dict; ``guard_stats``: count how
+    often each guard rule would fire during training (:class:`GuardMonitor`, result key ``"guard"``)."""
     out = run_dir(root, cell, seed)
     done = load_result(out)
     if done is not None and resume and done.get("epochs") == epochs:
         return {**done, "reused": True}
     lr = base_lr * cell.batch_size / 128  # linear scaling from the reference's lr 0.1 at batch 128, for every norm
     pl.seed_everything(seed, workers=True, verbose=False)  # same init for every norm at a given seed
-    model, p = build_resnet(cell.norm, cell.stat_batch, group_size=cell.group_size, depth=depth)
+    model, p = build_resnet(
+        cell.norm,
+        cell.stat_batch,
+        group_size=cell.group_size,
+        depth=cell.depth,
+        guard_scope=cell.guard_scope,
+        guard_ratio=cell.guard_ratio,
+        shortcut=cell.shortcut,
+    )
+    monitor = GuardMonitor(model) if guard_stats else None  # after convert: its hooks feed the priors first
     system = study_system(model, lr=lr, max_epochs=epochs)
     data = study_data(cell.batch_size, seed=seed)
     recorder = EpochRecorder(["val_loss", "val_acc", "epoch_test_acc"], ["train_loss", "train_acc"])
@@ -182,6 +280,9 @@ def train_digits_cell(
         "wall_s": wall,
         "history": hist,
     }
+    if monitor is not None:
+        result["guard"] = monitor.summary()
+        monitor.remove()
     save_result(out, result, keep_checkpoints)
     return result
 

@@ -170,10 +170,19 @@ def base_norm_factory(spec: NormSpec, group_size: int | None = None) -> NormFact
 
 
 def finalize_norms(
-    model: nn.Module, spec: NormSpec, stat_batch: int, group_size: int | None = None
+    model: nn.Module,
+    spec: NormSpec,
+    stat_batch: int,
+    group_size: int | None = None,
+    guard_scope: str = "layer",
+    guard_ratio: float = 100.0,
+    shortcut: str = "prior",
 ) -> tuple[nn.Module, float | None]:
-    """For BKN specs: convert the model's BatchNorms into a Kalman chain; returns ``(model, prior_weight)``."""
+    """For BKN specs: convert the model's BatchNorms into a Kalman chain; returns ``(model, prior_weight)``.
+    ``guard_scope``, ``guard_ratio``: when BKN falls back to plain BN; ``shortcut``: what a residual branch
+    carries (see :func:`normlayers.convert`)."""
     if spec.kind != "bkn":
         return model, None
     p = prior_weight_for(stat_batch)
-    return convert(model, prior_weight=p, transition=spec.transition, group_size=group_size), p
+    options = dict(prior_weight=p, transition=spec.transition, group_size=group_size)
+    return convert(model, **options, guard_scope=guard_scope, guard_ratio=guard_ratio, shortcut=shortcut), p

@@ -110,6 +110,8 @@ BAD = [
     ("acfm_bikenyc", ["--batch-size", "0"], "batch_size", "_row"),
     ("bkn_digits", ["--epochs", "1.7"], "epochs", "run_all"),
     ("bkn_digits", ["--seeds", "[]"], "seeds", "run_all"),
+    ("bkn_options", ["--shortcuts", "sum"], "shortcuts", "run_tasks"),
+    ("bkn_options", ["--guard-ratios", "-1"], "guard_ratios", "run_tasks"),
     ("convlstm", ["--repeats", "0"], "repeats", "_pair"),
     ("convlstm", ["--update-results", "--results-dir", "x"], "results-dir", "_pair"),
     ("constrained_search", ["--sizes", "0"], "sizes", "exact_search"),
