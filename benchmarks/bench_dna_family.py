@@ -38,12 +38,12 @@ from benchmarks.harness import (
 )
 from benchmarks.nas_digits import GroundTruthOptions, describe_ground_truth, ground_truth, gt_path
 from nas.data import DigitsDataModule
-from nas.methods.dna import VARIANTS, digits_config, run_dna
+from nas.methods.dna import VARIANT_CONFIGS, VARIANTS, DNAConfig, digits_config, run_dna
 from nas.search.groundtruth import build_ground_truth, seed_ceiling, train_standalone
 from nas.search.ranking import correlations, evaluate
 from nas.search.ratings import load_ratings
 from nas.spaces import SearchSpace, space_preset
-from stflow.config import run_cli
+from stflow.config import load_config, run_cli
 from stflow.pool import run_tasks
 
 CELLS_GT_NAME = "nas_digits_cells_ground_truth.json"
@@ -155,6 +155,8 @@ def _main(argv: list[str]) -> int:
     t_start = time.perf_counter()
     out = Path(args.out_dir)
     base = digits_config(progress=False)
+    # DNA++ as users get it: the packaged config (the digits search with variant selfsup and its rating metric)
+    selfsup_base = replace(load_config(DNAConfig, VARIANT_CONFIGS["selfsup"], packages=("nas",)), progress=False)
     cells_space = space_preset("digits-cells")
     runs: dict[str, dict[int, Path]] = {}  # label -> seed -> run dir holding ratings.json
     seconds: dict[str, dict[int, float | None]] = {}
@@ -175,7 +177,7 @@ def _main(argv: list[str]) -> int:
             runs.setdefault("DNA (plain)", {})[seed] = out / f"plain-seed{seed}"
         if "selfsup" in args.variants:
             run_dir = out / f"selfsup-seed{seed}"
-            run_dna(replace(base, variant="selfsup", seed=seed), run_dir, do_retrain=False)
+            run_dna(replace(selfsup_base, seed=seed), run_dir, do_retrain=False)
             runs.setdefault("DNA++ (self-supervised)", {})[seed] = run_dir
         if "cells" in args.variants:
             run_dir = out / f"cells-seed{seed}"
@@ -270,11 +272,14 @@ def _plot(rows: list[dict[str, Any]], gen_rows: list[dict[str, Any]], path: Path
         if r["rater"] == "seed-vs-seed ceiling":
             ax.axhline(r["kendall"], ls="--" if r["space"] == "digits-mbconv" else ":", color="gray",
                        label=f"ceiling ({r['space']})")
+        if r["rater"] == "more params is better":
+            ax.axhline(r["kendall"], ls="--" if r["space"] == "digits-mbconv" else ":", color="tab:olive",
+                       label=f"more params is better ({r['space']})")
     ax.axhline(0.2, color="red", lw=0.8, label="goal 0.20")
     ax.set_xticks(range(len(labels)))
     ax.set_xticklabels([t.replace(" (", "\n(").replace(" generation", "\ngen") for t in labels], fontsize=7)
     ax.set_ylabel("Kendall tau vs ground truth", fontsize=8)
-    ax.legend(fontsize=6)
+    ax.legend(fontsize=6, loc="upper left")
     if gen_rows:
         ax = axes[0][1]
         for seed in sorted({r["seed"] for r in gen_rows if r["seed"] != "mean"}):
@@ -284,6 +289,7 @@ def _plot(rows: list[dict[str, Any]], gen_rows: list[dict[str, Any]], path: Path
         sel = [r for r in gen_rows if r["seed"] == "mean" and r["cv_acc"] is not None]
         ax.plot([r["generation"] for r in sel], [100 * r["cv_acc"] for r in sel], "k-s", lw=2, label="mean")
         ax.set_xlabel("DNA+ generation", fontsize=8)
+        ax.set_xticks(sorted({r["generation"] for r in gen_rows}))
         ax.set_ylabel("searched net, 5-fold CV accuracy %", fontsize=8)
         ax.legend(fontsize=6)
     fig.tight_layout()

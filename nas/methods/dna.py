@@ -60,6 +60,7 @@ from nas.data.views import ViewConfig
 from nas.export import Network, block_strings, build_network
 from nas.methods.base import SearchMethod, register
 from nas.methods.dna_selfsup import FixedPath, SelfSupBlockSystem, rate_block_selfsup
+from nas.metrics import RATING_METRICS, block_score, check_metric, target_scale
 from nas.ops import make_norm, seeded_init
 from nas.recalibration import recalibrate_norm_stats
 from nas.search.constrained import check_budget, search_table
@@ -86,7 +87,6 @@ __all__ = [
     "block_score",
 ]
 
-RATING_METRICS = ("relative_l1", "mse")
 VARIANTS = ("plain", "cells", "plus", "selfsup")
 VARIANT_CONFIGS = {"cells": "dna_cells_digits", "plus": "dna_plus_digits", "selfsup": "dna_selfsup_digits"}
 
@@ -138,7 +138,7 @@ class DNAConfig:
     block_lr: float = 2e-3
     batch_size: int = 64
     recal_batches: int = 4
-    rating_metric: str = "relative_l1"  # or "mse"
+    rating_metric: str = "relative_l1"  # or "mse", "cosine" (nas.metrics; DNA++'s packaged config: cosine)
     budget_cost: str = "params"
     budget: float | None = None  # absolute strict budget; None: budget_fraction of the cost range
     budget_fraction: float = 0.5
@@ -373,13 +373,6 @@ def train_block(
     return student
 
 
-def block_score(pred: torch.Tensor, target: torch.Tensor, metric: str) -> tuple[float, float]:
-    """Per-batch sums ``(error sum, element count)`` for accumulating a rating metric."""
-    diff = pred - target
-    err = diff.abs().sum() if metric == "relative_l1" else diff.pow(2).sum()
-    return float(err), float(diff.numel())
-
-
 @torch.no_grad()
 def rate_block(
     teacher: Network,
@@ -393,16 +386,14 @@ def rate_block(
 ) -> dict[str, float]:
     """Score candidates of block ``k`` (default: every one): recalibrate norm statistics on
     ``recal_inputs`` (teacher-fed), then accumulate over ALL ``val_inputs``
-    ``mean|y_hat - y| / std(y)`` (relative_l1) or ``mean (y_hat - y)^2 / var(y)`` (mse)."""
-    if metric not in RATING_METRICS:
-        raise ValueError(f"metric must be one of {RATING_METRICS}, got {metric!r}")
+    ``mean|y_hat - y| / std(y)`` (relative_l1), ``mean (y_hat - y)^2 / var(y)`` (mse) or the mean per-sample
+    cosine distance (cosine; :mod:`nas.metrics`)."""
+    check_metric(metric)
     teacher.eval()
     recal = [teacher_features(teacher, x, k)[0] for x in recal_inputs]
     val = [teacher_features(teacher, x, k) for x in val_inputs]
     targets = torch.cat([y.flatten() for _, y in val])  # (B, C, H, W) per batch -> (sum B*C*H*W,)
-    scale = float(targets.std()) if metric == "relative_l1" else float(targets.var())
-    if not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"block {k}: teacher targets have no spread (std {scale}); cannot rate")
+    scale = target_scale(targets, metric, f"block {k}: the teacher's targets")
     cands = list(candidates) if candidates is not None else student.candidates()
     ratings: dict[str, float] = {}
     for cand in tqdm(cands, desc=f"rate block {k}", disable=not progress, leave=False):

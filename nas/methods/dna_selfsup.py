@@ -16,13 +16,13 @@ order. Rating (:func:`rate_block_selfsup`): for every candidate (online and EMA 
 for it), the error between the online block on a fixed view A and the target on the fixed view B:
 ``target="path"`` (default) the EMA output of the same candidate, i.e. the training objective on held-out
 images, as DNA rates by its distillation error; ``"center"`` the mean EMA output over ALL candidates of the
-block (the population centre); relative L1 or MSE as in DNA.
+block (the population centre); with any metric of :mod:`nas.metrics` (the packaged DNA++ config: ``cosine``,
+the per-sample cosine distance, BYOL's scale-blind form).
 """
 
 from __future__ import annotations
 
 import copy
-import math
 import random
 from collections.abc import Sequence
 from typing import Any
@@ -34,6 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from nas.data.views import ViewConfig, make_views
+from nas.metrics import block_score, check_metric, target_scale
 from nas.recalibration import recalibrate_norm_stats
 from nas.supernet import BlockSupernet
 
@@ -201,12 +202,6 @@ def fixed_views(
     return [a for a, _ in pairs], [b for _, b in pairs]
 
 
-def _score(pred: torch.Tensor, target: torch.Tensor, metric: str) -> tuple[float, float]:
-    diff = pred - target
-    err = diff.abs().sum() if metric == "relative_l1" else diff.pow(2).sum()
-    return float(err), float(diff.numel())
-
-
 @torch.no_grad()
 def rate_block_selfsup(
     student: BlockSupernet,
@@ -224,6 +219,7 @@ def rate_block_selfsup(
     """``{key: rating}`` of every candidate (module docstring); recalibration on clean training images."""
     if target not in SELFSUP_TARGETS:
         raise ValueError(f"target must be one of {SELFSUP_TARGETS}, got {target!r}")
+    check_metric(metric)
     online_prefix.eval()
     ema_prefix.eval()
     view_a, view_b = fixed_views(val_inputs, views)
@@ -243,13 +239,11 @@ def rate_block_selfsup(
     for cand in cands:
         tgt = center if target == "center" else targets[cand]
         flat = torch.cat([t.flatten() for t in tgt])
-        scale = float(flat.std()) if metric == "relative_l1" else float(flat.var())
+        scale = target_scale(flat, metric, f"candidate {cand}: the EMA target (collapsed?)")
         err = count = 0.0
         for p, t in zip(preds[cand], tgt):
-            e, n = _score(p, t, metric)
+            e, n = block_score(p, t, metric)
             err += e
             count += n
-        if not math.isfinite(scale) or scale <= 0:
-            raise ValueError(f"candidate {cand}: the EMA target has no spread (collapsed); cannot rate")
         ratings[student.block.key(cand)] = err / count / scale
     return ratings

@@ -152,12 +152,13 @@ def dna_fixture():
     return space, teacher, student, copied
 
 
-def test_dna_candidate_equal_to_teacher_block_rates_best_and_near_zero():
+@pytest.mark.parametrize("metric", ["relative_l1", "mse", "cosine"])
+def test_dna_candidate_equal_to_teacher_block_rates_best_and_near_zero(metric):
     space, teacher, student, copied = dna_fixture()
     gen = torch.Generator().manual_seed(1)
     recal = [torch.randn(64, 1, 8, 8, generator=gen) for _ in range(2)]
     val = [torch.randn(64, 1, 8, 8, generator=gen) for _ in range(2)]
-    ratings = dna.rate_block(teacher, student, 0, recal, val, progress=False)
+    ratings = dna.rate_block(teacher, student, 0, recal, val, metric, progress=False)
     key = space.blocks[0].key(copied)
     assert min(ratings, key=ratings.get) == key
     others = sorted(v for k, v in ratings.items() if k != key)
