@@ -5,11 +5,12 @@ block distils its own teacher block) sets ``SearchMethod.independent_blocks``. :
 the config's ``workers > 1`` then calls :func:`run_blocks_parallel`:
 
 1. the parent runs the shared stage (:meth:`SearchMethod.prepare_blocks`: DNA trains or loads its teacher);
-2. every unfinished block ``k`` becomes a task of a :func:`stflow.pool.run_tasks` process pool (spawned
-   processes, ``worker_threads`` torch threads each): the worker re-creates the method from its config
-   (``workers=1``, no progress bars), runs the same shared stage (which now only loads what the parent
-   wrote), and :meth:`SearchMethod.run_block` (train, rate, save the block's result into the shared
-   ``out_dir``, exactly the files a serial run writes);
+2. every unfinished unit (:meth:`SearchMethod.parallel_units`: a block, or a part of one that trains and rates on
+   its own, e.g. one cell supernet of a DNA block with depth/width cells) becomes a task of a
+   :func:`stflow.pool.run_tasks` process pool (spawned processes, ``worker_threads`` torch threads each), largest
+   first: the worker re-creates the method from its config (``workers=1``, no progress bars), runs the same
+   shared stage (which now only loads what the parent wrote), and :meth:`SearchMethod.run_unit` (train, rate,
+   save the unit's result into the shared ``out_dir``, exactly the files a serial run writes);
 3. the parent runs :meth:`SearchMethod.search`, which resumes: every block is finished, so it only gathers
    the blocks' ratings into the one rating table and reports.
 
@@ -36,7 +37,8 @@ from typing import Any
 from nas.methods.base import SearchMethod, get_method
 from stflow.pool import run_tasks
 
-__all__ = ["run_blocks_parallel", "run_block_task", "default_worker_threads", "blocks_of_rank"]
+__all__ = ["run_blocks_parallel", "run_block_task", "run_unit_task", "unit_label", "default_worker_threads",
+           "blocks_of_rank"]
 
 
 def default_worker_threads(workers: int) -> int:
@@ -59,11 +61,24 @@ def _worker_config(method: SearchMethod) -> Any:
 def run_block_task(name: str, cfg: Any, k: int) -> tuple[int, float]:
     """One worker task: method ``name`` from ``cfg``, its shared stage (loaded, not recomputed), block ``k``.
     Returns ``(k, seconds)``; the block's result is in ``cfg.out_dir`` (what a serial run writes)."""
+    unit, seconds = run_unit_task(name, cfg, (k, None))
+    return unit[0], seconds
+
+
+def run_unit_task(name: str, cfg: Any, unit: tuple[int, int | None]) -> tuple[tuple[int, int | None], float]:
+    """One worker task: method ``name`` from ``cfg``, its shared stage (loaded, not recomputed), then
+    :meth:`SearchMethod.run_unit` (a block, or a part of one such as a DNA cell). Returns ``(unit, seconds)``."""
     t0 = time.perf_counter()
     method = get_method(name)(cfg)
     method.prepare_blocks()
-    method.run_block(k)
-    return k, time.perf_counter() - t0
+    method.run_unit(unit)
+    return unit, time.perf_counter() - t0
+
+
+def unit_label(unit: tuple[int, int | None]) -> str:
+    """``"k"`` for a whole block, ``"k/cell_c"`` for a part of one (the keys of ``parallel.json``)."""
+    k, part = unit
+    return str(k) if part is None else f"{k}/cell_{part}"
 
 
 def run_blocks_parallel(method: SearchMethod, workers: int, threads: int | None = None) -> dict[str, Any]:
@@ -76,16 +91,19 @@ def run_blocks_parallel(method: SearchMethod, workers: int, threads: int | None 
     t0 = time.perf_counter()
     method.prepare_blocks()
     t_shared = time.perf_counter() - t0
-    todo = [k for k in method.parallel_blocks() if not method.block_done(k)]
+    todo = [u for u in method.parallel_units() if not method.unit_done(u)]
     cfg = _worker_config(method)
     t1 = time.perf_counter()
-    done = run_tasks(run_block_task, [(method.name, cfg, k) for k in todo], workers, threads,
+    done = run_tasks(run_unit_task, [(method.name, cfg, u) for u in todo], workers, threads,
                      desc=f"{method.name} blocks", progress=bool(getattr(method.cfg, "progress", False)))
     t_blocks = time.perf_counter() - t1
     result = method.search()
+    per_block: dict[str, float] = {}
+    for (k, _), seconds in done:  # a block's units summed: its work, wherever it ran
+        per_block[str(k)] = per_block.get(str(k), 0.0) + seconds
     timing = {"workers": workers, "threads_per_worker": threads, "shared_seconds": t_shared,
-              "blocks_seconds": t_blocks, "block_seconds": {str(k): s for k, s in done},
-              "total_seconds": time.perf_counter() - t0}
+              "blocks_seconds": t_blocks, "block_seconds": per_block,
+              "unit_seconds": {unit_label(u): s for u, s in done}, "total_seconds": time.perf_counter() - t0}
     (method.out_dir / "parallel.json").write_text(json.dumps(timing, indent=1))
     return result
 

@@ -123,6 +123,19 @@ class SearchMethod(ABC):
         """Train and rate block ``k`` and save its result into ``out_dir`` (what a worker runs)."""
         raise NotImplementedError(f"{type(self).__name__} does not run single blocks")
 
+    def parallel_units(self) -> list[tuple[int, int | None]]:
+        """The independent units a parallel run dispatches, largest first: ``(block, None)`` for a whole block
+        (default), or ``(block, part)`` for a part of one that trains and rates on its own (DNA: a cell)."""
+        return [(k, None) for k in self.parallel_blocks()]
+
+    def unit_done(self, unit: tuple[int, int | None]) -> bool:
+        """Whether ``out_dir`` already holds the unit's result (a parallel run skips it)."""
+        return self.block_done(unit[0])
+
+    def run_unit(self, unit: tuple[int, int | None]) -> dict[str, float]:
+        """Train and rate one unit and save its result into ``out_dir`` (what a worker runs; default: the block)."""
+        return self.run_block(unit[0])
+
     def run(self) -> dict[str, Any]:
         """:meth:`search`, after checking ``resume`` against ``out_dir`` and :meth:`preflight`; with a config field
         ``workers > 1`` and independent blocks, the blocks run in worker processes

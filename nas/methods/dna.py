@@ -407,6 +407,14 @@ def rate_block(
     return ratings
 
 
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` atomically (a reader never sees half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    tmp.replace(path)
+
+
 def _rating_inputs(cfg: DNAConfig, dm: DigitsDataModule) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Fixed (unshuffled) training batches for recalibration and all validation batches."""
     dm.setup()
@@ -620,9 +628,13 @@ class DNA(SearchMethod):
             self.supernets[k] = [train_block(self.cfg, teacher, k, self.out_dir, self.datamodule)]
             return
         # one supernet per cell, each trained on its own paths for the full schedule (the authors' cells)
-        self.supernets[k] = [
-            train_block(self.cfg, teacher, k, self.out_dir, self.datamodule, cell=c) for c in range(len(block.cells))
-        ]
+        self.supernets[k] = [self._train_cell(k, c) for c in range(len(block.cells))]
+
+    def _train_cell(self, k: int, cell: int) -> BlockSupernet:
+        """The supernet of ``cell`` in block ``k``, distilled alone (``block_<k>/cell_<c>/``)."""
+        teacher = self.prepare()
+        assert teacher is not None
+        return train_block(self.cfg, teacher, k, self.out_dir, self.datamodule, cell=cell)
 
     def rate_block(self, k: int) -> dict[str, float]:
         if self.cfg.variant == "selfsup":
@@ -653,24 +665,78 @@ class DNA(SearchMethod):
     def block_done(self, k: int) -> bool:
         return (self.out_dir / f"block_{k}" / "ratings.json").is_file()
 
+    def _cell_units(self, k: int) -> bool:
+        """Whether block ``k`` runs as one unit per cell: several cells and a teacher (not DNA++)."""
+        return self.cfg.variant != "selfsup" and self.cfg.space.blocks[k].multi_cell
+
+    def parallel_units(self) -> list[tuple[int, int | None]]:
+        """One unit per cell supernet of a multi-cell block (each trains and rates on its own, as the authors
+        train the cells), one per other block; largest first by parameter count (a longest-first schedule)."""
+        units: list[tuple[int, int | None]] = []
+        for k in self.parallel_blocks():
+            cells = len(self.cfg.space.blocks[k].cells) if self._cell_units(k) else 0
+            units += [(k, c) for c in range(cells)] if cells else [(k, None)]
+
+        def size(unit: tuple[int, int | None]) -> int:
+            k, cell = unit
+            block = self.cfg.space.blocks[k]
+            supernet = BlockSupernet(block, make_norm(self.cfg.norm, self.cfg.bkn_prior_weight),
+                                     cells=None if cell is None else [cell])
+            return sum(p.numel() for p in supernet.parameters())
+
+        return sorted(units, key=size, reverse=True)
+
+    def unit_done(self, unit: tuple[int, int | None]) -> bool:
+        k, cell = unit
+        return self.block_done(k) or (cell is not None and self._cell_path(k, cell).is_file())
+
+    def run_unit(self, unit: tuple[int, int | None]) -> dict[str, float]:
+        k, cell = unit
+        return self.run_block(k) if cell is None else self._run_cell(k, cell)["ratings"]
+
+    def _cell_path(self, k: int, cell: int) -> Path:
+        return self.out_dir / f"block_{k}" / f"cell_{cell}" / "ratings.json"
+
+    def _run_cell(self, k: int, cell: int) -> dict[str, Any]:
+        """Train then rate the supernet of ``cell`` in block ``k`` (``block_<k>/cell_<c>/ratings.json``: its
+        candidates' ratings and times); a finished cell is loaded (resume)."""
+        done = self._cell_path(k, cell)
+        if done.is_file():
+            return json.loads(done.read_text())
+        t0, c0 = time.perf_counter(), time.process_time()
+        student = self._train_cell(k, cell)
+        teacher = self.prepare()
+        assert teacher is not None
+        recal, val = _rating_inputs(self.cfg, self.datamodule)
+        ratings = rate_block(teacher, student, k, recal, val, self.cfg.rating_metric, progress=self.cfg.progress)
+        payload = {"block": k, "cell": cell, "metric": self.cfg.rating_metric, "seconds": time.perf_counter() - t0,
+                   "cpu_seconds": time.process_time() - c0, "ratings": ratings}
+        _write_json(done, payload)
+        return payload
+
     def run_block(self, k: int) -> dict[str, float]:
-        """Train then rate block ``k``; a block whose ``ratings.json`` exists is skipped (resume)."""
+        """Train then rate block ``k`` (a multi-cell block: cell by cell, each resumable); a block whose
+        ``ratings.json`` exists is skipped (resume)."""
         done = self.out_dir / f"block_{k}" / "ratings.json"
         if done.is_file():
             return json.loads(done.read_text())["ratings"]
         t0, c0 = time.perf_counter(), time.process_time()
-        self.train_block(k)
-        ratings = self.rate_block(k)
+        if self._cell_units(k):  # pooled over the cells' supernets (same teacher target and scale)
+            cells = [self._run_cell(k, c) for c in range(len(self.cfg.space.blocks[k].cells))]
+            ratings = {key: value for cell in cells for key, value in cell["ratings"].items()}
+            seconds, cpu = sum(c["seconds"] for c in cells), sum(c["cpu_seconds"] for c in cells)
+        else:
+            self.train_block(k)
+            ratings = self.rate_block(k)
+            seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         payload = {
             "block": k,
             "metric": self.cfg.rating_metric,
-            "seconds": time.perf_counter() - t0,
-            "cpu_seconds": time.process_time() - c0,  # this process's CPU time (wall time depends on the load)
+            "seconds": seconds,  # training + rating (of every cell, wherever it ran)
+            "cpu_seconds": cpu,  # CPU time of the processes that did it (wall time depends on the load)
             "ratings": ratings,
         }
-        tmp = done.with_suffix(".tmp")
-        tmp.write_text(json.dumps(payload, indent=1))
-        tmp.replace(done)
+        _write_json(done, payload)
         return ratings
 
     def search(self) -> dict[str, Any]:

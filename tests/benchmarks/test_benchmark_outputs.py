@@ -112,6 +112,7 @@ BAD = [
     ("bkn_digits", ["--seeds", "[]"], "seeds", "run_all"),
     ("bkn_options", ["--shortcuts", "sum"], "shortcuts", "run_tasks"),
     ("bkn_options", ["--guard-ratios", "-1"], "guard_ratios", "run_tasks"),
+    ("nas_parallel", ["--repeats", "0"], "repeats", "run_blocks_parallel"),
     ("convlstm", ["--repeats", "0"], "repeats", "_pair"),
     ("convlstm", ["--update-results", "--results-dir", "x"], "results-dir", "_pair"),
     ("constrained_search", ["--sizes", "0"], "sizes", "exact_search"),

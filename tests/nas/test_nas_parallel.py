@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from nas.methods.base import get_method
 from nas.methods.dna import DNA
 from nas.parallel import blocks_of_rank, default_worker_threads, run_blocks_parallel
 from nas.search.ratings import load_ratings
+from nas.supernet import BlockSupernet
 from tests.nas.test_nas_dna import tiny_cfg
 
 
@@ -72,3 +74,41 @@ def test_bossnas_parallel_rating_equals_the_serial_one(tmp_path, one_thread):
     assert a.block_ratings == b.block_ratings
     assert serial["architecture"]["keys"] == parallel["architecture"]["keys"]
     assert not list((tmp_path / "parallel").glob("block*/rating_state.pt"))  # the shared state file is removed
+
+
+def test_cells_run_as_one_unit_per_cell_and_two_workers_give_the_serial_table(tmp_path, one_thread):
+    """A multi-cell DNA block is dispatched cell by cell (each cell supernet trains and rates on its own); the
+    block's table pools the cells' ratings, equal to the serial run's bit for bit, and a finished cell is reused."""
+    from tests.nas.test_dna_family import CELL_SPACE
+    from tests.nas.test_dna_family import tiny_cfg as cells_cfg
+
+    serial_dir, parallel_dir = tmp_path / "serial", tmp_path / "parallel"
+    method = DNA(cells_cfg(CELL_SPACE, variant="cells", out_dir=str(parallel_dir), retrain=False, workers=2,
+                           worker_threads=1))
+    units = method.parallel_units()
+    assert sorted(units) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    sizes = [sum(p.numel() for p in BlockSupernet(method.cfg.space.blocks[k], cells=[c]).parameters())
+             for k, c in units]
+    assert sizes == sorted(sizes, reverse=True)  # largest first
+    parallel = method.run()
+    serial = DNA(cells_cfg(CELL_SPACE, variant="cells", out_dir=str(serial_dir), retrain=False)).run()
+    a, b = load_ratings(serial_dir / "ratings.json"), load_ratings(parallel_dir / "ratings.json")
+    assert a.block_ratings == b.block_ratings and serial["encoding"] == parallel["encoding"]
+    timing = json.loads((parallel_dir / "parallel.json").read_text())
+    assert sorted(timing["unit_seconds"]) == ["0/cell_0", "0/cell_1", "1/cell_0", "1/cell_1"]
+    for k, block in enumerate(method.cfg.space.blocks):
+        pooled = {}
+        for c in range(len(block.cells)):
+            cell = json.loads((parallel_dir / f"block_{k}" / f"cell_{c}" / "ratings.json").read_text())
+            assert {block.parse_key(key)[0] for key in cell["ratings"]} == {c}  # a cell rates its own paths
+            pooled.update(cell["ratings"])
+        assert pooled == b.block_ratings[k]
+    # resume at cell granularity: with block 1's table and cell 1 removed, only cell 1 of block 1 is dispatched
+    (parallel_dir / "block_1" / "ratings.json").unlink()
+    shutil.rmtree(parallel_dir / "block_1" / "cell_1")
+    (parallel_dir / "ratings.json").unlink()
+    again = DNA(cells_cfg(CELL_SPACE, variant="cells", out_dir=str(parallel_dir), retrain=False, workers=2,
+                          worker_threads=1))
+    assert [u for u in again.parallel_units() if not again.unit_done(u)] == [(1, 1)]
+    run_blocks_parallel(again, 1, 1)
+    assert load_ratings(parallel_dir / "ratings.json").block_ratings == a.block_ratings
