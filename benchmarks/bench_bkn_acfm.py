@@ -17,7 +17,6 @@ message, when the real data is absent. Writes ``bkn_acfm.{csv,json}`` and two PN
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,15 +33,16 @@ from benchmarks.bkn_study import (
     plot_curves,
     run_config,
     run_dir,
+    run_study,
     save_result,
+    study_runs_dir,
     timing_note,
 )
 from benchmarks.harness import check_at_least, check_not_empty, output_dir, parse_bench, report
 from normlayers.select import NORMS, NormOptions, norm_spec, prior_weight_for
 from stflow.callbacks import EpochRecorder
 from stflow.models import build_model
-from stflow.paths import REPO_ROOT, shared_dir
-from stflow.pool import quiet_lightning, run_tasks
+from stflow.paths import shared_dir
 from stflow.runner import fit
 from stflow.system import data_keywords
 
@@ -197,15 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     seeds = list(args.seeds) if args.seeds is not None else ([0] if args.quick else [0, 1])
     epochs = args.epochs if args.epochs is not None else (1 if args.quick else 4)
     cells = [Cell(n, b) for b in args.batch_sizes for n in args.norms]
-    runs_dir = Path(args.runs_dir or REPO_ROOT / "runs" / (NAME + ("_quick" if args.quick else "")))
+    runs_dir = study_runs_dir(NAME, args.runs_dir, args.quick)
     kw: dict[str, Any] = dict(epochs=epochs, root=runs_dir, data_dir=Path(data_dir), resume=not args.no_resume)
     if args.quick:
         kw["limit_train_batches"] = 3
-    quiet_lightning()
-    t0, load0 = time.perf_counter(), os.getloadavg()
-    tasks = [(c, s, kw) for c in cells for s in seeds]
-    results = run_tasks(_train, tasks, args.workers, args.threads, NAME)
-    wall = time.perf_counter() - t0
+    results, wall, load0 = run_study(NAME, _train, cells, seeds, kw, args.workers, args.threads)
     rows = table_rows(results)
     out = output_dir()
     out.mkdir(parents=True, exist_ok=True)

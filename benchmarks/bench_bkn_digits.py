@@ -14,8 +14,6 @@ folder (``runs/benchmarks/``; ``--results-dir DIR``, formerly ``--out``; ``--upd
 
 from __future__ import annotations
 
-import os
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,13 +24,13 @@ from benchmarks.bkn_study import (
     aggregate,
     plot_by_batch,
     plot_curves,
+    run_study,
+    study_runs_dir,
     timing_note,
     train_digits_cell,
 )
 from benchmarks.harness import check_at_least, check_not_empty, output_dir, parse_bench, report
 from normlayers.select import NORMS, norm_spec
-from stflow.paths import REPO_ROOT
-from stflow.pool import quiet_lightning, run_tasks
 
 NAME = "bkn_digits"
 MICRO = (2, 4, 8)
@@ -54,10 +52,11 @@ def study_cells(
     return cells
 
 
-def run_all(cells: list[Cell], seeds: Sequence[int], kw: dict[str, Any], workers: int, threads: int) -> list[dict]:
-    """Every (cell, seed) run, longest (smallest batch) first, in ``workers`` processes."""
-    tasks = [(c, s, kw) for c in sorted(cells, key=lambda c: c.batch_size) for s in seeds]
-    return run_tasks(_train, tasks, workers, threads, NAME)
+def run_all(
+    cells: list[Cell], seeds: Sequence[int], kw: dict[str, Any], workers: int, threads: int
+) -> tuple[list[dict[str, Any]], float, tuple[float, float, float]]:
+    """Every (cell, seed) run, longest (smallest batch) first, in ``workers`` processes (:func:`run_study`)."""
+    return run_study(NAME, _train, sorted(cells, key=lambda c: c.batch_size), seeds, kw, workers, threads)
 
 
 def _train(cell: Cell, seed: int, kw: dict[str, Any]) -> dict[str, Any]:
@@ -168,14 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     seeds = list(args.seeds) if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
     epochs = args.epochs if args.epochs is not None else (1 if args.quick else 5)
     cells = study_cells(args.batch_sizes, args.ghost_groups, args.norms, args.large)
-    runs_dir = Path(args.runs_dir or REPO_ROOT / "runs" / (NAME + ("_quick" if args.quick else "")))
+    runs_dir = study_runs_dir(NAME, args.runs_dir, args.quick)
     kw: dict[str, Any] = dict(epochs=epochs, root=runs_dir, resume=not args.no_resume)
     if args.quick:
         kw["limit_train_batches"] = 4
-    quiet_lightning()
-    t0, load0 = time.perf_counter(), os.getloadavg()
-    results = run_all(cells, seeds, kw, args.workers, args.threads)
-    wall = time.perf_counter() - t0
+    results, wall, load0 = run_all(cells, seeds, kw, args.workers, args.threads)
     rows = table_rows(results)
     out = output_dir()
     out.mkdir(parents=True, exist_ok=True)

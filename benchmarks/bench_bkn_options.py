@@ -26,8 +26,6 @@ that differs from it only by the default option (layer scope at its guard ratio;
 
 from __future__ import annotations
 
-import os
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,13 +33,20 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.bkn_study import Cell, _plt, mean_std, save_figure, timing_note, train_digits_cell
+from benchmarks.bkn_study import (
+    Cell,
+    _plt,
+    mean_std,
+    run_study,
+    save_figure,
+    study_runs_dir,
+    timing_note,
+    train_digits_cell,
+)
 from benchmarks.harness import check_at_least, check_not_empty, output_dir, parse_bench, report
 from normlayers.convert import SHORTCUTS
 from normlayers.reference import GUARD_SCOPES
 from normlayers.select import NORMS, norm_spec
-from stflow.paths import REPO_ROOT
-from stflow.pool import quiet_lightning, run_tasks
 
 NAME = "bkn_options"
 LARGE = 128
@@ -227,15 +232,11 @@ def main(argv: list[str] | None = None) -> int:
     epochs = args.epochs if args.epochs is not None else (1 if args.quick else 5)
     groups = list(args.groups) if args.groups is not None else ([2] if args.quick else [2, 4, 8])
     cells = option_cells(groups, args.norms, args.large, args.guard_ratios, args.shortcuts, args.shortcut_depth)
-    runs_dir = Path(args.runs_dir or REPO_ROOT / "runs" / (NAME + ("_quick" if args.quick else "")))
+    runs_dir = study_runs_dir(NAME, args.runs_dir, args.quick)
     kw: dict[str, Any] = dict(epochs=epochs, root=runs_dir, resume=not args.no_resume)
     if args.quick:
         kw["limit_train_batches"] = 4
-    quiet_lightning()
-    t0, load0 = time.perf_counter(), os.getloadavg()
-    tasks = [(c, s, kw) for c in cells for s in seeds]
-    results = run_tasks(_train, tasks, args.workers, args.threads, NAME)
-    wall = time.perf_counter() - t0
+    results, wall, load0 = run_study(NAME, _train, cells, seeds, kw, args.workers, args.threads)
     rows = table_rows(results)
     out = output_dir()
     figure = plot(rows, results, out / f"{NAME}.png")

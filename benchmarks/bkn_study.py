@@ -31,6 +31,8 @@ from nas.systems import ClassifierSystem
 from normlayers import BatchKalmanNorm
 from normlayers.select import base_norm_factory, finalize_norms, norm_spec
 from stflow.callbacks import EpochRecorder
+from stflow.paths import REPO_ROOT
+from stflow.pool import quiet_lightning, run_tasks
 from stflow.runner import RunConfig, fit
 
 # --------------------------------------------------------------------------------------------------------------
@@ -206,6 +208,28 @@ def save_result(path: Path, result: dict[str, Any], keep_checkpoints: bool = Fal
     tmp.replace(path / "result.json")
     if not keep_checkpoints:
         shutil.rmtree(path / "checkpoints", ignore_errors=True)
+
+
+def study_runs_dir(name: str, runs_dir: str | None, quick: bool) -> Path:
+    """Where a study keeps its runs: ``--runs-dir``, else ``runs/<name>`` (``runs/<name>_quick`` for smoke runs)."""
+    return Path(runs_dir or REPO_ROOT / "runs" / (name + ("_quick" if quick else "")))
+
+
+def run_study(
+    name: str,
+    train: Any,
+    cells: Sequence[Cell],
+    seeds: Sequence[int],
+    kw: dict[str, Any],
+    workers: int,
+    threads: int,
+) -> tuple[list[dict[str, Any]], float, tuple[float, float, float]]:
+    """``train(cell, seed, kw)`` for every cell (in the given order) and seed, in ``workers`` processes with
+    ``threads`` torch threads each; returns ``(results, wall seconds, load average at the start)``."""
+    quiet_lightning()
+    t0, load0 = time.perf_counter(), os.getloadavg()
+    results = run_tasks(train, [(c, s, kw) for c in cells for s in seeds], workers, threads, name)
+    return results, time.perf_counter() - t0, load0
 
 
 def run_config(out_dir: Path, epochs: int, seed: int, monitor: str, mode: str, resume: bool, **kw: Any) -> RunConfig:
