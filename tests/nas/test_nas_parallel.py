@@ -90,6 +90,13 @@ def test_cells_run_as_one_unit_per_cell_and_two_workers_give_the_serial_table(tm
     sizes = [sum(p.numel() for p in BlockSupernet(method.cfg.space.blocks[k], cells=[c]).parameters())
              for k, c in units]
     assert sizes == sorted(sizes, reverse=True)  # largest first
+    # a unit trains and rates its own cell only (not the whole block, which two workers would then do twice)
+    alone = DNA(cells_cfg(CELL_SPACE, variant="cells", out_dir=str(tmp_path / "alone"), retrain=False))
+    alone.prepare_blocks()
+    alone.run_unit((1, 0))
+    assert (tmp_path / "alone" / "block_1" / "cell_0" / "ratings.json").is_file()
+    assert not (tmp_path / "alone" / "block_1" / "cell_1").exists()
+    assert not alone.block_done(1) and alone.unit_done((1, 0)) and not alone.unit_done((1, 1))
     parallel = method.run()
     serial = DNA(cells_cfg(CELL_SPACE, variant="cells", out_dir=str(serial_dir), retrain=False)).run()
     a, b = load_ratings(serial_dir / "ratings.json"), load_ratings(parallel_dir / "ratings.json")
