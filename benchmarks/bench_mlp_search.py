@@ -46,7 +46,7 @@ class MLPSearchBench:
     num_exprs: int = 30
     gt_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     gt_folds: int = 2
-    gt_epochs: dict[str, float] = field(default_factory=lambda: {"seqdigits": 12, "listops": 8})
+    gt_epochs: dict[str, float] = field(default_factory=lambda: {"seqdigits": 12, "listops": 10})
     search_seeds: list[int] = field(default_factory=lambda: [0, 1])
     evals: int = 24
     workers: int = 1
@@ -68,10 +68,20 @@ class MLPSearchBench:
             raise ValueError(f"gt_epochs must be > 0, got {bad}")
 
 
-def _cached(path: Path, fn) -> Any:
+def _cached(path: Path, fn, task: str) -> Any:
+    """``fn()``, stored in ``path`` with the task's data settings; a file made on other data is refused."""
+    from nas.cache import differences
+    from nas.ffn.distill import TASKS
+
+    key = {"task": task, "data": TASKS[task].data}
     if path.is_file():
-        return json.loads(path.read_text())
-    data = fn()
+        data = json.loads(path.read_text())
+        stored = data.get("made_on", {"task": task, "data": None})
+        if stored != key:
+            raise ValueError(f"{path} was made on other data ({differences(stored, key)}); remove it or pass "
+                             "another --out-dir")
+        return data
+    data = {**fn(), "made_on": key}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1))
     return data
@@ -113,7 +123,7 @@ def fitness_of(task: str, exprs: list[str], opts: MLPSearchBench) -> dict[str, A
         m.warm = kept
         return {"exprs": exprs, "warm": warm, "cold": cold, "seconds_per_candidate": t_warm / len(exprs)}
 
-    return _cached(out / "fitness.json", compute)
+    return _cached(out / "fitness.json", compute, task)
 
 
 def search_compare(task: str, opts: MLPSearchBench) -> dict[str, Any]:
@@ -132,7 +142,7 @@ def search_compare(task: str, opts: MLPSearchBench) -> dict[str, Any]:
                 st = m.stages[0]
                 return {"fitness": list(st["ratings"].values()), "in_region": st["in_region"], "best": st["best"][0]}
 
-            rows[f"{searcher}_{s}"] = _cached(out / f"search_{searcher}_{s}.json", compute)
+            rows[f"{searcher}_{s}"] = _cached(out / f"search_{searcher}_{s}.json", compute, task)
     return rows
 
 
@@ -163,7 +173,7 @@ def full_search(task: str, opts: MLPSearchBench) -> dict[str, Any]:
                 "standard_ffn_params": res["standard_ffn_params"], "search_seconds": seconds,
                 "searched_acc": accs["searched"], "standard_acc": accs["standard"]}
 
-    return _cached(out / "full_search.json", compute)
+    return _cached(out / "full_search.json", compute, task)
 
 
 def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
@@ -198,6 +208,7 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from nas.ffn.groundtruth import expr_seed_ceiling
+    from nas.ffn.transformer import FFNArch
     from nas.search.ranking import correlations
 
     opts, _ = parse_bench(MLPSearchBench, argv, prog="python -m benchmarks mlp_search")
@@ -207,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         exprs = [a["expr"] for a in gt["architectures"]]
         truth = [a["accuracy"] for a in gt["architectures"]]
         fit = fitness_of(task, exprs, opts)
-        params = [a["ffn_params"] for a in gt["architectures"]]
+        params = [FFNArch.uniform(e, gt["layers"], gt["width"]).ffn_params(gt["d"]) for e in exprs]  # current count
         search = search_compare(task, opts)
         guided = lambda k, search=search: float(np.mean(search[k]["fitness"][8:]))  # noqa: E731  (after 8 inits)
         full = full_search(task, opts)

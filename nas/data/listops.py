@@ -1,9 +1,14 @@
 """ListOps (Nangia & Bowman 2018; the Long Range Arena task), generated procedurally at small depth and length.
 
-An example is a nested list of operations over single digits, e.g. ``[MAX 2 9 [MIN 4 7 ] 0 ]`` -> 9; the
+An example is a nested list of operations over single digits, e.g. ``[MAX 2 [MIN 4 7 ] 0 ]`` -> 4; the
 operations are ``MAX``, ``MIN``, ``MED`` (the median, rounded down as ``int(np.median)``) and ``SM`` (sum modulo
 10); the label is the value of the whole expression (10 classes). Token ids: 0 pad, 1..10 the digits 0..9,
 11..14 ``[MAX [MIN [MED [SM``, 15 ``]``. Everything is fixed by the generator seed; no download.
+
+The default size (:data:`LISTOPS_SIZE`: 4000 examples, nesting depth <= 2, 2-3 arguments, <= 16 tokens) is one a
+2-layer d=32 transformer learns to ~50 % in seconds (chance 10 %), with 2-3 points between FFN expressions against
+~1 point between seeds. At depth 3, 2-4 arguments, 24 tokens and 2000 examples every expression stayed at 32-35 %
+(the label's prior and little more), so FFN expressions could not be ranked on it.
 """
 
 from __future__ import annotations
@@ -14,11 +19,13 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-__all__ = ["OPS", "generate_listops", "evaluate_listops", "tokenize", "load_listops_split", "LISTOPS_META"]
+__all__ = ["OPS", "generate_listops", "evaluate_listops", "tokenize", "load_listops_split", "LISTOPS_META",
+           "LISTOPS_SIZE"]
 
 OPS = ("MAX", "MIN", "MED", "SM")
 VOCAB = ("<pad>", *(str(i) for i in range(10)), *(f"[{o}" for o in OPS), "]")
-LISTOPS_META = {"input_dim": None, "vocab_size": len(VOCAB), "max_len": 24, "num_classes": 10}
+LISTOPS_SIZE = {"n": 4000, "max_depth": 2, "max_args": 3, "max_len": 16, "leaf_prob": 0.6}  # the packaged task
+LISTOPS_META = {"input_dim": None, "vocab_size": len(VOCAB), "max_len": LISTOPS_SIZE["max_len"], "num_classes": 10}
 
 Tree = int | tuple  # a digit, or (op, [children])
 
@@ -52,7 +59,8 @@ def tokenize(tree: Tree) -> list[str]:
 
 
 def generate_listops(
-    n: int, seed: int = 0, max_depth: int = 3, max_args: int = 4, max_len: int = 24, leaf_prob: float = 0.6
+    n: int, seed: int = 0, max_depth: int = LISTOPS_SIZE["max_depth"], max_args: int = LISTOPS_SIZE["max_args"],
+    max_len: int = LISTOPS_SIZE["max_len"], leaf_prob: float = LISTOPS_SIZE["leaf_prob"],
 ) -> tuple[np.ndarray, np.ndarray]:
     """``n`` distinct examples of at most ``max_len`` tokens: ids (n, max_len) int64 (0-padded), labels (n,)."""
     rng = random.Random(seed)
@@ -76,7 +84,7 @@ def _dataset(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_listops_split(
-    seed: int = 0, fold: int | None = None, num_folds: int = 5, val_fraction: float = 0.2, n: int = 2000,
+    seed: int = 0, fold: int | None = None, num_folds: int = 5, val_fraction: float = 0.2, n: int = LISTOPS_SIZE["n"],
     data_seed: int = 0,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Stratified train/val/test of ``n`` generated examples (60/20/20, or test = ``fold`` of ``num_folds``)."""

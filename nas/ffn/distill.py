@@ -46,6 +46,7 @@ class Task:
     max_len: int
     num_classes: int
     loader: Callable[..., Splits]
+    data: dict | None = None  # generator settings of a procedural task (recorded in ground-truth headers)
 
 
 def _seqdigits(**kw) -> Splits:
@@ -60,9 +61,15 @@ def _listops(**kw) -> Splits:
     return load_listops_split(**kw)
 
 
+def _listops_size() -> dict:
+    from nas.data.listops import LISTOPS_SIZE
+
+    return dict(LISTOPS_SIZE)
+
+
 TASKS = {
     "seqdigits": Task("seqdigits", 8, None, 8, 10, _seqdigits),
-    "listops": Task("listops", None, 16, 24, 10, _listops),
+    "listops": Task("listops", None, 16, _listops_size()["max_len"], 10, _listops, _listops_size()),
 }
 
 

@@ -4,7 +4,7 @@ Each expression is trained from scratch (cross-entropy, no teacher) with every s
 ``folds``-fold partition; a seed's accuracy pools the correct answers over all folds (every example tested once).
 File format (the one of :mod:`nas.search.groundtruth`, encodings replaced by expressions)::
 
-    {"task": ..., "seeds": [...], "folds": k, "epochs": n, "d": .., "width": ..,
+    {"task": ..., "seeds": [...], "folds": k, "epochs": n, "d": .., "width": .., ["data": generator settings,]
      "architectures": [{"expr": "...", "accuracy": mean, "accuracies": [per seed], "ffn_params": n}, ...]}
 """
 
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from nas.cache import check_cached
-from nas.ffn.distill import accuracy, build_model, load_task, train
+from nas.ffn.distill import TASKS, accuracy, build_model, load_task, train
 from nas.ffn.expressions import STANDARD_FFN, expression_hash, ffn_params, sample_expression
 from nas.ffn.transformer import FFNArch
 from stflow.pool import run_tasks
@@ -81,10 +81,13 @@ def build_expr_ground_truth(
     with the same settings is returned as is; one with other settings is a ``ValueError`` naming them, unless
     ``overwrite``, then it is rebuilt)."""
     path = Path(path)
-    header = {"task": task, "seeds": list(seeds), "folds": folds, "epochs": epochs, "d": d, "width": width,
+    header = {"task": task, "seeds": list(seeds), "folds": folds, "epochs": float(epochs), "d": d, "width": width,
               "layers": layers}
     if val_fraction != 0.2:  # files made before val_fraction existed have 0.2 and no key
         header["val_fraction"] = val_fraction
+    data_settings = TASKS[task].data if task in TASKS else None
+    if data_settings:  # a procedural task: a truth made on other generated data is not reused
+        header["data"] = data_settings
     if path.is_file():
         data = json.loads(path.read_text())
         stored = {**{k: data.get(k) for k in header}, "val_fraction": data.get("val_fraction", 0.2),

@@ -174,6 +174,8 @@ class MLPSearch(SearchMethod):
 
         teacher = values("task", "teacher_d", "heads", "teacher_layers", "teacher_epochs", "lr", "batch_size", "seed",
                          "data_seed")
+        if TASKS[cfg.task].data:  # a procedural task's generator settings
+            teacher["data"] = TASKS[cfg.task].data
         warmup = {**teacher, **values("d", "layers", "warmup_epochs", "hidden_ratio", "pred_ratio"),
                   "max_width": cfg.max_width}
         stage0 = {**warmup, **values("candidate_epochs", "stage1_evals", "init_samples", "retrain_interval",

@@ -80,3 +80,31 @@ def test_real_folds_test_every_example_exactly_once(tmp_path, monkeypatch):
     assert sum(n for _, n in seen) == 1797
     pooled = sum(c for c, _ in seen) / 1797
     assert data["architectures"][0]["accuracy"] == pytest.approx(pooled)
+
+
+def test_a_listops_truth_made_on_other_generated_data_is_refused(tmp_path, monkeypatch):
+    """ListOps is procedural: its generator settings are in the header, so a truth of another ListOps is not reused."""
+    from nas.ffn.distill import TASKS
+
+    calls: list = []
+    monkeypatch.setattr(gt, "_job", fake_job(calls))
+    path = tmp_path / "gt.json"
+    data = gt.build_expr_ground_truth("listops", path, EXPRS, seeds=(0, 1), folds=2, epochs=1, progress=False)
+    assert data["data"] == TASKS["listops"].data and data["data"]["n"] == 4000
+    monkeypatch.setitem(TASKS["listops"].data, "max_depth", 3)  # as if the generator's size had changed
+    with pytest.raises(ValueError, match="data"):
+        gt.build_expr_ground_truth("listops", path, EXPRS, seeds=(0, 1), folds=2, epochs=1, progress=False)
+
+
+@pytest.mark.parametrize("task", ["seqdigits", "listops"])
+def test_committed_truths_match_the_current_task_and_parameter_count(task):
+    from pathlib import Path
+
+    from nas.ffn.distill import TASKS
+    from nas.ffn.transformer import FFNArch
+
+    data = json.loads((Path(__file__).parents[2] / f"benchmarks/results/mlp_{task}_ground_truth.json").read_text())
+    assert data.get("data") == TASKS[task].data
+    assert len(data["architectures"]) >= 30 and len(data["seeds"]) >= 3
+    for a in data["architectures"]:
+        assert a["ffn_params"] == FFNArch.uniform(a["expr"], data["layers"], data["width"]).ffn_params(data["d"])

@@ -226,8 +226,39 @@ def test_listops_labels_and_tokens():
     assert evaluate_listops(("SM", [7, 8, ("MED", [1, 5, 9, 3])])) == (7 + 8 + 4) % 10  # int(median) = 4
     x, y = generate_listops(200, seed=3)
     x2, y2 = generate_listops(200, seed=3)
-    assert (x == x2).all() and (y == y2).all() and x.shape == (200, 24)
+    assert (x == x2).all() and (y == y2).all() and x.shape == (200, 16)
     assert set(np.unique(y)) <= set(range(10)) and len(np.unique(y)) >= 8
+
+
+def test_generated_listops_has_the_packaged_size_and_labels_recomputed_from_tokens():
+    """Every example of the packaged size: an operation nested at most once (max_depth 2), 2-3 arguments each,
+    <= 16 tokens, distinct; its label recomputed by a stack evaluation of the token ids (not the generator's
+    tree)."""
+    from nas.data.listops import LISTOPS_SIZE, VOCAB
+
+    x, y = generate_listops(500, seed=1)
+    assert LISTOPS_SIZE == {"n": 4000, "max_depth": 2, "max_args": 3, "max_len": 16, "leaf_prob": 0.6}
+    assert len({tuple(r) for r in x.tolist()}) == 500
+    fns = {"[MAX": max, "[MIN": min, "[MED": lambda v: int(np.median(v)), "[SM": lambda v: sum(v) % 10}
+    for ids, label in zip(x.tolist(), y.tolist()):
+        toks = [VOCAB[i] for i in ids if i != 0]
+        stack: list = []
+        depth = max_depth = 0
+        for t in toks:
+            if t.startswith("["):
+                stack.append((t, []))
+                depth += 1
+                max_depth = max(max_depth, depth)
+            elif t == "]":
+                op, args = stack.pop()
+                depth -= 1
+                assert 2 <= len(args) <= 3
+                value = fns[op](args)
+                if stack:
+                    stack[-1][1].append(value)
+            else:
+                stack[-1][1].append(int(t))
+        assert not stack and value == label and len(toks) <= 16 and 1 <= max_depth <= 2  # the root and one nested level
 
 
 def test_seqdigits_tokens():
