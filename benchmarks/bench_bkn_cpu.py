@@ -5,9 +5,12 @@ Every (shape, layout, ghost group size) is one interleaved loop: NCHW and channe
 (``ghost = 0``) and with ghost groups of ``--ghost`` samples (the BKN layers get ``group_size`` and a ``(G, C)``
 prior, as a Kalman chain over ghost groups hands them; BatchNorm2d and GroupNorm are the same modules).
 Rows: nn.BatchNorm2d (baseline), BKN fast path (``BatchKalmanNorm2d(backend="torch")`` with a prior, p=0.9, gradients to
-the prior too; the posterior is not used downstream), the same layer with the torch-ops finalize
-instead of the C one (``normlayers.set_cpu_finalize("torch")``; the row is left out where no C
-compiler is found and the fast row already uses the torch ops), the fast layer with gradients
+the prior too; the posterior is not used downstream; the whole step in C, ``csrc/bkn_step.c``, where
+it builds), the same layer with only the per-channel C finalize between torch's x-sized kernels
+(``set_cpu_finalize("finalize")``, the design before the C step; left out where the fast row runs it
+already), the same layer with the torch-ops finalize instead of the C one
+(``normlayers.set_cpu_finalize("torch")``; the row is left out where no C compiler is found and the
+fast row already uses the torch ops), the fast layer with gradients
 reaching its posterior as well (what a Kalman chain's backward does), the plain-torch reference
 (autograd through ``batch_kalman_norm_reference``) and nn.GroupNorm(32); fp32, NCHW and channels-last. ``ratio_bn`` =
 median / BatchNorm2d's median and ``ratio_p20`` = p20 / BatchNorm2d's p20, for the same shape, layout
@@ -45,8 +48,10 @@ from torch import nn
 
 from benchmarks.harness import parse_bench, report, time_fn
 from normlayers import BatchKalmanNorm2d, batch_kalman_norm_reference, cpu_finalize, set_cpu_finalize
+from normlayers.ops.cfinalize import cpu_step
 
 TORCH_FINALIZE = "BKN fast, torch-ops finalize"
+C_FINALIZE = "BKN fast, C finalize only"
 CHAINED = "BKN fast, posterior grads too"
 SHAPES = ((8, 64, 32, 32), (2, 256, 16, 16))
 NO_TRIM_ENV = {"MALLOC_MMAP_THRESHOLD_": str(64 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
@@ -93,6 +98,13 @@ def _cases(shape: tuple[int, ...], channels_last: bool, reference: bool = True,
         finally:
             set_cpu_finalize("auto")
 
+    def c_finalize_forward(inp: torch.Tensor) -> torch.Tensor:
+        set_cpu_finalize("finalize")  # per-channel C calls between torch's x-sized kernels (before the C step)
+        try:
+            return bkn(inp, prior=prior)
+        finally:
+            set_cpu_finalize("auto")
+
     posterior_grads = (torch.randn(stat_shape, generator=gen), torch.randn(stat_shape, generator=gen))
     chain_inputs = [x, *bkn.parameters(), *prior]
 
@@ -103,6 +115,7 @@ def _cases(shape: tuple[int, ...], channels_last: bool, reference: bool = True,
     cases = {
         "BatchNorm2d": _step(bn, x, grad),
         "BKN fast (prior, p=0.9)": _step(bkn, x, grad, prior, forward=lambda inp: bkn(inp, prior=prior)),
+        C_FINALIZE: _step(bkn, x, grad, prior, forward=c_finalize_forward),
         TORCH_FINALIZE: _step(bkn, x, grad, prior, forward=torch_finalize_forward),
         CHAINED: chained,
         "BKN reference": _step(ref, x, grad, prior, forward=reference_forward),
@@ -112,6 +125,8 @@ def _cases(shape: tuple[int, ...], channels_last: bool, reference: bool = True,
         del cases["BKN reference"]
     if cpu_finalize() != "c":  # the fast row already runs the torch ops
         del cases[TORCH_FINALIZE]
+    if not cpu_step().startswith("c-step"):  # the fast row already runs the C finalize alone (or the torch ops)
+        del cases[C_FINALIZE]
     return cases
 
 
@@ -231,11 +246,13 @@ def main(argv: list[str] | None = None) -> int:
                "ratio_bn: median over BatchNorm2d's median (ratio_p20: p20 over p20), same shape/layout/threads/"
                "malloc and ghost group size (ghost 0: none); targets BKN fast <= 1.5 (NCHW), <= 1.0 (scale-out)",
                "cpu_ratio: median process CPU time per call over BatchNorm2d's (all threads; robust to shared cores)",
-               f"BKN fast's per-channel finalize: {cpu_finalize()} (normlayers.cpu_finalize())",
+               f"BKN fast's per-channel finalize: {cpu_finalize()} (normlayers.cpu_finalize()); "
+               f"CPU hot path: {cpu_step()} (normlayers.ops.cfinalize.cpu_step())",
                "faults: minor page faults per call; malloc no-trim = MALLOC_MMAP_THRESHOLD_=64 MiB, "
                "MALLOC_TRIM_THRESHOLD_=256 MiB (glibc stops returning the heap top to the OS)",
                f"load average at the end: {load}"],
-        extra={"load_average": load, "repeats": args.repeats, "burst": args.burst, "cpu_finalize": cpu_finalize()},
+        extra={"load_average": load, "repeats": args.repeats, "burst": args.burst, "cpu_finalize": cpu_finalize(),
+               "cpu_step": cpu_step()},
     )
     return 0
 

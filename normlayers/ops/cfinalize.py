@@ -8,11 +8,21 @@ and the per-channel part of the backward when the posterior has gradients too (a
 torch ops in :mod:`normlayers.ops.torch_backend` stay the reference and the fallback; tests hold the two to the
 same numbers.
 
-How: the source is compiled once per machine with the system C compiler (``$CC``, else ``cc``;
-``-O2 -shared -fPIC``, ~0.2 s) into ``$NORMLAYERS_CACHE`` (default ``$XDG_CACHE_HOME/normlayers``
+The same library holds the whole training step (``csrc/bkn_step.c``: moments, finalize and normalize
+in one call, the backward's reductions, per-channel work and ``dx`` in another; multi-threaded with
+OpenMP), which the hot path uses for fp32/fp64 input when the library has it (mode ``"auto"``);
+mode ``"finalize"`` keeps only the per-channel C calls between torch's x-sized kernels (the previous
+design, kept for comparison and tests).
+
+How: the sources are compiled once per machine with the system C compiler (``$CC``, else ``cc``;
+``-O3 -shared -fPIC``, a few seconds) into ``$NORMLAYERS_CACHE`` (default ``$XDG_CACHE_HOME/normlayers``
 or ``~/.cache/normlayers``; a private temporary directory if that is not writable), named by a hash
-of the source, compiler and platform, written atomically, and loaded with :mod:`ctypes` (no Python
-headers, no torch headers, no build step at install). Without a compiler, on any failure, or with
+of the sources, compiler, flags and platform, written atomically, and loaded with :mod:`ctypes` (no Python
+headers, no torch headers, no build step at install). Threads: when the process has already loaded a
+GNU OpenMP runtime (torch's ``libgomp``, on Linux builds of torch), the step is compiled with
+``-fopenmp`` and linked against that very file, so it shares torch's thread pool (no second pool
+spinning on the same cores); otherwise, or if that build fails to compile or load, it is built without
+OpenMP and runs on the calling thread. Without a compiler, on any failure, or with
 ``NORMLAYERS_CPU_FINALIZE=torch`` (or :func:`set_cpu_finalize`), the torch ops run instead.
 
 Trust: a library is loaded only if its directory and the file are owned by the current user and
@@ -33,6 +43,7 @@ import platform
 import shutil
 import stat
 import subprocess
+import sys
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -42,7 +53,8 @@ __all__ = ["cpu_finalize", "set_cpu_finalize", "load"]
 
 _LOG = logging.getLogger("normlayers")
 _SOURCE = Path(__file__).with_name("csrc") / "bkn_finalize.c"
-MODES = ("auto", "torch")
+_STEP_SOURCES = ("bkn_step.c", "bkn_step_impl.h")  # next to _SOURCE; the .c is compiled, the header included
+MODES = ("auto", "finalize", "torch")
 
 _mode = os.environ.get("NORMLAYERS_CPU_FINALIZE", "auto")
 _lib: ctypes.CDLL | None = None
@@ -50,16 +62,23 @@ _tried = False
 rejected: list[str] = []  # why a cache directory or library was not trusted (this process)
 _built: dict[str, str] = {}  # library path -> SHA-256 of what this process compiled there
 _private_dirs: set[Path] = set()  # temporary directories this process created
+_has_step = False  # the loaded library has the whole-step entry points
 
 _PTR, _I64, _F64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
 _FORWARD_ARGTYPES = [_INT, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _F64, _F64, _F64, _PTR, _PTR, _F64, _I64,
                      _PTR, _PTR, _PTR, _PTR, _PTR, _PTR]
 _BACKWARD_ARGTYPES = [_INT, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _F64, _PTR, _PTR]
+# bkn_step_forward / bkn_step_backward (csrc/bkn_step.c)
+STEP_FORWARD_ARGTYPES = [_INT, _INT, _I64, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _F64, _F64, _F64, _INT,
+                         _PTR, _PTR, _F64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _INT]
+STEP_BACKWARD_ARGTYPES = [_INT, _INT, _I64, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR,
+                          _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _INT]
 _CHAIN_ARGTYPES = [_INT, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _F64, _PTR, _PTR, _PTR, _PTR]
 
 
 def set_cpu_finalize(mode: str) -> None:
-    """``"auto"``: the C finalize when it compiles and loads (the default); ``"torch"``: always the torch ops."""
+    """``"auto"``: the C step (or at least the C finalize) when it compiles and loads (the default);
+    ``"finalize"``: only the per-channel C calls, torch's x-sized kernels; ``"torch"``: always the torch ops."""
     global _mode
     if mode not in MODES:
         raise ValueError(f"cpu finalize mode must be one of {MODES}, got {mode!r}")
@@ -69,6 +88,23 @@ def set_cpu_finalize(mode: str) -> None:
 def cpu_finalize() -> str:
     """Which finalize the CPU hot path uses now: ``"c"`` or ``"torch"`` (compiles on the first call)."""
     return "c" if load() is not None else "torch"
+
+
+def load_step() -> ctypes.CDLL | None:
+    """The library when the hot path should run the whole step in C (mode ``"auto"``), else ``None``."""
+    if _mode != "auto":
+        return None
+    lib = load()
+    return lib if lib is not None and _has_step else None
+
+
+def cpu_step() -> str:
+    """How the CPU hot path runs now: ``"c-step-openmp"`` / ``"c-step"`` (the whole step in C, with or without
+    threads), ``"c-finalize"`` (per-channel C calls between torch kernels) or ``"torch"``."""
+    lib = load_step()
+    if lib is not None:
+        return "c-step-openmp" if lib.bkn_step_openmp() else "c-step"
+    return "c-finalize" if load() is not None else "torch"
 
 
 def _cache_dirs() -> Iterator[Path]:
@@ -125,7 +161,45 @@ def _reject(reason: str) -> None:
     warnings.warn(f"normlayers: not loading the C finalize from the cache: {reason}", RuntimeWarning, stacklevel=3)
 
 
-def _compile(directory: Path, compiler: str, key: str, force: bool = False) -> Path:
+def _sources() -> list[Path]:
+    """What is compiled: the finalize, plus the whole step when its files are there."""
+    step = [_SOURCE.with_name(name) for name in _STEP_SOURCES]
+    return [_SOURCE] + ([step[0]] if all(p.exists() for p in step) else [])
+
+
+def _openmp_runtime() -> str | None:
+    """Torch's GNU OpenMP runtime as this process has loaded it, or ``None`` (not Linux, none loaded).
+
+    Other packages may have loaded their own copies (wheels ship renamed ``libgomp-<hash>.so``): the one inside
+    torch's package wins, else a plain ``libgomp.so.1`` (a system or conda torch links that one)."""
+    torch = sys.modules.get("torch")
+    torch_dir = os.path.dirname(os.path.realpath(torch.__file__)) if getattr(torch, "__file__", None) else None
+    found = []
+    try:
+        with open("/proc/self/maps") as fh:
+            for line in fh:
+                path = line.rstrip("\n").split(maxsplit=5)[-1]
+                if os.path.basename(path).startswith("libgomp") and ".so" in path and path not in found:
+                    found.append(path)
+    except OSError:
+        return None
+    for path in found:
+        if torch_dir is not None and os.path.realpath(path).startswith(torch_dir + os.sep) and os.path.isfile(path):
+            return path
+    for path in found:
+        if os.path.basename(path) == "libgomp.so.1" and os.path.isfile(path):
+            return path
+    return None
+
+
+def _variants() -> list[tuple[str, ...]]:
+    """Link-time extras to try in order: with OpenMP (linked against the loaded runtime), then without."""
+    runtime = _openmp_runtime()
+    return ([("-fopenmp", runtime)] if runtime is not None and len(_sources()) > 1 else []) + [()]
+
+
+def _compile(directory: Path, compiler: str, key: str, force: bool = False, variant: tuple[str, ...] = ()) -> Path:
+    """Build the library into ``directory`` (unless it is there); ``variant``: ``()`` or ``("-fopenmp", runtime)``."""
     library = directory / f"bkn_finalize-{key}.so"
     if force or not library.exists():
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -133,11 +207,20 @@ def _compile(directory: Path, compiler: str, key: str, force: bool = False) -> P
         # renamed into place: no half-written file is loaded
         partial = directory / f".bkn_finalize-{key}.{os.getpid()}.so"
         partial_hash = directory / f".bkn_finalize-{key}.{os.getpid()}.sha256"
-        cmd = [compiler, "-O2", "-shared", "-fPIC", "-o", str(partial), str(_SOURCE), "-lm"]
+        sources = [str(p) for p in _sources()]
+        if variant:  # compile with -fopenmp, link against the runtime file itself (not the compiler's -lgomp)
+            flag, runtime = variant
+            objects = [str(directory / f".bkn_finalize-{key}.{os.getpid()}.{i}.o") for i in range(len(sources))]
+            cmds = [[compiler, "-O3", flag, "-fPIC", "-c", "-o", obj, src] for obj, src in zip(objects, sources)]
+            cmds.append([compiler, "-shared", "-o", str(partial), *objects, runtime, "-lm"])
+        else:
+            objects = []
+            cmds = [[compiler, "-O3", "-shared", "-fPIC", "-o", str(partial), *sources, "-lm"]]
         try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-            if done.returncode != 0:
-                raise OSError(f"{' '.join(cmd)} failed: {done.stderr.strip()[:500]}")
+            for cmd in cmds:
+                done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+                if done.returncode != 0:
+                    raise OSError(f"{' '.join(cmd)} failed: {done.stderr.strip()[:500]}")
             os.chmod(partial, 0o700)
             digest = _sha256(partial)
             partial_hash.write_text(digest + "\n")
@@ -148,10 +231,12 @@ def _compile(directory: Path, compiler: str, key: str, force: bool = False) -> P
         finally:
             partial.unlink(missing_ok=True)
             partial_hash.unlink(missing_ok=True)
+            for obj in objects:
+                Path(obj).unlink(missing_ok=True)
     return library
 
 
-def _load_from(directory: Path, compiler: str, key: str) -> ctypes.CDLL:
+def _load_from(directory: Path, compiler: str, key: str, variant: tuple[str, ...] = ()) -> ctypes.CDLL:
     """Build (if needed) and load the library in ``directory``, after verifying it (rebuilt once if it fails)."""
     if directory.exists():
         try:
@@ -159,12 +244,12 @@ def _load_from(directory: Path, compiler: str, key: str) -> ctypes.CDLL:
         except UntrustedCache as err:
             _reject(str(err))
             raise
-    library = _compile(directory, compiler, key)
+    library = _compile(directory, compiler, key, variant=variant)
     try:
         _verify(library)
     except UntrustedCache as err:
         _reject(f"{err}; rebuilding it")
-        library = _compile(directory, compiler, key, force=True)
+        library = _compile(directory, compiler, key, force=True, variant=variant)
         _verify(library)
     return _bind(ctypes.CDLL(str(library)))
 
@@ -177,6 +262,15 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.bkn_backward_finalize.restype = None
     lib.bkn_backward_chain_finalize.argtypes = _CHAIN_ARGTYPES
     lib.bkn_backward_chain_finalize.restype = None
+    global _has_step
+    _has_step = hasattr(lib, "bkn_step_forward")
+    if _has_step:
+        lib.bkn_step_forward.argtypes = STEP_FORWARD_ARGTYPES
+        lib.bkn_step_forward.restype = _F64
+        lib.bkn_step_backward.argtypes = STEP_BACKWARD_ARGTYPES
+        lib.bkn_step_backward.restype = _INT
+        lib.bkn_step_openmp.argtypes = []
+        lib.bkn_step_openmp.restype = _INT
     return lib
 
 
@@ -189,25 +283,30 @@ def load() -> ctypes.CDLL | None:
         return _lib
     _tried = True
     compiler = os.environ.get("CC", "cc")
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, compiler.encode(), platform.machine().encode(),
-                                      platform.system().encode()])).hexdigest()[:16]
+    source = b"\0".join(p.read_bytes() for p in _sources() + [_SOURCE.with_name(_STEP_SOURCES[1])] if p.exists())
     errors = []
     for directory in _cache_dirs():
-        try:
-            _lib = _load_from(directory, compiler, key)
-            return _lib
-        except (OSError, AttributeError, subprocess.SubprocessError) as err:
-            errors.append(f"{directory}: {err}")
-            if directory in _private_dirs:
-                shutil.rmtree(directory, ignore_errors=True)  # our own private temporary directory
+        for variant in _variants():
+            key = hashlib.sha256(b"\0".join([source, compiler.encode(), platform.machine().encode(),
+                                              platform.system().encode(), *(v.encode() for v in variant)]
+                                             )).hexdigest()[:16]
+            try:
+                _lib = _load_from(directory, compiler, key, variant)
+                return _lib
+            except UntrustedCache as err:  # the directory itself: the next one
+                errors.append(f"{directory}: {err}")
+                break
+            except (OSError, AttributeError, subprocess.SubprocessError) as err:  # this build: the next variant
+                errors.append(f"{directory} ({' '.join(variant) or 'no OpenMP'}): {err}")
+        if directory in _private_dirs:
+            shutil.rmtree(directory, ignore_errors=True)  # our own private temporary directory
     _LOG.info("normlayers: C finalize unavailable, the CPU hot path uses torch ops (%s)", "; ".join(errors))
     return None
 
 
 def _reset_for_tests() -> None:
     """Forget the loaded library so the next :func:`load` builds again (tests of the loader)."""
-    global _lib, _tried
-    _lib, _tried = None, False
+    global _lib, _tried, _has_step
+    _lib, _tried, _has_step = None, False, False
     rejected.clear()
     _built.clear()

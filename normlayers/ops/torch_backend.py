@@ -28,6 +28,12 @@ stay (C,) inside (views to (1, C) only at the outputs), and scalar arguments rid
 group, a (C,) prior, NCHW) has its own straight-line Function, :class:`_NchwPriorFn`, reached through
 :func:`hot_train`; channels-last input and ghost groups take :class:`_GroupedPriorFn` (per-row moments
 combined per group by one C call each way).
+
+Both Functions run the whole step in C when the library has it (``ops/csrc/bkn_step.c``, mode ``"auto"`` of
+:mod:`normlayers.ops.cfinalize`): :func:`_step_forward` (moments, guard, mixture, running buffers and ``y``
+in one call) and :func:`_step_backward` (reductions, the closed form with or without posterior gradients,
+``dx``, in one call), fp32/fp64, threads shared with torch's OpenMP pool. Their torch-kernel bodies below
+stay the reference and the fallback (modes ``"finalize"`` and ``"torch"``, or no compiler).
 """
 
 from __future__ import annotations
@@ -317,6 +323,77 @@ def _chain_backward_c(lib: Any, x: Tensor, weight: Tensor, post_mean: Tensor, rs
     return dx, s2, s1, dpm, dpv
 
 
+def _step_forward(ctx: Any, lib: Any, x: Tensor, weight: Tensor, bias: Tensor, prior_mean: Tensor, prior_var: Tensor,
+                  p: float, eps: float, guard_ratio: float, layer_guard: bool, groups: int,
+                  running: Running | None) -> tuple[Tensor, Tensor, Tensor]:
+    """The whole forward in one C call (``ops/csrc/bkn_step.c``, :func:`normlayers.ops.cfinalize.load_step`): moments,
+    guard, mixture, running buffers and ``y`` for NCHW-contiguous or channels-last ``x``; ``G = groups`` ghost groups.
+    Posteriors ``(C,)`` when ``G == 1``, else ``(G, C)``. Fills ``ctx`` for :func:`_step_backward`."""
+    n, c = x.shape[0], x.shape[1]
+    dtype = x.dtype
+    channels_last = not x.is_contiguous()
+    stat_shape = (c,) if groups == 1 else (groups, c)
+    y = torch.empty_like(x)  # in x's layout
+    post_mean, post_var = torch.empty(stat_shape, dtype=dtype), torch.empty(stat_shape, dtype=dtype)
+    rstd, d, a = torch.empty(3, groups, c, dtype=dtype).unbind(0)  # internal: saved for the backward only
+    p_used = torch.empty(groups, dtype=torch.float64)
+    running_mean = running_var = None
+    momentum = 0.0
+    if running is not None:
+        running_mean, running_var, momentum, _ = running
+    fired = lib.bkn_step_forward(
+        dtype is torch.float64, channels_last, n, c, x.numel() // (n * c), groups, x.data_ptr(), weight.data_ptr(),
+        bias.data_ptr(), prior_mean.data_ptr(), prior_var.data_ptr(), 0 if prior_mean.dim() == 1 else c, p, eps,
+        guard_ratio, layer_guard, _ptr(running_mean), _ptr(running_var), momentum, y.data_ptr(), post_mean.data_ptr(),
+        post_var.data_ptr(), rstd.data_ptr(), d.data_ptr(), a.data_ptr(), p_used.data_ptr(), torch.get_num_threads(),
+    )
+    if fired < 0.0:
+        if fired == -1.0:  # a NaN/inf or a negative variance in the prior (nothing was written)
+            check_prior_values(prior_mean, prior_var)
+            raise ValueError("prior rejected by the C step")  # (check_prior_values raises first)
+        raise MemoryError("the C step could not allocate its workspace")
+    if running is not None:  # written through raw pointers: tell autograd's saved-tensor checks, as in-place ops do
+        _increment_version([running[0], running[1]])
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(x, post_mean, rstd, d, a, p_used)
+    ctx.step, ctx.channels_last, ctx.groups, ctx.prior_shape = lib, channels_last, groups, prior_mean.shape
+    return y, post_mean, post_var
+
+
+def _step_backward(ctx: Any, gy: Tensor | None, gm: Tensor | None, gv: Tensor | None) -> tuple[Tensor | None, ...]:
+    """``(dx, dgamma, dbeta, dmu_P, dvar_P)`` of :func:`_step_forward` in one C call: the reductions
+    ``S1 = sum(g)``, ``S2 = sum(g*xh)`` per (group, channel), the closed form's per-channel terms (with or
+    without posterior gradients ``gm``, ``gv``) and ``dx = a*g + k2*(x - mu_hat) + k0``; gradients not needed are
+    not computed. A ``gy`` in another layout or dtype is converted first."""
+    x, post_mean, rstd, d, a, p_used = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    n, c = x.shape[0], x.shape[1]
+    dtype = x.dtype
+    if gy is not None:
+        layout = torch.channels_last if ctx.channels_last else torch.contiguous_format
+        gy = gy.to(dtype).contiguous(memory_format=layout)
+    gm = None if gm is None else gm.to(dtype).contiguous()
+    gv = None if gv is None else gv.to(dtype).contiguous()
+    dx = torch.empty_like(x) if needs[0] else None
+    dweight = torch.empty(c, dtype=dtype) if needs[1] else None
+    dbias = torch.empty(c, dtype=dtype) if needs[2] else None
+    dpm = torch.empty(ctx.prior_shape, dtype=dtype) if needs[3] else None
+    dpv = torch.empty(ctx.prior_shape, dtype=dtype) if needs[4] else None
+    rc = ctx.step.bkn_step_backward(
+        dtype is torch.float64, ctx.channels_last, n, c, x.numel() // (n * c), ctx.groups, x.data_ptr(), _ptr(gy),
+        post_mean.data_ptr(), rstd.data_ptr(), a.data_ptr(), d.data_ptr(), p_used.data_ptr(), _ptr(gm), _ptr(gv),
+        0 if len(ctx.prior_shape) == 1 else c, _ptr(dx), _ptr(dweight), _ptr(dbias), _ptr(dpm), _ptr(dpv),
+        torch.get_num_threads(),
+    )
+    if rc != 0:
+        raise MemoryError("the C step could not allocate its workspace")
+    return dx, dweight, dbias, dpm, dpv
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
 class _NchwPriorFn(torch.autograd.Function):
     """The layer's hot path: :class:`_BatchKalmanNormFn` specialized to one group, a ``(C,)`` prior,
     a float prior weight and NCHW-contiguous input large enough for group norm's moments (see
@@ -347,6 +424,11 @@ class _NchwPriorFn(torch.autograd.Function):
         guard_ratio: float,
         running: Running | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
+        step = cfinalize.load_step()
+        if step is not None:  # the whole step in C
+            return _step_forward(ctx, step, x, weight, bias, prior_mean, prior_var, p, eps, guard_ratio, True, 1,
+                                 running)
+        ctx.step = None
         n, c = x.shape[0], x.shape[1]
         scratch, m, rstd_n = torch.native_group_norm(x, None, None, n, c, x.numel() // (n * c), c, 0.0)  # (N, C)
         lib = cfinalize.load()
@@ -365,6 +447,8 @@ class _NchwPriorFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, gy: Tensor | None, gm: Tensor | None, gv: Tensor | None):  # type: ignore[override]
+        if ctx.step is not None:
+            return *_step_backward(ctx, gy, gm, gv), None, None, None, None
         x, weight, post_mean, rstd, d, a, w_bn = ctx.saved_tensors
         p, needs = ctx.p, ctx.needs_input_grad
         if gy is None or not (needs[0] and gy.is_contiguous()):
@@ -441,10 +525,6 @@ def _unit(rows: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
             _unit_rows.clear()
         unit = _unit_rows[key] = (torch.zeros(rows, dtype=dtype), torch.ones(rows, dtype=dtype))
     return unit
-
-
-def _ptr(t: Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
 
 
 def _cl_rows(t: Tensor, groups: int) -> Tensor:
@@ -528,6 +608,11 @@ class _GroupedPriorFn(torch.autograd.Function):
         groups: int,
         running: Running | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
+        step = cfinalize.load_step()
+        if step is not None:  # the whole step in C
+            return _step_forward(ctx, step, x, weight, bias, prior_mean, prior_var, p, eps, guard_ratio, layer_guard,
+                                 groups, running)
+        ctx.step = None
         n, c = x.shape[0], x.shape[1]
         dtype = x.dtype
         nchw = x.is_contiguous()
@@ -602,6 +687,8 @@ class _GroupedPriorFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, gy: Tensor | None, gm: Tensor | None, gv: Tensor | None):  # type: ignore[override]
+        if ctx.step is not None:
+            return *_step_backward(ctx, gy, gm, gv), None, None, None, None, None, None
         x, weight, post_mean, rstd, d, a, p_used, mean_rows, rstd_rows, scale_rows, pe_t = ctx.saved_tensors
         pe: PriorWeight = ctx.pe if pe_t is None else pe_t
         lib, groups, needs, eps = ctx.lib, ctx.groups, ctx.needs_input_grad, ctx.eps

@@ -11,17 +11,19 @@ from normlayers import cpu_finalize, set_cpu_finalize
 from normlayers.ops import cfinalize
 
 
-@pytest.fixture(params=["c", "torch"])
+@pytest.fixture(params=["c", "c-finalize", "torch"])
 def finalize(request):
-    """Run the test with the C finalize (skipped without a C compiler) and with the torch ops.
+    """Run the test with the C library (skipped without a C compiler) and with the torch ops: ``"c"`` is mode
+    ``"auto"`` (the whole step in C where the library has it), ``"c-finalize"`` the per-channel C calls between
+    torch's kernels (mode ``"finalize"``), ``"torch"`` the torch ops alone.
 
     Modules that test the CPU fast path use it for every test: ``pytestmark = pytest.mark.usefixtures("finalize")``.
     """
     saved = cfinalize._mode
-    if request.param == "c":
+    if request.param in ("c", "c-finalize"):
         if shutil.which(os.environ.get("CC", "cc")) is None:
             pytest.skip("no C compiler: the C finalize cannot be built here")
-        set_cpu_finalize("auto")
+        set_cpu_finalize("auto" if request.param == "c" else "finalize")
         assert cpu_finalize() == "c"
     else:
         set_cpu_finalize("torch")

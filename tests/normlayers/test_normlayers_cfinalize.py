@@ -130,3 +130,48 @@ def test_a_world_writable_library_is_not_trusted(fresh_loader):
     with pytest.warns(RuntimeWarning, match="writable by group or others"):
         assert cfinalize.load() is not None
     assert (os.stat(library).st_mode & 0o022) == 0  # the rebuilt file is private again
+
+
+@needs_cc
+def test_the_step_shares_torchs_openmp_runtime(fresh_loader):
+    """Built with OpenMP where torch has loaded libgomp, and linked against that very file: one runtime in the
+    process (no second thread pool)."""
+    runtime = cfinalize._openmp_runtime()
+    lib = cfinalize.load()
+    assert lib is not None and cfinalize.load_step() is lib
+    if runtime is None:
+        assert cfinalize.cpu_step() == "c-step"
+        return
+    assert cfinalize.cpu_step() == "c-step-openmp"
+    torch_dir = os.path.dirname(os.path.realpath(torch.__file__))
+    with open("/proc/self/maps") as fh:
+        loaded = {line.split()[-1] for line in fh if os.path.basename(line.split()[-1]).startswith("libgomp")}
+    # other wheels (scikit-learn, ...) may bring renamed copies; the one torch ships is the one linked
+    assert runtime in loaded
+    assert os.path.realpath(runtime).startswith(torch_dir) or os.path.basename(runtime) == "libgomp.so.1"
+    assert not [p for p in loaded if os.path.realpath(p).startswith(torch_dir) and p != runtime]
+    import ctypes
+    import subprocess
+    needed = subprocess.run(["ldd", lib._name], capture_output=True, text=True).stdout if shutil.which("ldd") else ""
+    if needed:  # the library's libgomp entry resolves to the runtime itself (loaded by soname, not a second copy)
+        assert os.path.basename(runtime).split(".so")[0] in needed
+    assert ctypes.CDLL(lib._name) is not None
+
+
+@needs_cc
+@pytest.mark.parametrize("how", ["no_runtime", "flag_fails"])
+def test_the_step_builds_without_openmp_when_it_must(fresh_loader, monkeypatch, how):
+    """No OpenMP runtime loaded, or a compiler that rejects the OpenMP build: the step is built without threads."""
+    if how == "no_runtime":
+        monkeypatch.setattr(cfinalize, "_openmp_runtime", lambda: None)
+    else:
+        failing = ("-fno-such-openmp-flag", "/nonexistent/libgomp.so.1")
+        monkeypatch.setattr(cfinalize, "_variants", lambda: [failing, ()])
+    assert cfinalize.cpu_step() == "c-step"
+    assert len(list(fresh_loader.glob("bkn_finalize-*.so"))) == 1
+    bkn = BatchKalmanNorm2d(8, backend="torch")
+    x = torch.randn(2, 8, 48, 48).contiguous(memory_format=torch.channels_last).requires_grad_()
+    y = bkn(x, prior=(torch.zeros(8), torch.ones(8)))
+    assert y.grad_fn.step is not None
+    y.sum().backward()
+    assert torch.isfinite(x.grad).all()
