@@ -7,7 +7,8 @@ The teacher is trained once (the shared, serial stage; timed) and copied into fr
 blocks stage (train + rate every unit, :func:`nas.parallel.run_blocks_parallel`; a unit is a block, or one cell
 supernet of a block with depth/width cells) runs serially (``workers=1``: in this process, ``--threads`` torch
 threads) and on ``--workers`` spawned processes with ``--threads`` threads each, ``--repeats`` times interleaved
-(serial, parallel, serial, ...: both see the same machine drift); finally each run's report (the rating table,
+(serial first in even repeats, parallel first in odd ones: both see the same machine drift); finally each run's
+report (the rating table,
 the exact search; no retrain). Every parallel table is compared exactly with its serial one (``identical``).
 Speed-up = serial blocks-stage wall time / parallel, per repeat; the median over repeats is the figure.
 
@@ -83,8 +84,9 @@ def _run(cfg: DNAConfig, out: Path, teacher: Path, workers: int, threads: int) -
     # report: the search() after the blocks (gathering the ratings, the table, the exact search; no retrain)
     report_s = timing["total_seconds"] - timing["blocks_seconds"] - timing["shared_seconds"]
     units = timing["unit_seconds"]  # in dispatch order (largest first)
+    cpu = timing["unit_cpu_seconds"]
     return {"blocks_s": timing["blocks_seconds"], "report_s": report_s, "total_s": total,
-            "unit_times": list(units.values()), "units": list(units)}
+            "unit_times": list(units.values()), "units": list(units), "unit_cpu": [cpu[u] for u in units]}
 
 
 def projection(t_shared: float, t_report: float, overhead: float, serial_times: list[float],
@@ -114,10 +116,14 @@ def main(argv: list[str] | None = None) -> int:
         shared = DNA(replace(cfg, out_dir=str(root / "shared")))
         shared.prepare_blocks()  # the teacher: the serial stage
         t_shared = time.perf_counter() - t0
-        for r in range(args.repeats):  # interleaved: serial and parallel of a repeat see the same machine state
-            serial = _run(cfg, root / f"serial{r}", root / "shared" / "teacher", 1, args.threads)
-            torch.set_num_threads(args.threads)  # (the in-process serial run set it too)
-            parallel = _run(cfg, root / f"parallel{r}", root / "shared" / "teacher", args.workers, args.threads)
+        for r in range(args.repeats):  # interleaved, the order alternating (the VM's speed drifts over minutes)
+            order = ("serial", "parallel") if r % 2 == 0 else ("parallel", "serial")
+            done = {}
+            for kind in order:
+                workers = 1 if kind == "serial" else args.workers
+                done[kind] = _run(cfg, root / f"{kind}{r}", root / "shared" / "teacher", workers, args.threads)
+                torch.set_num_threads(args.threads)  # (the in-process serial run sets it too)
+            serial, parallel = done["serial"], done["parallel"]
             parallel["identical"] = (load_ratings(root / f"serial{r}" / "ratings.json").block_ratings
                                      == load_ratings(root / f"parallel{r}" / "ratings.json").block_ratings)
             pairs.append((serial, parallel))
@@ -134,13 +140,14 @@ def main(argv: list[str] | None = None) -> int:
     t_report = serial["report_s"]
     rows = []
     for r, ((s_run, p_run), speedup) in enumerate(zip(pairs, speedups)):
-        rows.append({"run": "serial", "repeat": r, "workers": 1, "blocks_stage_s": s_run["blocks_s"], "speedup": 1.0,
-                     "unit_s": " ".join(f"{t:.1f}" for t in s_run["unit_times"]), "identical_table": True})
-        rows.append({"run": "parallel", "repeat": r, "workers": args.workers, "blocks_stage_s": p_run["blocks_s"],
-                     "speedup": speedup, "unit_s": " ".join(f"{t:.1f}" for t in p_run["unit_times"]),
-                     "identical_table": p_run["identical"]})
+        for kind, run, workers, sp in (("serial", s_run, 1, 1.0), ("parallel", p_run, args.workers, speedup)):
+            rows.append({"run": kind, "repeat": r, "workers": workers, "blocks_stage_s": run["blocks_s"],
+                         "speedup": sp, "unit_s": " ".join(f"{t:.1f}" for t in run["unit_times"]),
+                         "unit_cpu_s": " ".join(f"{t:.1f}" for t in run["unit_cpu"]),
+                         "identical_table": run.get("identical", True)})
     rows.append({"run": "median", "repeat": "-", "workers": args.workers, "blocks_stage_s": parallel["blocks_s"],
-                 "speedup": speedups[median], "unit_s": "", "identical_table": all(p["identical"] for _, p in pairs)})
+                 "speedup": speedups[median], "unit_s": "", "unit_cpu_s": "",
+                 "identical_table": all(p["identical"] for _, p in pairs)})
     in_workers = parallel["unit_times"]
     mean_unit, mean_in_worker = sum(units) / len(units), sum(in_workers) / len(in_workers)
     name = f"{cfg.space.name} ({len(units)} units, measured)"
@@ -161,13 +168,15 @@ def main(argv: list[str] | None = None) -> int:
     report(
         "nas_parallel",
         rows,
-        columns=["run", "repeat", "workers", "blocks_stage_s", "speedup", "unit_s", "identical_table"],
+        columns=["run", "repeat", "workers", "blocks_stage_s", "speedup", "unit_s", "unit_cpu_s", "identical_table"],
         notes=[f"DNA on {cfg.space.name} ({args.dna_config}, block_epochs {cfg.block_epochs}), blocks + rating only, "
                f"{len(units)} units ({', '.join(serial['units'])}, largest first); teacher (shared, serial) "
                f"{t_shared:.1f} s, report {t_report:.1f} s; {args.threads} torch thread(s) per unit; "
                f"{os.cpu_count()} cpus; load average {load}; {args.repeats} interleaved repeat(s), the median "
                f"repeat ({median}) feeds the projection",
                f"parallel overhead (spawn, imports, teacher load) {overhead:.1f} s; goal speed-up >= 1.7 on 2 workers",
+               "unit_s / unit_cpu_s: wall / process CPU seconds of each unit (dispatch order; CPU below wall: the "
+               "unit waited for a core); repeats alternate the order (even: serial first, odd: parallel first)",
                "projection (T(1) = shared + report + the serial unit times; T(N > 1) = shared + report + overhead + "
                "LPT makespan of the unit times measured inside the workers): "
                + "; ".join(f"{r['space']} N={r['workers']}: {r['projected_s']:.0f} s (x{r['projected_speedup']:.2f})"

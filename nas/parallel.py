@@ -61,18 +61,19 @@ def _worker_config(method: SearchMethod) -> Any:
 def run_block_task(name: str, cfg: Any, k: int) -> tuple[int, float]:
     """One worker task: method ``name`` from ``cfg``, its shared stage (loaded, not recomputed), block ``k``.
     Returns ``(k, seconds)``; the block's result is in ``cfg.out_dir`` (what a serial run writes)."""
-    unit, seconds = run_unit_task(name, cfg, (k, None))
+    unit, seconds, _ = run_unit_task(name, cfg, (k, None))
     return unit[0], seconds
 
 
-def run_unit_task(name: str, cfg: Any, unit: tuple[int, int | None]) -> tuple[tuple[int, int | None], float]:
+def run_unit_task(name: str, cfg: Any, unit: tuple[int, int | None]) -> tuple[tuple[int, int | None], float, float]:
     """One worker task: method ``name`` from ``cfg``, its shared stage (loaded, not recomputed), then
-    :meth:`SearchMethod.run_unit` (a block, or a part of one such as a DNA cell). Returns ``(unit, seconds)``."""
-    t0 = time.perf_counter()
+    :meth:`SearchMethod.run_unit` (a block, or a part of one such as a DNA cell). Returns ``(unit, wall seconds,
+    CPU seconds of the process)``: CPU below wall means the unit waited (for a core, for I/O)."""
+    t0, c0 = time.perf_counter(), time.process_time()
     method = get_method(name)(cfg)
     method.prepare_blocks()
     method.run_unit(unit)
-    return unit, time.perf_counter() - t0
+    return unit, time.perf_counter() - t0, time.process_time() - c0
 
 
 def unit_label(unit: tuple[int, int | None]) -> str:
@@ -99,11 +100,12 @@ def run_blocks_parallel(method: SearchMethod, workers: int, threads: int | None 
     t_blocks = time.perf_counter() - t1
     result = method.search()
     per_block: dict[str, float] = {}
-    for (k, _), seconds in done:  # a block's units summed: its work, wherever it ran
+    for (k, _), seconds, _ in done:  # a block's units summed: its work, wherever it ran
         per_block[str(k)] = per_block.get(str(k), 0.0) + seconds
     timing = {"workers": workers, "threads_per_worker": threads, "shared_seconds": t_shared,
               "blocks_seconds": t_blocks, "block_seconds": per_block,
-              "unit_seconds": {unit_label(u): s for u, s in done}, "total_seconds": time.perf_counter() - t0}
+              "unit_seconds": {unit_label(u): s for u, s, _ in done},
+              "unit_cpu_seconds": {unit_label(u): c for u, _, c in done}, "total_seconds": time.perf_counter() - t0}
     (method.out_dir / "parallel.json").write_text(json.dumps(timing, indent=1))
     return result
 
