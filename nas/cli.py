@@ -33,6 +33,7 @@ from typing import Any
 
 from nas.methods.base import SHARED_FIELDS, SearchMethod, get_method, list_methods
 from stflow.config import parse_cli, run_cli
+from stflow.pool import keep_heap
 
 __all__ = ["main", "method_config", "search_main"]
 
@@ -91,6 +92,7 @@ def _main(argv: list[str]) -> int:
         return 0 if argv else 2
     if argv[0].startswith("-"):
         raise KeyError(f"the first argument must be a METHOD ({', '.join(list_methods())}), got {argv[0]!r}")
+    keep_heap()  # glibc: a search's training loops keep their heap (see stflow.pool.keep_heap)
     return search_main(argv[0], argv[1:])
 
 

@@ -48,6 +48,7 @@ from stflow.data.options import CrowdFlowOptions
 from stflow.models import NormOptions
 from stflow.models.registry import direct_models, list_models, supports_direct
 from stflow.paths import shared_dir
+from stflow.pool import keep_heap
 from stflow.runner import RunConfig, TrainingInterrupted, fit, prepare_out_dir
 from stflow.system import REFERENCE_LR_MILESTONES, ForecastingSystem
 
@@ -332,6 +333,7 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
     """Parse ``args`` (``sys.argv[1:]`` when None), train, test, print; return the result dict
     (``test``: test_rmse, test_rmse_inflow, test_rmse_outflow, test_mae, ...; ``val``; checkpoints; ``wall_s``)."""
     config, json_only = parse_config(args)
+    keep_heap()  # glibc: no re-faulting of freed buffers every step (2026-12-07: default run 39.5 -> 35.4 s)
     # --json: stdout carries the JSON object only; progress bars and messages go to stderr.
     with contextlib.redirect_stdout(sys.stderr) if json_only else contextlib.nullcontext():
         result = run(config)

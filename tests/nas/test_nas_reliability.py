@@ -261,7 +261,8 @@ def test_ffn_ground_truth_with_other_settings_is_refused(tmp_path, monkeypatch, 
     first = ffn_groundtruth.build_expr_ground_truth("seqdigits", path, exprs, **kwargs)
     assert len(calls) == 2 and ffn_groundtruth.build_expr_ground_truth("seqdigits", path, exprs, **kwargs) == first
     assert f"reusing {path} (ground truth, same config)" in capsys.readouterr().err
-    with pytest.raises(ValueError, match=r"gt.json \(ground truth\) was made with another config \(epochs: 2.0 -> 3.0\)"):
+    refused = r"gt.json \(ground truth\) was made with another config \(epochs: 2.0 -> 3.0\)"
+    with pytest.raises(ValueError, match=refused):
         ffn_groundtruth.build_expr_ground_truth("seqdigits", path, exprs, **{**kwargs, "epochs": 3})
     assert len(calls) == 2 and json.loads(path.read_text()) == first  # nothing trained, the file kept
     ffn_groundtruth.build_expr_ground_truth("seqdigits", path, exprs, **{**kwargs, "epochs": 3}, overwrite=True)
