@@ -103,6 +103,8 @@ def test_cells_run_as_one_unit_per_cell_and_two_workers_give_the_serial_table(tm
     assert a.block_ratings == b.block_ratings and serial["encoding"] == parallel["encoding"]
     timing = json.loads((parallel_dir / "parallel.json").read_text())
     assert sorted(timing["unit_seconds"]) == ["0/cell_0", "0/cell_1", "1/cell_0", "1/cell_1"]
+    assert timing["unit_cpu_seconds"].keys() == timing["unit_seconds"].keys()  # the worker's own CPU time per unit
+    assert all(0.0 < c <= 2.0 * timing["unit_seconds"][u] + 0.5 for u, c in timing["unit_cpu_seconds"].items())
     for k, block in enumerate(method.cfg.space.blocks):
         pooled = {}
         for c in range(len(block.cells)):
