@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["Artefact", "OUT_DIR_HINT", "UNHASHED_FIELDS", "check_artefacts", "check_cached", "check_out_dir",
-           "config_fields", "differences", "fingerprint", "is_current", "plain", "record"]
+           "config_fields", "differences", "fingerprint", "is_current", "plain", "record", "write_json"]
 
 OUT_DIR_HINT = "use a new --out-dir, or pass --overwrite to recompute it"
 # config fields that never change what a run computes: left out of every artefact's record
@@ -107,6 +107,14 @@ def differences(stored: Mapping[str, Any], current: Mapping[str, Any], limit: in
     if len(keys) > limit:
         parts.append(f"and {len(keys) - limit} more")
     return ", ".join(parts)
+
+
+def write_json(path: Path, data: Any, indent: int | None = 1) -> None:
+    """Write ``data`` as JSON atomically (through ``<path>.tmp``: a reader never sees half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=indent))
+    tmp.replace(path)
 
 
 def record(artefact: Artefact) -> None:

@@ -37,8 +37,7 @@ from typing import Any
 from nas.methods.base import SearchMethod, get_method
 from stflow.pool import run_tasks
 
-__all__ = ["run_blocks_parallel", "run_block_task", "run_unit_task", "unit_label", "default_worker_threads",
-           "blocks_of_rank"]
+__all__ = ["run_blocks_parallel", "run_unit_task", "unit_label", "default_worker_threads", "blocks_of_rank"]
 
 
 def default_worker_threads(workers: int) -> int:
@@ -56,13 +55,6 @@ def blocks_of_rank(blocks: Sequence[int], rank: int, world: int) -> list[int]:
 def _worker_config(method: SearchMethod) -> Any:
     """The config a worker re-creates the method from: one process, no progress bars."""
     return replace(method.cfg, workers=1, progress=False)
-
-
-def run_block_task(name: str, cfg: Any, k: int) -> tuple[int, float]:
-    """One worker task: method ``name`` from ``cfg``, its shared stage (loaded, not recomputed), block ``k``.
-    Returns ``(k, seconds)``; the block's result is in ``cfg.out_dir`` (what a serial run writes)."""
-    unit, seconds, _ = run_unit_task(name, cfg, (k, None))
-    return unit[0], seconds
 
 
 def run_unit_task(name: str, cfg: Any, unit: tuple[int, int | None]) -> tuple[tuple[int, int | None], float, float]:

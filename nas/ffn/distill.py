@@ -67,9 +67,10 @@ def _listops_size() -> dict:
     return dict(LISTOPS_SIZE)
 
 
+_LISTOPS_SIZE = _listops_size()
 TASKS = {
     "seqdigits": Task("seqdigits", 8, None, 8, 10, _seqdigits),
-    "listops": Task("listops", None, 16, _listops_size()["max_len"], 10, _listops, _listops_size()),
+    "listops": Task("listops", None, 16, _LISTOPS_SIZE["max_len"], 10, _listops, _LISTOPS_SIZE),
 }
 
 

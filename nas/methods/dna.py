@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from nas.cache import Artefact, is_current, record
+from nas.cache import Artefact, is_current, record, write_json
 from nas.costs import block_cost_table, count_flops, count_params
 from nas.data import DigitsDataModule
 from nas.data.views import ViewConfig
@@ -407,14 +407,6 @@ def rate_block(
     return ratings
 
 
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    """Write ``payload`` atomically (a reader never sees half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    tmp.replace(path)
-
-
 def _rating_inputs(cfg: DNAConfig, dm: DigitsDataModule) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Fixed (unshuffled) training batches for recalibration and all validation batches."""
     dm.setup()
@@ -711,7 +703,7 @@ class DNA(SearchMethod):
         ratings = rate_block(teacher, student, k, recal, val, self.cfg.rating_metric, progress=self.cfg.progress)
         payload = {"block": k, "cell": cell, "metric": self.cfg.rating_metric, "seconds": time.perf_counter() - t0,
                    "cpu_seconds": time.process_time() - c0, "ratings": ratings}
-        _write_json(done, payload)
+        write_json(done, payload)
         return payload
 
     def run_block(self, k: int) -> dict[str, float]:
@@ -736,7 +728,7 @@ class DNA(SearchMethod):
             "cpu_seconds": cpu,  # CPU time of the processes that did it (wall time depends on the load)
             "ratings": ratings,
         }
-        _write_json(done, payload)
+        write_json(done, payload)
         return ratings
 
     def search(self) -> dict[str, Any]:

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from nas.cache import Artefact
+from nas.cache import Artefact, write_json
 from nas.ffn.distill import TASKS, accuracy, build_model, load_task, train
 from nas.ffn.expressions import STANDARD_FFN, encode, expression_hash, is_valid, sample_expression
 from nas.ffn.partition import SEARCHERS, SearchRecord, run_search
@@ -134,12 +134,6 @@ class Supernet(nn.Module):
         self.fit_dense = nn.Linear(student.d, teacher_d)
 
 
-def _json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
-
-
 @register
 class MLPSearch(SearchMethod):
     """EfficientBERT: FFN expressions, then per-layer expressions, then widths/stacks, with warm-up distillation."""
@@ -226,7 +220,7 @@ class MLPSearch(SearchMethod):
             train(teacher, self.teacher_arch, self.splits["train"], cfg.teacher_epochs, cfg.lr, cfg.batch_size,
                   cfg.seed)
             torch.save(teacher.state_dict(), tdir / "teacher.pt")
-            _json(tdir / "teacher.json", {"val_acc": accuracy(teacher, self.teacher_arch, self.splits["val"]),
+            write_json(tdir / "teacher.json", {"val_acc": accuracy(teacher, self.teacher_arch, self.splits["val"]),
                                           "test_acc": accuracy(teacher, self.teacher_arch, self.splits["test"]),
                                           "seconds": time.perf_counter() - t0})
         self.teacher = teacher.eval()
@@ -238,7 +232,7 @@ class MLPSearch(SearchMethod):
             arch = FFNArch.standard(cfg.layers, cfg.max_width)
             self._distill(warm, arch, cfg.warmup_epochs, cfg.seed)
             torch.save(warm.state_dict(), wdir / "supernet.pt")
-            _json(wdir / "warmup.json", {"val_acc": accuracy(warm.student, arch, self.splits["val"]),
+            write_json(wdir / "warmup.json", {"val_acc": accuracy(warm.student, arch, self.splits["val"]),
                                          "seconds": time.perf_counter() - t0})
         self.warm = warm
 
@@ -289,7 +283,7 @@ class MLPSearch(SearchMethod):
         t0 = time.perf_counter()
         if k == 2:
             self.stages[k] = {**self._stage3(sdir), "seconds": time.perf_counter() - t0}
-            _json(sdir / "ratings.json", self.stages[k])
+            write_json(sdir / "ratings.json", self.stages[k])
             return
         if k == 0:
             seeds, n_evals = [STANDARD_FFN], cfg.stage1_evals
@@ -306,7 +300,7 @@ class MLPSearch(SearchMethod):
             rec = SearchRecord([tuple(c) for c in p["candidates"]], p["fitness"], p["features"], p["in_region"])
 
         def save(r: SearchRecord) -> None:
-            _json(progress_path, {"candidates": [list(c) for c in r.candidates], "fitness": r.fitness,
+            write_json(progress_path, {"candidates": [list(c) for c in r.candidates], "fitness": r.fitness,
                                   "features": r.features, "in_region": r.in_region})
             if cfg.progress:
                 print(f"[mlp stage {k}] {len(r.fitness)}/{n_evals} fitness {r.fitness[-1]:.4f} "
@@ -325,7 +319,7 @@ class MLPSearch(SearchMethod):
             "in_region": rec.in_region,
             "seconds": time.perf_counter() - t0,
         }
-        _json(sdir / "ratings.json", self.stages[k])
+        write_json(sdir / "ratings.json", self.stages[k])
 
     def _stage3(self, sdir: Path) -> dict[str, Any]:
         cfg = self.cfg
@@ -427,9 +421,9 @@ class MLPSearch(SearchMethod):
                 result["retrain"] = {"seeds": cfg.retrain_seeds, "searched_test_acc": searched,
                                      "standard_test_acc": base,
                                      "delta_points": 100 * (float(np.mean(searched)) - float(np.mean(base)))}
-                _json(path, result["retrain"])
+                write_json(path, result["retrain"])
         result["seconds"] = time.perf_counter() - self._t0
-        _json(out / "architecture.json", result)
+        write_json(out / "architecture.json", result)
         (out / "report.md").write_text(_report(cfg, result, self.stages))
         return result
 

@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from nas.cache import Artefact, config_fields
+from nas.cache import Artefact, config_fields, write_json
 from nas.costs import block_cost_table
 from nas.data import DigitsDataModule
 from nas.data.views import ViewConfig, make_view
@@ -663,9 +663,7 @@ class PiNAS(SearchMethod):
             rows = rate_all_architectures(self.model.backbone, self.probe, [r for r in recal if len(r) > 1], x_val,
                                           y_val, _rating_encodings(cfg), cfg.progress)
             seconds = self.rate_seconds = time.perf_counter() - t0
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"seconds": seconds, "rows": rows}))
-            tmp.replace(path)
+            write_json(path, {"seconds": seconds, "rows": rows}, indent=None)
             self.log(f"rated {len(rows)} architectures in {seconds:.0f} s")
         self.rows = rows
         return {architecture_key(r["encoding"]): r["score"] for r in rows}
