@@ -91,19 +91,17 @@ def _cases(shape: tuple[int, ...], channels_last: bool, reference: bool = True,
         return batch_kalman_norm_reference(inp, ref.weight, ref.bias, prior[0], prior[1], 0.9,
                                            group_size=group_size)[0]
 
-    def torch_finalize_forward(inp: torch.Tensor) -> torch.Tensor:
-        set_cpu_finalize("torch")  # this call's hot path without the C finalize (its backward follows the forward)
-        try:
-            return bkn(inp, prior=prior)
-        finally:
-            set_cpu_finalize("auto")
+    def forward_in_mode(mode: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The fast layer with this call's CPU path set to ``mode`` (its backward follows the forward)."""
 
-    def c_finalize_forward(inp: torch.Tensor) -> torch.Tensor:
-        set_cpu_finalize("finalize")  # per-channel C calls between torch's x-sized kernels (before the C step)
-        try:
-            return bkn(inp, prior=prior)
-        finally:
-            set_cpu_finalize("auto")
+        def forward(inp: torch.Tensor) -> torch.Tensor:
+            set_cpu_finalize(mode)
+            try:
+                return bkn(inp, prior=prior)
+            finally:
+                set_cpu_finalize("auto")
+
+        return forward
 
     posterior_grads = (torch.randn(stat_shape, generator=gen), torch.randn(stat_shape, generator=gen))
     chain_inputs = [x, *bkn.parameters(), *prior]
@@ -115,8 +113,9 @@ def _cases(shape: tuple[int, ...], channels_last: bool, reference: bool = True,
     cases = {
         "BatchNorm2d": _step(bn, x, grad),
         "BKN fast (prior, p=0.9)": _step(bkn, x, grad, prior, forward=lambda inp: bkn(inp, prior=prior)),
-        C_FINALIZE: _step(bkn, x, grad, prior, forward=c_finalize_forward),
-        TORCH_FINALIZE: _step(bkn, x, grad, prior, forward=torch_finalize_forward),
+        # per-channel C calls between torch's x-sized kernels (the design before the C step)
+        C_FINALIZE: _step(bkn, x, grad, prior, forward=forward_in_mode("finalize")),
+        TORCH_FINALIZE: _step(bkn, x, grad, prior, forward=forward_in_mode("torch")),  # no C at all
         CHAINED: chained,
         "BKN reference": _step(ref, x, grad, prior, forward=reference_forward),
         "GroupNorm(32)": _step(gn, x, grad),
