@@ -5,8 +5,10 @@ Every (shape, layout, ghost group size) is one interleaved loop: NCHW and channe
 (``ghost = 0``) and with ghost groups of ``--ghost`` samples (the BKN layers get ``group_size`` and a ``(G, C)``
 prior, as a Kalman chain over ghost groups hands them; BatchNorm2d and GroupNorm are the same modules).
 Rows: nn.BatchNorm2d (baseline), BKN fast path (``BatchKalmanNorm2d(backend="torch")`` with a prior, p=0.9, gradients to
-the prior too; the posterior is not used downstream; the whole step in C, ``csrc/bkn_step.c``, where
-it builds), the same layer with only the per-channel C finalize between torch's x-sized kernels
+the prior too; the posterior is not used downstream; the whole step in C, ``csrc/bkn_step.c``, inside a torch
+operator with a C++ autograd node, ``csrc/bkn_op.cpp``, where it builds), the same C step called through ctypes from
+a Python ``autograd.Function`` (``set_cpu_finalize("step")``, the design before the operator; left out where the fast
+row runs it already), the same layer with only the per-channel C finalize between torch's x-sized kernels
 (``set_cpu_finalize("finalize")``, the design before the C step; left out where the fast row runs it
 already), the same layer with the torch-ops finalize instead of the C one
 (``normlayers.set_cpu_finalize("torch")``; the row is left out where no C compiler is found and the
@@ -51,6 +53,7 @@ from normlayers import BatchKalmanNorm2d, batch_kalman_norm_reference, cpu_final
 from normlayers.ops.cfinalize import cpu_step
 
 TORCH_FINALIZE = "BKN fast, torch-ops finalize"
+PYTHON_STEP = "BKN fast, C step from Python"
 C_FINALIZE = "BKN fast, C finalize only"
 CHAINED = "BKN fast, posterior grads too"
 SHAPES = ((8, 64, 32, 32), (2, 256, 16, 16))
@@ -113,6 +116,7 @@ def _cases(shape: tuple[int, ...], channels_last: bool, reference: bool = True,
     cases = {
         "BatchNorm2d": _step(bn, x, grad),
         "BKN fast (prior, p=0.9)": _step(bkn, x, grad, prior, forward=lambda inp: bkn(inp, prior=prior)),
+        PYTHON_STEP: _step(bkn, x, grad, prior, forward=forward_in_mode("step")),  # (the design before the operator)
         # per-channel C calls between torch's x-sized kernels (the design before the C step)
         C_FINALIZE: _step(bkn, x, grad, prior, forward=forward_in_mode("finalize")),
         TORCH_FINALIZE: _step(bkn, x, grad, prior, forward=forward_in_mode("torch")),  # no C at all
@@ -124,7 +128,9 @@ def _cases(shape: tuple[int, ...], channels_last: bool, reference: bool = True,
         del cases["BKN reference"]
     if cpu_finalize() != "c":  # the fast row already runs the torch ops
         del cases[TORCH_FINALIZE]
-    if not cpu_step().startswith("c-step"):  # the fast row already runs the C finalize alone (or the torch ops)
+    if not cpu_step().startswith("cpp-op"):  # the fast row already runs the C step from Python (or less)
+        del cases[PYTHON_STEP]
+    if not cpu_step().startswith(("cpp-op", "c-step")):  # the fast row already runs the C finalize alone (or torch)
         del cases[C_FINALIZE]
     return cases
 

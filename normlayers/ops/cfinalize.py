@@ -10,17 +10,20 @@ same numbers.
 
 The same library holds the whole training step (``csrc/bkn_step.c``: moments, finalize and normalize
 in one call, the backward's reductions, per-channel work and ``dx`` in another; multi-threaded with
-OpenMP), which the hot path uses for fp32/fp64 input when the library has it (mode ``"auto"``);
-mode ``"finalize"`` keeps only the per-channel C calls between torch's x-sized kernels (the previous
-design, kept for comparison and tests).
+OpenMP). Mode ``"auto"`` (the default) runs that step inside a torch operator with a C++ autograd node
+(``csrc/bkn_op.cpp``, :func:`load_op`: ``torch.ops.normlayers.bkn_step``), so no Python runs between the
+forward and the backward; mode ``"step"`` calls the step through ctypes from Python autograd Functions
+(also the fallback when the operator does not build); mode ``"finalize"`` keeps only the per-channel C calls
+between torch's x-sized kernels (the design before the step, kept for comparison and tests).
 
 How: the sources are compiled once per machine with the system C compiler (``$CC``, else ``cc``;
 ``-O3 -shared -fPIC``, a few seconds) into ``$NORMLAYERS_CACHE`` (default ``$XDG_CACHE_HOME/normlayers``
 or ``~/.cache/normlayers``; a private temporary directory if that is not writable), named by a hash
 of the sources, compiler, flags and platform, written atomically, and loaded with :mod:`ctypes` (no Python
-headers, no torch headers, no build step at install). Threads: when the process has already loaded a
-GNU OpenMP runtime (torch's ``libgomp``, on Linux builds of torch), the step is compiled with
-``-fopenmp`` and linked against that very file, so it shares torch's thread pool (no second pool
+headers, no torch headers, no build step at install; the operator alone is compiled with ``$CXX``, else
+``c++``, against the installed torch's headers and libraries, ~20 s once per torch version). Threads: when the
+process has already loaded a GNU OpenMP runtime (torch's ``libgomp``, on Linux builds of torch), the step is
+compiled with ``-fopenmp`` and linked against that very file, so it shares torch's thread pool (no second pool
 spinning on the same cores); otherwise, or if that build fails to compile or load, it is built without
 OpenMP and runs on the calling thread. Without a compiler, on any failure, or with
 ``NORMLAYERS_CPU_FINALIZE=torch`` (or :func:`set_cpu_finalize`), the torch ops run instead.
@@ -48,13 +51,15 @@ import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 __all__ = ["cpu_finalize", "set_cpu_finalize", "load"]
 
 _LOG = logging.getLogger("normlayers")
 _SOURCE = Path(__file__).with_name("csrc") / "bkn_finalize.c"
 _STEP_SOURCES = ("bkn_step.c", "bkn_step_impl.h")  # next to _SOURCE; the .c is compiled, the header included
-MODES = ("auto", "finalize", "torch")
+_OP_SOURCE = "bkn_op.cpp"  # the torch operator around the step (load_op)
+MODES = ("auto", "step", "finalize", "torch")
 
 _mode = os.environ.get("NORMLAYERS_CPU_FINALIZE", "auto")
 _lib: ctypes.CDLL | None = None
@@ -63,6 +68,10 @@ rejected: list[str] = []  # why a cache directory or library was not trusted (th
 _built: dict[str, str] = {}  # library path -> SHA-256 of what this process compiled there
 _private_dirs: set[Path] = set()  # temporary directories this process created
 _has_step = False  # the loaded library has the whole-step entry points
+_op: object | None = None  # torch.ops.normlayers.bkn_step.default once built and loaded
+_op_openmp = False
+_op_tried = False
+_op_path: Path | None = None  # the operator's library file (or None: not built by this process)
 
 _PTR, _I64, _F64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
 _FORWARD_ARGTYPES = [_INT, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _F64, _F64, _F64, _PTR, _PTR, _F64, _I64,
@@ -77,8 +86,10 @@ _CHAIN_ARGTYPES = [_INT, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _
 
 
 def set_cpu_finalize(mode: str) -> None:
-    """``"auto"``: the C step (or at least the C finalize) when it compiles and loads (the default);
-    ``"finalize"``: only the per-channel C calls, torch's x-sized kernels; ``"torch"``: always the torch ops."""
+    """``"auto"``: the C++ operator around the C step when it builds, else the C step through a Python
+    ``autograd.Function`` (or at least the C finalize) (the default); ``"step"``: the C step through the Python
+    Function; ``"finalize"``: only the per-channel C calls, torch's x-sized kernels; ``"torch"``: always the torch
+    ops."""
     global _mode
     if mode not in MODES:
         raise ValueError(f"cpu finalize mode must be one of {MODES}, got {mode!r}")
@@ -91,20 +102,70 @@ def cpu_finalize() -> str:
 
 
 def load_step() -> ctypes.CDLL | None:
-    """The library when the hot path should run the whole step in C (mode ``"auto"``), else ``None``."""
-    if _mode != "auto":
+    """The library when the hot path should run the whole step in C (modes ``"auto"``, ``"step"``), else ``None``."""
+    if _mode != "auto" and _mode != "step":
         return None
     lib = load()
     return lib if lib is not None and _has_step else None
 
 
 def cpu_step() -> str:
-    """How the CPU hot path runs now: ``"c-step-openmp"`` / ``"c-step"`` (the whole step in C, with or without
-    threads), ``"c-finalize"`` (per-channel C calls between torch kernels) or ``"torch"``."""
+    """How the CPU hot path runs now: ``"cpp-op-openmp"`` / ``"cpp-op"`` (the C++ operator, :func:`load_op`),
+    ``"c-step-openmp"`` / ``"c-step"`` (the whole step in C through a Python Function, with or without threads),
+    ``"c-finalize"`` (per-channel C calls between torch kernels) or ``"torch"``."""
+    if load_op() is not None:
+        return "cpp-op-openmp" if _op_openmp else "cpp-op"
     lib = load_step()
     if lib is not None:
         return "c-step-openmp" if lib.bkn_step_openmp() else "c-step"
     return "c-finalize" if load() is not None else "torch"
+
+
+def load_op() -> Any:
+    """``torch.ops.normlayers.bkn_step.default`` (``csrc/bkn_op.cpp``: the C step with a C++ autograd node) in mode
+    ``"auto"`` when it builds and loads, else ``None`` (logged once). Built like the ctypes library (same cache,
+    trust rules and OpenMP runtime) with ``$CXX`` (else ``c++``) against the installed torch; the first build takes
+    ~20 s."""
+    global _op, _op_tried, _op_openmp, _op_path
+    if _mode != "auto" or load_step() is None:  # the operator wraps the C step: no step, no operator
+        return None
+    if _op_tried:
+        return _op
+    _op_tried = True
+    import torch
+
+    if hasattr(torch.ops.normlayers, "bkn_step"):  # loaded earlier in this process (a reset loader)
+        _op = torch.ops.normlayers.bkn_step.default
+        return _op
+    compiler = os.environ.get("CXX", "c++")
+    names = [_OP_SOURCE, *_STEP_SOURCES]
+    source = b"\0".join(_SOURCE.with_name(name).read_bytes() for name in names if _SOURCE.with_name(name).exists())
+    if not _SOURCE.with_name(_OP_SOURCE).exists():
+        return None
+    errors = []
+    _LOG.info("normlayers: building the C++ operator of the CPU hot path (once per torch version, ~20 s)")
+    for directory in _cache_dirs():
+        for variant in _variants():
+            key = hashlib.sha256(b"\0".join([source, compiler.encode(), os.environ.get("CC", "cc").encode(),
+                                              torch.__version__.encode(), platform.machine().encode(),
+                                              platform.system().encode(), *(v.encode() for v in variant)]
+                                             )).hexdigest()[:16]
+            try:
+                library = _trusted_build(directory, compiler, key, variant, stem="bkn_op")
+                torch.ops.load_library(str(library))
+                _op = torch.ops.normlayers.bkn_step.default
+                _op_openmp, _op_path = bool(variant), library
+                return _op
+            except UntrustedCache as err:  # the directory itself: the next one
+                errors.append(f"{directory}: {err}")
+                break
+            except (OSError, AttributeError, RuntimeError, subprocess.SubprocessError) as err:  # the next variant
+                errors.append(f"{directory} ({' '.join(variant) or 'no OpenMP'}): {err}")
+        if directory in _private_dirs:
+            shutil.rmtree(directory, ignore_errors=True)  # our own private temporary directory
+    _LOG.info("normlayers: C++ operator unavailable, the CPU hot path calls the C step from Python (%s)",
+              "; ".join(errors))
+    return None
 
 
 def _cache_dirs() -> Iterator[Path]:
@@ -198,27 +259,59 @@ def _variants() -> list[tuple[str, ...]]:
     return ([("-fopenmp", runtime)] if runtime is not None and len(_sources()) > 1 else []) + [()]
 
 
-def _compile(directory: Path, compiler: str, key: str, force: bool = False, variant: tuple[str, ...] = ()) -> Path:
-    """Build the library into ``directory`` (unless it is there); ``variant``: ``()`` or ``("-fopenmp", runtime)``."""
-    library = directory / f"bkn_finalize-{key}.so"
+def _c_commands(compiler: str, partial: Path, objects_stem: Path, variant: tuple[str, ...]) -> tuple[list, list]:
+    """Commands that build the ctypes library (finalize + step) into ``partial``, and their temporary objects."""
+    sources = [str(p) for p in _sources()]
+    if variant:  # compile with -fopenmp, link against the runtime file itself (not the compiler's -lgomp)
+        flag, runtime = variant
+        objects = [f"{objects_stem}.{i}.o" for i in range(len(sources))]
+        cmds = [[compiler, "-O3", flag, "-fPIC", "-c", "-o", obj, src] for obj, src in zip(objects, sources)]
+        cmds.append([compiler, "-shared", "-o", str(partial), *objects, runtime, "-lm"])
+        return cmds, objects
+    return [[compiler, "-O3", "-shared", "-fPIC", "-o", str(partial), *sources, "-lm"]], []
+
+
+def _torch_build_flags() -> tuple[list[str], list[str]]:
+    """(compile flags, link flags) for a torch operator: the installed torch's headers, C++ ABI and libraries."""
+    import torch
+
+    root = Path(torch.__file__).resolve().parent
+    lib = root / "lib"
+    compile_flags = [f"-I{root / 'include'}", f"-I{root / 'include' / 'torch' / 'csrc' / 'api' / 'include'}",
+                     f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
+    return compile_flags, [f"-L{lib}", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{lib}"]
+
+
+def _op_commands(compiler: str, partial: Path, objects_stem: Path, variant: tuple[str, ...]) -> tuple[list, list]:
+    """Commands that build the torch operator (``csrc/bkn_op.cpp`` with ``$CXX``, ``csrc/bkn_step.c`` with ``$CC``,
+    OpenMP as ``variant``) into ``partial``, and their temporary objects."""
+    step, op = _SOURCE.with_name(_STEP_SOURCES[0]), _SOURCE.with_name(_OP_SOURCE)
+    compile_flags, link_flags = _torch_build_flags()
+    objects = [f"{objects_stem}.step.o", f"{objects_stem}.op.o"]
+    c_compiler = os.environ.get("CC", "cc")
+    cmds = [[c_compiler, "-O3", *variant[:1], "-fPIC", "-c", "-o", objects[0], str(step)],
+            [compiler, "-O2", "-std=c++20", "-fPIC", "-w", *compile_flags, "-c", "-o", objects[1], str(op)],
+            [compiler, "-shared", "-o", str(partial), *objects, *link_flags, *variant[1:], "-lm"]]
+    return cmds, objects
+
+
+def _compile(directory: Path, compiler: str, key: str, force: bool = False, variant: tuple[str, ...] = (),
+             stem: str = "bkn_finalize") -> Path:
+    """Build a library into ``directory`` (unless it is there): the ctypes library (``stem`` "bkn_finalize") or the
+    torch operator (``stem`` "bkn_op", :func:`load_op`); ``variant``: ``()`` or ``("-fopenmp", runtime)``."""
+    library = directory / f"{stem}-{key}.so"
     if force or not library.exists():
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         _check_owner(directory, "cache directory")
         # renamed into place: no half-written file is loaded
-        partial = directory / f".bkn_finalize-{key}.{os.getpid()}.so"
-        partial_hash = directory / f".bkn_finalize-{key}.{os.getpid()}.sha256"
-        sources = [str(p) for p in _sources()]
-        if variant:  # compile with -fopenmp, link against the runtime file itself (not the compiler's -lgomp)
-            flag, runtime = variant
-            objects = [str(directory / f".bkn_finalize-{key}.{os.getpid()}.{i}.o") for i in range(len(sources))]
-            cmds = [[compiler, "-O3", flag, "-fPIC", "-c", "-o", obj, src] for obj, src in zip(objects, sources)]
-            cmds.append([compiler, "-shared", "-o", str(partial), *objects, runtime, "-lm"])
-        else:
-            objects = []
-            cmds = [[compiler, "-O3", "-shared", "-fPIC", "-o", str(partial), *sources, "-lm"]]
+        partial = directory / f".{stem}-{key}.{os.getpid()}.so"
+        partial_hash = directory / f".{stem}-{key}.{os.getpid()}.sha256"
+        objects_stem = directory / f".{stem}-{key}.{os.getpid()}"
+        commands = _c_commands if stem == "bkn_finalize" else _op_commands
+        cmds, objects = commands(compiler, partial, objects_stem, variant)
         try:
             for cmd in cmds:
-                done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+                done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
                 if done.returncode != 0:
                     raise OSError(f"{' '.join(cmd)} failed: {done.stderr.strip()[:500]}")
             os.chmod(partial, 0o700)
@@ -236,22 +329,28 @@ def _compile(directory: Path, compiler: str, key: str, force: bool = False, vari
     return library
 
 
-def _load_from(directory: Path, compiler: str, key: str, variant: tuple[str, ...] = ()) -> ctypes.CDLL:
-    """Build (if needed) and load the library in ``directory``, after verifying it (rebuilt once if it fails)."""
+def _trusted_build(directory: Path, compiler: str, key: str, variant: tuple[str, ...] = (),
+                   stem: str = "bkn_finalize") -> Path:
+    """Build (if needed) the library in ``directory`` and verify it (rebuilt once if it fails): its path."""
     if directory.exists():
         try:
             _check_owner(directory, "cache directory")
         except UntrustedCache as err:
             _reject(str(err))
             raise
-    library = _compile(directory, compiler, key, variant=variant)
+    library = _compile(directory, compiler, key, variant=variant, stem=stem)
     try:
         _verify(library)
     except UntrustedCache as err:
         _reject(f"{err}; rebuilding it")
-        library = _compile(directory, compiler, key, force=True, variant=variant)
+        library = _compile(directory, compiler, key, force=True, variant=variant, stem=stem)
         _verify(library)
-    return _bind(ctypes.CDLL(str(library)))
+    return library
+
+
+def _load_from(directory: Path, compiler: str, key: str, variant: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """Build (if needed), verify and load the ctypes library in ``directory``."""
+    return _bind(ctypes.CDLL(str(_trusted_build(directory, compiler, key, variant))))
 
 
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -304,9 +403,14 @@ def load() -> ctypes.CDLL | None:
     return None
 
 
+def op_library() -> Path | None:
+    """The file :func:`load_op` loaded the operator from (``None`` if it did not)."""
+    return _op_path if load_op() is not None else None
+
+
 def _reset_for_tests() -> None:
     """Forget the loaded library so the next :func:`load` builds again (tests of the loader)."""
-    global _lib, _tried, _has_step
-    _lib, _tried, _has_step = None, False, False
+    global _lib, _tried, _has_step, _op, _op_tried
+    _lib, _tried, _has_step, _op, _op_tried = None, False, False, None, False
     rejected.clear()
     _built.clear()

@@ -770,10 +770,14 @@ def hot_train(
     general, fully validated path). Posteriors ``(C,)`` with one group, else ``(G, C)``; running buffers
     updated in place.
 
+    Every case below runs the C++ operator ``torch.ops.normlayers.bkn_step`` (``csrc/bkn_op.cpp``: the C step with
+    its own autograd node) when :func:`normlayers.ops.cfinalize.load_op` has it (mode ``"auto"``, outside
+    functorch transforms); otherwise one of two Python Functions:
+
     :class:`_NchwPriorFn`: one group (``group_size`` None or the batch size), a ``(C,)`` prior, NCHW.
     :class:`_GroupedPriorFn`: ghost groups (``G > 1``, NCHW or channels-last 4-D), or channels-last with one
     group; its prior is ``(C,)`` or, with ``G > 1``, ``(G, C)`` (mean and variance of one shape).
-    Both need: ``0 < prior_weight <= 1``, fp32/fp64 ``x`` contiguous in its layout with more than one
+    All need: ``0 < prior_weight <= 1``, fp32/fp64 CPU ``x`` contiguous in its layout with more than one
     element per (sample, channel) and at least ``_GROUP_NORM_MIN_NUMEL`` elements, contiguous affine
     parameters (and running buffers, if any) of shape ``(C,)`` in ``x``'s dtype, outside ``torch.compile``
     graphs. Every check is cheap; anything else (including every invalid input, such as an unknown
@@ -807,16 +811,20 @@ def hot_train(
             if not (isinstance(t, Tensor) and t.dtype is dtype and t.shape == shape and t.is_contiguous()):
                 return None
     numel = x.numel()
-    if not (numel >= _GROUP_NORM_MIN_NUMEL and numel > n * c) or _is_compiling():
+    if not (numel >= _GROUP_NORM_MIN_NUMEL and numel > n * c and x.device.type == "cpu") or _is_compiling():
         return None
     nchw = x.is_contiguous()
+    if not (nchw or x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)):
+        return None
+    op = cfinalize.load_op()
+    if op is not None and not torch._C._are_functorch_transforms_active():  # the step and its backward in C++
+        return op(x, weight, bias, prior_mean, prior_var, float(prior_weight), float(eps), float(guard_ratio),
+                  guard_scope == "layer", groups, running_mean, running_var, float(momentum))
     if nchw and groups == 1:
         running = None if running_mean is None else (running_mean, running_var, momentum, numel // c)
         apply = _NchwPriorFn.apply if torch._C._are_functorch_transforms_active() else _nchw_apply_c
         return apply(x, weight, bias, prior_mean, prior_var, float(prior_weight), float(eps), float(guard_ratio),
                      running)
-    if not (nchw or x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)):
-        return None
     running = None if running_mean is None else (running_mean, running_var, momentum, numel // (groups * c))
     apply = _GroupedPriorFn.apply if torch._C._are_functorch_transforms_active() else _grouped_apply_c
     return apply(x, weight, bias, prior_mean, prior_var, float(prior_weight), float(eps), float(guard_ratio),

@@ -14,8 +14,10 @@ from normlayers.ops import cfinalize
 @pytest.fixture(params=["c", "c-finalize", "torch"])
 def finalize(request):
     """Run the test with the C library (skipped without a C compiler) and with the torch ops: ``"c"`` is mode
-    ``"auto"`` (the whole step in C where the library has it), ``"c-finalize"`` the per-channel C calls between
-    torch's kernels (mode ``"finalize"``), ``"torch"`` the torch ops alone.
+    ``"step"`` (the whole step in C, called from the Python Functions whose node names the tests check),
+    ``"c-finalize"`` the per-channel C calls between torch's kernels (mode ``"finalize"``), ``"torch"`` the torch
+    ops alone. Mode ``"auto"`` (the same C step inside the C++ operator) has its own tests:
+    ``tests/normlayers/test_normlayers_cstep.py``.
 
     Modules that test the CPU fast path use it for every test: ``pytestmark = pytest.mark.usefixtures("finalize")``.
     """
@@ -23,7 +25,7 @@ def finalize(request):
     if request.param in ("c", "c-finalize"):
         if shutil.which(os.environ.get("CC", "cc")) is None:
             pytest.skip("no C compiler: the C finalize cannot be built here")
-        set_cpu_finalize("auto" if request.param == "c" else "finalize")
+        set_cpu_finalize("step" if request.param == "c" else "finalize")
         assert cpu_finalize() == "c"
     else:
         set_cpu_finalize("torch")

@@ -135,7 +135,8 @@ def test_a_world_writable_library_is_not_trusted(fresh_loader):
 @needs_cc
 def test_the_step_shares_torchs_openmp_runtime(fresh_loader):
     """Built with OpenMP where torch has loaded libgomp, and linked against that very file: one runtime in the
-    process (no second thread pool)."""
+    process (no second thread pool) -- the ctypes library here (mode "step"), the operator in test_normlayers_cstep."""
+    set_cpu_finalize("step")
     runtime = cfinalize._openmp_runtime()
     lib = cfinalize.load()
     assert lib is not None and cfinalize.load_step() is lib
@@ -167,6 +168,7 @@ def test_the_step_builds_without_openmp_when_it_must(fresh_loader, monkeypatch, 
     else:
         failing = ("-fno-such-openmp-flag", "/nonexistent/libgomp.so.1")
         monkeypatch.setattr(cfinalize, "_variants", lambda: [failing, ()])
+    set_cpu_finalize("step")  # the ctypes library's step (mode "auto" would take the operator, loaded earlier)
     assert cfinalize.cpu_step() == "c-step"
     assert len(list(fresh_loader.glob("bkn_finalize-*.so"))) == 1
     bkn = BatchKalmanNorm2d(8, backend="torch")

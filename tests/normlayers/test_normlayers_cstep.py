@@ -1,4 +1,6 @@
-"""The whole CPU training step in C (normlayers/ops/csrc/bkn_step.c via _NchwPriorFn / _GroupedPriorFn, mode "auto"):
+"""The whole CPU training step in C (normlayers/ops/csrc/bkn_step.c), run two ways -- through the C++ operator with its
+own autograd node (csrc/bkn_op.cpp, mode "auto") and through the Python Functions _NchwPriorFn / _GroupedPriorFn
+(mode "step"), every test below for each:
 float64 parity with the plain-torch reference to ~1e-10 and float32 to ~1e-5 (y, posterior, running buffers and
 every gradient, with and without posterior gradients), NCHW and channels-last, 1/2/4 ghost groups, (C,) and (G, C)
 priors, the guard firing for the layer and per group, odd sizes (C not a multiple of the vector width, H*W = 3),
@@ -9,11 +11,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 
 import pytest
 import torch
 
-from normlayers import batch_kalman_norm_reference, set_cpu_finalize
+from normlayers import BatchKalmanNorm2d, batch_kalman_norm_reference, set_cpu_finalize
 from normlayers.ops import cfinalize, torch_backend
 from normlayers.ops.torch_backend import hot_train
 from normlayers.reference import update_running_stats_reference
@@ -24,16 +27,27 @@ P, MOMENTUM, EPS, GUARD = 0.8, 0.1, 1e-5, 100.0
 pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None, reason="no C compiler")
 
 
-@pytest.fixture(autouse=True)
-def c_step(monkeypatch):
-    """Mode "auto" with the step built; every size takes the hot path."""
+@pytest.fixture(autouse=True, params=["auto", "step"], ids=["cpp-op", "python-function"])
+def c_step(request, monkeypatch):
+    """Mode "auto" (the C++ operator) or "step" (the C step from the Python Functions), built; every size takes the
+    hot path."""
     saved = cfinalize._mode
-    set_cpu_finalize("auto")
+    set_cpu_finalize(request.param)
     if cfinalize.load_step() is None:
         pytest.skip("the C step could not be built here")
+    if request.param == "auto" and cfinalize.load_op() is None:
+        pytest.fail("the C++ operator did not build although the C step did (see the normlayers log)")
     monkeypatch.setattr(torch_backend, "_GROUP_NORM_MIN_NUMEL", 1)
-    yield
+    yield request.param
     cfinalize._mode = saved
+
+
+def _ran_c_step(y, mode="auto") -> bool:
+    """Whether ``y`` came from the C step the way ``mode`` runs it (the C++ operator's node, or a Python Function
+    that holds the library)."""
+    if mode == "auto":
+        return "BknStep" in y.grad_fn.name()
+    return getattr(y.grad_fn, "step", None) is not None
 
 
 def _inputs(shape, layout, groups, prior, dtype=torch.float64, seed=0, prior_scale=1.0, quiet=None, offset=0.6):
@@ -59,7 +73,7 @@ def _run(leaves, group_size, scope, running=True):
     rm = torch.zeros(c, dtype=x.dtype) if running else None
     rv = torch.ones(c, dtype=x.dtype) if running else None
     out = hot_train(x, rm, rv, w, b, (pm, pv), P, MOMENTUM, EPS, GUARD, group_size, scope)
-    assert out is not None and out[0].grad_fn.step is not None  # the C step ran (not the torch kernels)
+    assert out is not None and _ran_c_step(out[0], cfinalize._mode)  # the C step ran (not the torch kernels)
     return out, rm, rv
 
 
@@ -142,7 +156,7 @@ def test_c_step_matches_the_reference_float32(layout, shape, group_size, prior):
 @pytest.mark.parametrize("layout", ["nchw", "cl"])
 @pytest.mark.parametrize("guard", ["all", "some_group", "some_layer"])
 @pytest.mark.parametrize("prior", ["c", "gc"])
-def test_c_step_guard_fires_per_layer_and_per_group(layout, guard, prior):
+def test_c_step_guard_fires_per_layer_and_per_group(layout, guard, prior, c_step):
     """"all": a huge prior variance (the layer's guard fires); "some_group": the first ghost group is nearly
     constant, its own guard fires (scope "group"), the others use the prior; "some_layer": the same data with one
     decision for the layer (its mean ratio is above the threshold, so every group falls back)."""
@@ -151,7 +165,11 @@ def test_c_step_guard_fires_per_layer_and_per_group(layout, guard, prior):
                      quiet=slice(0, 2) if guard != "all" else None)
     scope = "group" if guard == "some_group" else "layer"
     grads = _check(leaves, group_size, scope, rtol=1e-10, atol=1e-11, grad_rtol=1e-9, grad_atol=1e-10)
-    (y, _, _), _, _ = _run(leaves, group_size, scope, running=False)
+    set_cpu_finalize("step")  # the Python Function's saved tensors show the decisions (the C++ node keeps them)
+    try:
+        (y, _, _), _, _ = _run(leaves, group_size, scope, running=False)
+    finally:
+        set_cpu_finalize(c_step)
     p_used = y.grad_fn.saved_tensors[-1]  # the prior weight each group used
     if guard == "some_group":
         assert p_used.tolist() == [0.0, P, P, P]
@@ -167,7 +185,7 @@ def test_c_step_guard_fires_per_layer_and_per_group(layout, guard, prior):
 
 @pytest.mark.parametrize("layout", ["nchw", "cl"])
 @pytest.mark.parametrize("group_size", [None, 2])
-def test_c_step_at_benchmark_size_with_two_threads_equals_the_torch_kernels(layout, group_size):
+def test_c_step_at_benchmark_size_with_two_threads_equals_the_torch_kernels(layout, group_size, c_step):
     """fp32 at (8, 64, 32, 32): the C step (threads as torch has them, then 1) against the same Function with the
     torch kernels (mode "torch"): outputs, running buffers and gradients."""
     shape = (8, 64, 32, 32)
@@ -177,26 +195,26 @@ def test_c_step_at_benchmark_size_with_two_threads_equals_the_torch_kernels(layo
     results = {}
     saved_threads = torch.get_num_threads()
     try:
-        for mode, threads in (("auto", 2), ("auto", 1), ("torch", saved_threads)):
+        for mode, threads in ((c_step, 2), (c_step, 1), ("torch", saved_threads)):
             torch.set_num_threads(threads)
             set_cpu_finalize(mode)
             rm, rv = torch.zeros(64), torch.ones(64)
             x, w, b, pm, pv = leaves
             y, m, v = hot_train(x, rm, rv, w, b, (pm, pv), 0.9, MOMENTUM, EPS, GUARD, group_size)
-            assert (y.grad_fn.step is not None) == (mode == "auto")
+            assert _ran_c_step(y, mode) == (mode == c_step)
             results[mode, threads] = (y, m, v, rm, rv, *torch.autograd.grad(y, leaves, gy))
     finally:
         torch.set_num_threads(saved_threads)
-        set_cpu_finalize("auto")
+        set_cpu_finalize(c_step)
     want = results["torch", saved_threads]
-    for key in (("auto", 2), ("auto", 1)):
+    for key in ((c_step, 2), (c_step, 1)):
         for got, expect in zip(results[key], want):
             scale = max(expect.abs().max().item(), 1.0)
             torch.testing.assert_close(got, expect, rtol=1e-4, atol=2e-5 * scale)
 
 
 @pytest.mark.parametrize("layout", ["nchw", "cl"])
-def test_c_step_moments_of_a_far_off_centre_channel(layout):
+def test_c_step_moments_of_a_far_off_centre_channel(layout, c_step):
     """fp32 data with mean 1000 and deviation 0.01: the shifted sums keep the variance (a plain sum of squares in
     fp32 would lose it entirely). A huge prior variance fires the guard, so the posterior is the batch moments."""
     gen = torch.Generator().manual_seed(2)
@@ -205,7 +223,7 @@ def test_c_step_moments_of_a_far_off_centre_channel(layout):
     pm, pv = torch.full((16,), 1000.0), torch.full((16,), 1e4)
     x.requires_grad_()
     y, m, v = hot_train(x, None, None, torch.ones(16), torch.zeros(16), (pm, pv), 0.5, 0.1, 1e-8, 100.0)
-    assert y.grad_fn.step is not None
+    assert _ran_c_step(y, c_step)
     xd = x.detach().double()
     torch.testing.assert_close(v.double(), xd.var(dim=(0, 2, 3), unbiased=False), rtol=1e-5, atol=0)
     torch.testing.assert_close(m.double(), xd.mean(dim=(0, 2, 3)), rtol=1e-7, atol=0)
@@ -253,13 +271,64 @@ def test_only_the_needed_gradients_are_computed():
 
 
 @pytest.mark.parametrize("mode", ["finalize", "torch"])
-def test_other_modes_keep_the_torch_kernels(mode):
+def test_other_modes_keep_the_torch_kernels(mode, c_step):
     x, w, b, pm, pv = _inputs((4, 6, 5, 5), "cl", 2, "gc", dtype=torch.float32)
     set_cpu_finalize(mode)
     try:
         y = hot_train(x, None, None, w, b, (pm, pv), 0.9, 0.1, 1e-5, 100.0, 2)[0]
-        assert y.grad_fn.step is None
+        assert not _ran_c_step(y, "auto") and not _ran_c_step(y, "step")
         assert cfinalize.cpu_step() == ("c-finalize" if mode == "finalize" else "torch")
     finally:
-        set_cpu_finalize("auto")
-    assert cfinalize.cpu_step().startswith("c-step")
+        set_cpu_finalize(c_step)
+    assert cfinalize.cpu_step().startswith("cpp-op" if c_step == "auto" else "c-step")
+
+
+def test_the_layer_takes_the_operator_in_auto_mode(c_step):
+    """BatchKalmanNorm2d in training with a prior, channels-last with ghost groups: the C++ node in mode "auto",
+    the Python Function in mode "step"; same output either way (the same C step)."""
+    torch.manual_seed(0)
+    layer = BatchKalmanNorm2d(8, prior_weight=0.9, group_size=2)
+    x = torch.randn(4, 8, 6, 6).contiguous(memory_format=CL).requires_grad_()
+    prior = (torch.zeros(2, 8), torch.ones(2, 8))
+    y = layer(x, prior=prior)
+    assert _ran_c_step(y, c_step) and not _ran_c_step(y, "step" if c_step == "auto" else "auto")
+    set_cpu_finalize("torch")
+    try:
+        other = BatchKalmanNorm2d(8, prior_weight=0.9, group_size=2)(x, prior=prior)
+    finally:
+        set_cpu_finalize(c_step)
+    torch.testing.assert_close(y, other, rtol=1e-5, atol=1e-5)
+
+
+def test_the_operator_library_is_verified_like_the_ctypes_one(c_step):
+    """The operator was built through the same trust rules: its file matches the hash recorded next to it."""
+    if c_step != "auto":
+        assert cfinalize.load_op() is None and cfinalize.op_library() is None  # it only loads in mode "auto"
+        return
+    library = cfinalize.op_library()
+    assert library is not None and library.name.startswith("bkn_op-")
+    cfinalize._verify(library)  # raises UntrustedCache otherwise
+    runtime = cfinalize._openmp_runtime()
+    if runtime is not None and shutil.which("ldd"):  # linked against torch's libgomp: one runtime for torch and it
+        assert cfinalize.cpu_step() == "cpp-op-openmp"
+        needed = subprocess.run(["ldd", str(library)], capture_output=True, text=True).stdout
+        gomp = [line.split("=>")[-1].split("(")[0].strip() for line in needed.splitlines() if "libgomp" in line]
+        assert [os.path.realpath(p) for p in gomp] == [os.path.realpath(runtime)], needed
+
+
+def test_the_layer_routes_the_same_cases_to_the_c_step_in_either_mode(c_step, monkeypatch):
+    """NCHW, channels-last and ghost groups run the C step (the operator in mode "auto", a Python Function in mode
+    "step"); what the hot path declines (too small, a (1, C) prior, no prior, mixed dtypes) still goes to the general
+    Function."""
+    monkeypatch.setattr(torch_backend, "_GROUP_NORM_MIN_NUMEL", 1 << 15)  # the library's threshold
+    bkn = BatchKalmanNorm2d(8)
+    x = torch.randn(4, 8, 48, 48, requires_grad=True)
+    pm, pv = torch.zeros(8), torch.ones(8)
+    assert _ran_c_step(bkn(x, prior=(pm, pv)), c_step)
+    assert _ran_c_step(bkn(x.contiguous(memory_format=CL), prior=(pm, pv)), c_step)
+    assert _ran_c_step(BatchKalmanNorm2d(8, group_size=2)(x, prior=(pm, pv)), c_step)
+    general = "_BatchKalmanNormFnBackward"
+    assert type(bkn(x[:, :, :8, :8], prior=(pm, pv)).grad_fn).__name__ == general  # too small
+    assert type(bkn(x, prior=(pm[None], pv[None])).grad_fn).__name__ == general  # (1, C) prior
+    assert type(bkn(x).grad_fn).__name__ == general  # no prior
+    assert type(bkn.double()(x, prior=(pm.double(), pv.double())).grad_fn).__name__ == general  # dtypes differ
