@@ -153,6 +153,21 @@ def test_c_step_matches_the_reference_float32(layout, shape, group_size, prior):
     _check(leaves, group_size, "layer", rtol=1e-5, atol=1e-5, grad_rtol=1e-4, grad_atol=2e-5)
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("layout,shape,group_size,prior", SIZES[:7])
+def test_c_step_with_several_threads_matches_the_reference_float64(layout, shape, group_size, prior, threads):
+    """The suite runs on one thread (tests/conftest.py); here 2 and 3: channels-last splits the positions between the
+    threads (ranges that cross ghost groups, uneven shares) and adds their partial sums, NCHW splits the channels."""
+    groups = 1 if group_size is None else shape[0] // group_size
+    leaves = _inputs(shape, layout, groups, prior, seed=7)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _check(leaves, group_size, "layer", rtol=1e-10, atol=1e-11, grad_rtol=1e-9, grad_atol=1e-10)
+    finally:
+        torch.set_num_threads(saved)
+
+
 @pytest.mark.parametrize("layout", ["nchw", "cl"])
 @pytest.mark.parametrize("guard", ["all", "some_group", "some_layer"])
 @pytest.mark.parametrize("prior", ["c", "gc"])

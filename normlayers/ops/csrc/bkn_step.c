@@ -17,9 +17,13 @@
  * dmu_P = p*Gm - 2*p*q*d*Gv, dgamma = sum_k S2, dbeta = sum_k S1, and dx = a*g + k2*(x - mu_hat) + k0 with
  * k2 = 2*q*Gv/M, k0 = q*Gm/M (docs/background/bkn.md, "Backward in closed form").
  *
- * Threads: OpenMP (linked against torch's libgomp: one thread pool) with the caller's thread count. Each thread owns
- * a range of channels (in blocks of 64 bytes for channels-last) through the whole step, so the forward has one barrier
- * (the guard needs every channel's ratio) and the backward none, and the sums do not depend on the thread count.
+ * Threads: OpenMP (linked against torch's libgomp: one thread pool) with the caller's thread count. NCHW: each thread
+ * owns a range of channels (contiguous rows) through the whole step, so the forward has one barrier (the guard needs
+ * every channel's ratio), the backward none, and the sums do not depend on the thread count. Channels-last: the x-sized
+ * passes split the positions (each thread streams a contiguous block of whole rows, as BatchNorm2d's kernels do; split
+ * by channels, every thread read every row), each thread's partial sums are added in thread order per channel, and the
+ * per-channel work splits the channels (blocks of 64 bytes): two more barriers each way, and sums that depend on the
+ * thread count in the last bits only.
  * Without OpenMP the pragmas are ignored and everything runs on the calling thread.
  */
 #include <math.h>

@@ -112,12 +112,12 @@ CLONES static void FN(nchw_sums)(const SCALAR *restrict x, const SCALAR *restric
     }
 }
 
-/* channels-last, channels [j0, j1) (j0 a multiple of VLEN): the same sums over the group's positions (group k owns
- * positions [k*span, (k+1)*span)); blocks of VLEN channels keep their partial sums in registers over up to CL_CHUNK
+/* channels-last, channels [j0, j1) (j0 a multiple of VLEN): the same sums over the group's positions in [r0, r1)
+ * (group k owns positions [k*span, (k+1)*span); a thread's share of the rows); blocks of VLEN channels keep their partial sums in registers over up to CL_CHUNK
  * positions, the channels past the last full block use a small scratch */
 CLONES static void FN(cl_sums)(const SCALAR *restrict x, const SCALAR *restrict gy, int64_t c, int64_t groups,
-                               int64_t span, int64_t j0, int64_t j1, const SCALAR *restrict shift,
-                               double *restrict sum1, double *restrict sum2) {
+                               int64_t span, int64_t j0, int64_t j1, int64_t r0, int64_t r1,
+                               const SCALAR *restrict shift, double *restrict sum1, double *restrict sum2) {
     int64_t full = j0 + (j1 - j0) / VLEN * VLEN;
     for (int64_t k = 0; k < groups; ++k) {
         double *restrict s1 = sum1 + k * c, *restrict s2 = sum2 + k * c;
@@ -126,8 +126,9 @@ CLONES static void FN(cl_sums)(const SCALAR *restrict x, const SCALAR *restrict 
             s1[j] = 0.0;
             s2[j] = 0.0;
         }
-        for (int64_t pos = k * span; pos < (k + 1) * span; pos += CL_CHUNK) {
-            int64_t stop = pos + CL_CHUNK < (k + 1) * span ? pos + CL_CHUNK : (k + 1) * span;
+        int64_t lo = k * span > r0 ? k * span : r0, hi = (k + 1) * span < r1 ? (k + 1) * span : r1;
+        for (int64_t pos = lo; pos < hi; pos += CL_CHUNK) {
+            int64_t stop = pos + CL_CHUNK < hi ? pos + CL_CHUNK : hi;
             for (int64_t j = j0; j < full; j += VLEN) {
                 VEC shv = VLOAD(sh + j), a1 = {0}, a2 = {0}, b1 = {0}, b2 = {0};
                 int64_t q = pos;
@@ -223,17 +224,18 @@ CLONES static void FN(nchw_affine)(const SCALAR *restrict x, const SCALAR *restr
     }
 }
 
-/* channels-last, channels [j0, j1): the same per position (positions [0, positions), group k owns
- * [k*span, (k+1)*span)); blocks of VLEN channels keep their coefficients in registers */
+/* channels-last, channels [j0, j1): the same per position in [r0, r1) (group k owns positions [k*span, (k+1)*span));
+ * blocks of VLEN channels keep their coefficients in registers */
 CLONES static void FN(cl_affine)(const SCALAR *restrict x, const SCALAR *restrict gy, int64_t c, int64_t groups,
-                                 int64_t span, int64_t j0, int64_t j1, const SCALAR *restrict p0,
-                                 const SCALAR *restrict p1, const SCALAR *restrict p2, const SCALAR *restrict p3,
-                                 SCALAR *restrict out) {
+                                 int64_t span, int64_t j0, int64_t j1, int64_t r0, int64_t r1,
+                                 const SCALAR *restrict p0, const SCALAR *restrict p1, const SCALAR *restrict p2,
+                                 const SCALAR *restrict p3, SCALAR *restrict out) {
     int64_t full = j0 + (j1 - j0) / VLEN * VLEN;
     for (int64_t k = 0; k < groups; ++k) {
         int64_t o = k * c;
-        for (int64_t pos = k * span; pos < (k + 1) * span; pos += CL_CHUNK) {
-            int64_t stop = pos + CL_CHUNK < (k + 1) * span ? pos + CL_CHUNK : (k + 1) * span;
+        int64_t lo = k * span > r0 ? k * span : r0, hi = (k + 1) * span < r1 ? (k + 1) * span : r1;
+        for (int64_t pos = lo; pos < hi; pos += CL_CHUNK) {
+            int64_t stop = pos + CL_CHUNK < hi ? pos + CL_CHUNK : hi;
             for (int64_t j = j0; j < full; j += VLEN) {
                 VEC a = VLOAD(p0 + o + j), b = VLOAD(p1 + o + j);
                 if (p2 == 0) {
@@ -270,6 +272,21 @@ CLONES static void FN(cl_affine)(const SCALAR *restrict x, const SCALAR *restric
     }
 }
 
+/* sums (2, G, C) for channels [j0, j1) of every group: the team's partial sums (team x (2, G, C)) added in thread
+ * order (deterministic for a given thread count) */
+static void FN(combine)(const double *part, int team, int64_t gc, int64_t c, int64_t groups, int64_t j0, int64_t j1,
+                        double *sums) {
+    for (int64_t h = 0; h < 2 * groups; ++h) { /* h: (sum, group) */
+        for (int64_t j = j0; j < j1; ++j) {
+            double v = 0.0;
+            for (int u = 0; u < team; ++u) {
+                v += part[2 * gc * u + h * c + j];
+            }
+            sums[h * c + j] = v;
+        }
+    }
+}
+
 /* this thread's channels: [j0, j1), in units of VLEN channels for channels-last (no cache line shared by two
  * threads' writes when rows are aligned) */
 static void FN(channel_range)(int64_t c, int channels_last, int team, int t, int64_t *j0, int64_t *j1) {
@@ -291,14 +308,16 @@ static double FN(step_forward)(const Shape *s, int channels_last, const void *xv
     int64_t n = s->n, c = s->c, len = s->length, g = s->per_group, groups = s->groups, gc = groups * c;
     int threads = s->threads;
     /* double: the sums (2*G*C) and each thread's per-group ratio sums; SCALAR: shift, then a and beta - mu_hat*a */
-    double *sums = (double *)malloc(sizeof(double) * (2 * (size_t)gc + (size_t)threads * (size_t)groups));
+    /* channels-last: each thread's partial sums over its rows too (2*G*C per thread) */
+    size_t partials = channels_last ? 2 * (size_t)gc * (size_t)threads : 0;
+    double *sums = (double *)malloc(sizeof(double) * (2 * (size_t)gc + (size_t)threads * (size_t)groups + partials));
     SCALAR *work = (SCALAR *)malloc(sizeof(SCALAR) * 3 * (size_t)gc);
     if (sums == 0 || work == 0) {
         free(sums);
         free(work);
         return -2.0;
     }
-    double *ratio = sums + 2 * gc;
+    double *ratio = sums + 2 * gc, *part = ratio + (size_t)threads * (size_t)groups;
     SCALAR *shift = work, *coef = work + gc;
     for (int64_t k = 0; k < groups; ++k) { /* the group's first element of each channel */
         for (int64_t j = 0; j < c; ++j) {
@@ -312,8 +331,12 @@ static double FN(step_forward)(const Shape *s, int channels_last, const void *xv
         int t = thread_id(), team = team_size();
         int64_t j0, j1;
         FN(channel_range)(c, channels_last, team, t, &j0, &j1);
-        if (channels_last) {
-            FN(cl_sums)(x, 0, c, groups, g * len, j0, j1, shift, sums, sums + gc);
+        int64_t r0 = 0, r1 = 0;
+        if (channels_last) { /* rows split between the threads (contiguous memory), partial sums combined per channel */
+            split(n * len, team, t, &r0, &r1);
+            FN(cl_sums)(x, 0, c, groups, g * len, 0, c, r0, r1, shift, part + 2 * gc * t, part + 2 * gc * t + gc);
+#pragma omp barrier
+            FN(combine)(part, team, gc, c, groups, j0, j1, sums);
         } else {
             FN(nchw_sums)(x, 0, len, c, groups, g, j0, j1, shift, sums, sums + gc);
         }
@@ -385,8 +408,9 @@ static double FN(step_forward)(const Shape *s, int channels_last, const void *xv
                 running_var[j] = (SCALAR)((1.0 - momentum) * (double)running_var[j] + momentum * var * unbias);
             }
         }
-        if (channels_last) { /* y = x*a + (beta - mu_hat*a) */
-            FN(cl_affine)(x, 0, c, groups, g * len, j0, j1, coef, coef + gc, 0, 0, y);
+        if (channels_last) { /* y = x*a + (beta - mu_hat*a), by rows: every channel's coefficients first */
+#pragma omp barrier
+            FN(cl_affine)(x, 0, c, groups, g * len, 0, c, r0, r1, coef, coef + gc, 0, 0, y);
         } else {
             FN(nchw_affine)(x, 0, len, c, n, g, j0, j1, coef, coef + gc, 0, 0, y);
         }
@@ -407,7 +431,8 @@ static int FN(step_backward)(const Shape *s, int channels_last, const void *xv, 
     SCALAR *grad_prior_mean = (SCALAR *)gpmv, *grad_prior_var = (SCALAR *)gpvv;
     int64_t n = s->n, c = s->c, len = s->length, g = s->per_group, groups = s->groups, gc = groups * c;
     int threads = s->threads;
-    double *sums = (double *)malloc(sizeof(double) * 2 * (size_t)gc);
+    size_t partials = channels_last ? 2 * (size_t)gc * (size_t)threads : 0; /* per-thread row sums */
+    double *sums = (double *)malloc(sizeof(double) * (2 * (size_t)gc + partials)), *part = sums + 2 * gc;
     SCALAR *coef = (SCALAR *)malloc(sizeof(SCALAR) * 3 * (size_t)gc); /* a, k2, k0 */
     if (sums == 0 || coef == 0) {
         free(sums);
@@ -420,8 +445,14 @@ static int FN(step_backward)(const Shape *s, int channels_last, const void *xv, 
         int t = thread_id(), team = team_size();
         int64_t j0, j1;
         FN(channel_range)(c, channels_last, team, t, &j0, &j1);
+        int64_t r0 = 0, r1 = 0;
+        if (channels_last) {
+            split(n * len, team, t, &r0, &r1);
+        }
         if (gy != 0 && channels_last) {
-            FN(cl_sums)(x, gy, c, groups, g * len, j0, j1, mean, sums, sums + gc);
+            FN(cl_sums)(x, gy, c, groups, g * len, 0, c, r0, r1, mean, part + 2 * gc * t, part + 2 * gc * t + gc);
+#pragma omp barrier
+            FN(combine)(part, team, gc, c, groups, j0, j1, sums);
         } else if (gy != 0) {
             FN(nchw_sums)(x, gy, len, c, groups, g, j0, j1, mean, sums, sums + gc);
         }
@@ -455,8 +486,9 @@ static int FN(step_backward)(const Shape *s, int channels_last, const void *xv, 
             if (grad_weight != 0) grad_weight[j] = (SCALAR)sum_s2;
             if (grad_bias != 0) grad_bias[j] = (SCALAR)sum_s1;
         }
-        if (dx != 0 && channels_last) { /* dx = a*g + k2*(x - mu_hat) + k0 */
-            FN(cl_affine)(x, gy, c, groups, g * len, j0, j1, coef, coef + gc, mean, coef + 2 * gc, dx);
+        if (dx != 0 && channels_last) { /* dx = a*g + k2*(x - mu_hat) + k0, by rows: every channel's terms first */
+#pragma omp barrier
+            FN(cl_affine)(x, gy, c, groups, g * len, 0, c, r0, r1, coef, coef + gc, mean, coef + 2 * gc, dx);
         } else if (dx != 0) {
             FN(nchw_affine)(x, gy, len, c, n, g, j0, j1, coef, coef + gc, mean, coef + 2 * gc, dx);
         }
