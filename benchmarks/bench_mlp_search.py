@@ -68,18 +68,19 @@ class MLPSearchBench:
             raise ValueError(f"gt_epochs must be > 0, got {bad}")
 
 
-def _cached(path: Path, fn, task: str) -> Any:
-    """``fn()``, stored in ``path`` with the task's data settings; a file made on other data is refused."""
+def _cached(path: Path, fn, task: str, search: dict[str, Any] | None = None) -> Any:
+    """``fn()``, stored in ``path`` with the task's data settings (and ``search``: the config values that determine
+    a search's result); a file made on other data or by another search config is refused."""
     from nas.cache import differences
     from nas.ffn.distill import TASKS
 
-    key = {"task": task, "data": TASKS[task].data}
+    key = {"task": task, "data": TASKS[task].data, **({"search": search} if search is not None else {})}
     if path.is_file():
         data = json.loads(path.read_text())
         stored = data.get("made_on", {"task": task, "data": None})
         if stored != key:
-            raise ValueError(f"{path} was made on other data ({differences(stored, key)}); remove it or pass "
-                             "another --out-dir")
+            raise ValueError(f"{path} was made on other data or by another search config "
+                             f"({differences(stored, key)}); remove it or pass another --out-dir")
         return data
     data = {**fn(), "made_on": key}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -173,7 +174,8 @@ def full_search(task: str, opts: MLPSearchBench) -> dict[str, Any]:
                 "standard_ffn_params": res["standard_ffn_params"], "search_seconds": seconds,
                 "searched_acc": accs["searched"], "standard_acc": accs["standard"]}
 
-    return _cached(out / "full_search.json", compute, task)
+    record = dict(_method(task, Path(f"runs/mlp-{task}")).artefacts()[-1].fields)  # the searched arch's config
+    return _cached(out / "full_search.json", compute, task, search=json.loads(json.dumps(record)))
 
 
 def plot(results: dict[str, dict[str, Any]], path: Path) -> None:

@@ -78,7 +78,11 @@ class MLPSearchConfig:
     min_height: int = 3
     max_height: int = 6
     stage3_epochs: float = 10
+    stage3_candidates: int = 4  # each layer's expression in stage 3: from the K best stage-2 expression sets
     budget_fraction: float = 0.6  # FFN params <= this x the standard FFN's (largest width, one stack)
+    final_candidates: int = 8  # re-rank the N best stage-3 configurations by stand-alone training (0: off)
+    final_epochs: float = 12
+    final_seeds: list[int] = field(default_factory=lambda: [100, 101])
     lr: float = 3e-3
     batch_size: int = 64
     hidden_ratio: float = 1.0
@@ -106,10 +110,13 @@ class MLPSearchConfig:
         if self.max_stack < 1 or not 0 < self.budget_fraction:
             raise ValueError("max_stack must be >= 1 and budget_fraction > 0")
         for name in ("stage1_evals", "stage2_evals", "init_samples", "retrain_interval", "d", "heads", "layers",
-                     "teacher_d", "teacher_layers", "batch_size"):
+                     "teacher_d", "teacher_layers", "batch_size", "stage3_candidates"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("teacher_epochs", "warmup_epochs", "candidate_epochs", "stage3_epochs", "retrain_epochs", "lr"):
+        if self.final_candidates < 0 or self.final_candidates and not self.final_seeds:
+            raise ValueError("final_candidates must be >= 0, with final_seeds when > 0")
+        for name in ("teacher_epochs", "warmup_epochs", "candidate_epochs", "stage3_epochs", "retrain_epochs", "lr",
+                     "final_epochs"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a finite number > 0, got {value}")
@@ -175,7 +182,8 @@ class MLPSearch(SearchMethod):
         stage0 = {**warmup, **values("candidate_epochs", "stage1_evals", "init_samples", "retrain_interval",
                                      "height_levels", "searcher", "exploration", "min_height", "max_height")}
         stage1 = {**stage0, "stage2_evals": cfg.stage2_evals}
-        stage2 = {**stage1, **values("widths", "max_stack", "stage3_epochs", "budget_fraction")}
+        stage2 = {**stage1, **values("widths", "max_stack", "stage3_epochs", "stage3_candidates", "budget_fraction",
+                                     "final_candidates", "final_epochs", "final_seeds")}
         found = [Artefact(out / "teacher", teacher, "teacher"), Artefact(out / "warmup", warmup, "warm-up supernet"),
                  Artefact(out / "stage_0", stage0, "stage 1 search"),
                  Artefact(out / "stage_1", stage1, "stage 2 search"),
@@ -321,9 +329,74 @@ class MLPSearch(SearchMethod):
         }
         write_json(sdir / "ratings.json", self.stages[k])
 
+    def stage3_expressions(self) -> list[tuple[str, ...]]:
+        """Per layer, the expressions stage 3 chooses from: those of the ``stage3_candidates`` best distinct stage-2
+        expression sets (by stage-2 fitness, the winner first), as the authors' stage 3 samples each layer's
+        expression from the stage-2 candidates; with 1, the stage-2 winner alone."""
+        cfg = self.cfg
+        best = " | ".join(self.stages[1]["best"])
+        ranked = sorted(self.stages[1]["ratings"].items(), key=lambda kv: -kv[1])  # stable: ties keep search order
+        sets = [best.split(" | ")] + [key.split(" | ") for key, _ in ranked if key != best]
+        sets = sets[:cfg.stage3_candidates]
+        return [tuple(dict.fromkeys(s[i] for s in sets)) for i in range(cfg.layers)]  # distinct, in rank order
+
+    def stage3_sampler(self, options: list[tuple[str, ...]]) -> Any:
+        """The stage-3 supernet's path for each training step: per layer an expression from ``options`` and a
+        (width, stack count); every 4th step the largest widths and stacks (the sandwich rule keeps the shared
+        weights trained). With one expression per layer the draws are those of the single-expression stage 3."""
+        cfg = self.cfg
+        choices = [(w, s) for w in cfg.widths for s in range(1, cfg.max_stack + 1)]
+        winner = tuple(layer[0] for layer in options)
+        largest = FFNArch(winner, (cfg.max_width,) * cfg.layers, (cfg.max_stack,) * cfg.layers)
+        several = any(len(layer) > 1 for layer in options)
+
+        def sample(step: int) -> FFNArch:
+            rng = random.Random(cfg.seed * 1_000_003 + step)
+            if step % 4 == 0:
+                if not several:
+                    return largest
+                return FFNArch(tuple(rng.choice(layer) for layer in options), largest.widths, largest.stacks)
+            picks = [rng.choice(choices) for _ in range(cfg.layers)]
+            layer_exprs = tuple(rng.choice(layer) for layer in options) if several else winner
+            return FFNArch(layer_exprs, tuple(w for w, _ in picks), tuple(s for _, s in picks))
+
+        return sample
+
+    def final_ranking(self, archs: dict[str, FFNArch], ratings: dict[str, float]) -> dict[str, float]:
+        """Stand-alone accuracy of the ``final_candidates`` best-rated configurations: each trained from scratch
+        (cross-entropy, ``final_epochs``) with every ``final_seeds`` seed on each half of a stratified 2-fold split of
+        the search's train + val data (never its test split), tested on the other half; the mean. Weight sharing
+        ranks expressions close to the warm-up's own (the standard FFN) too high; this re-ranking does without it.
+        Not in the paper (its stage 3 keeps the best fitness)."""
+        from sklearn.model_selection import StratifiedKFold
+
+        cfg = self.cfg
+        top = sorted(ratings, key=lambda k: (-ratings[k], k))[:cfg.final_candidates]
+        x = torch.cat([self.splits["train"][0], self.splits["val"][0]])
+        y = torch.cat([self.splits["train"][1], self.splits["val"][1]])
+        halves = list(StratifiedKFold(2, shuffle=True, random_state=cfg.data_seed).split(x, y))
+        out = {}
+        for key in top:
+            arch = archs[key]
+            correct = tested = 0
+            for seed in cfg.final_seeds:
+                for fit_idx, test_idx in halves:
+                    fit_idx, test_idx = torch.as_tensor(fit_idx), torch.as_tensor(test_idx)
+                    torch.manual_seed(seed)
+                    model = build_model(self.task, cfg.d, cfg.heads, cfg.layers, max(arch.widths), max(arch.stacks))
+                    train(model, arch, (x[fit_idx], y[fit_idx]), cfg.final_epochs, cfg.lr, cfg.batch_size, seed)
+                    correct += round(accuracy(model, arch, (x[test_idx], y[test_idx])) * len(test_idx))
+                    tested += len(test_idx)
+            out[key] = correct / tested
+            if cfg.progress:
+                print(f"[mlp final] {key}: stage-3 fitness {ratings[key]:.4f}, stand-alone {out[key]:.4f}",
+                      flush=True)
+        return out
+
     def _stage3(self, sdir: Path) -> dict[str, Any]:
         cfg = self.cfg
-        exprs = tuple(self.stages[1]["best"])
+        options = self.stage3_expressions()  # the stage-2 winner's expressions first
+        several = any(len(layer) > 1 for layer in options)
         assert self.warm is not None
         net = self._new_student(cfg.max_stack)
         missing = net.load_state_dict(self.warm.state_dict(), strict=False)
@@ -334,15 +407,7 @@ class MLPSearch(SearchMethod):
                 layer.ffn.wb2[j].load_state_dict(layer.ffn.wb2[0].state_dict())
                 layer.ffn.norms[j].load_state_dict(layer.ffn.norms[0].state_dict())
         choices = [(w, s) for w in cfg.widths for s in range(1, cfg.max_stack + 1)]
-        largest = FFNArch(exprs, (cfg.max_width,) * cfg.layers, (cfg.max_stack,) * cfg.layers)
-
-        def sample(step: int) -> FFNArch:
-            if step % 4 == 0:  # the sandwich rule's largest path keeps the shared weights trained
-                return largest
-            rng = random.Random(cfg.seed * 1_000_003 + step)
-            picks = [rng.choice(choices) for _ in range(cfg.layers)]
-            return FFNArch(exprs, tuple(w for w, _ in picks), tuple(s for _, s in picks))
-
+        sample = self.stage3_sampler(options)
         if (sdir / "supernet.pt").is_file():
             net.load_state_dict(torch.load(sdir / "supernet.pt", weights_only=True))
         else:
@@ -350,21 +415,33 @@ class MLPSearch(SearchMethod):
             torch.save(net.state_dict(), sdir / "supernet.pt")
         standard = FFNArch.standard(cfg.layers, cfg.max_width).ffn_params(cfg.d)
         budget = cfg.budget_fraction * standard
-        ratings, params = {}, {}
-        for picks in itertools.product(choices, repeat=cfg.layers):
-            arch = FFNArch(exprs, tuple(w for w, _ in picks), tuple(s for _, s in picks))
-            p = arch.ffn_params(cfg.d)
-            if p <= budget:
-                key = " ".join(f"w{w}s{s}" for w, s in picks)
-                ratings[key] = accuracy(net.student, arch, self.splits["val"])
-                params[key] = p
+        ratings, params, archs = {}, {}, {}
+        for layer_exprs in itertools.product(*options):
+            for picks in itertools.product(choices, repeat=cfg.layers):
+                arch = FFNArch(layer_exprs, tuple(w for w, _ in picks), tuple(s for _, s in picks))
+                p = arch.ffn_params(cfg.d)
+                if p <= budget:
+                    key = " ".join(f"w{w}s{s}" for w, s in picks)
+                    if several:  # each layer's expression (its index in the options) in the key: "e0w64s1 e2w32s2"
+                        key = " ".join(f"e{layer.index(e)}{t}" for layer, e, t in zip(options, layer_exprs,
+                                                                                         key.split()))
+                    ratings[key] = accuracy(net.student, arch, self.splits["val"])
+                    params[key], archs[key] = p, arch
         if not ratings:
             raise ValueError(f"no width/stack configuration fits the budget {budget:.0f} FFN params")
-        best = max(ratings, key=lambda k: (ratings[k], -params[k]))
-        picks = [(int(t[1:t.index("s")]), int(t[t.index("s") + 1:])) for t in best.split()]
-        return {"stage": 2, "exprs": list(exprs), "ratings": ratings, "params": params, "budget": budget,
-                "standard_ffn_params": standard, "best": best,
-                "arch": FFNArch(exprs, tuple(w for w, _ in picks), tuple(s for _, s in picks)).to_dict()}
+        best, final = self.select(archs, ratings, params)
+        return {"stage": 2, "exprs": list(archs[best].exprs), "options": [list(layer) for layer in options],
+                "ratings": ratings, "params": params, "budget": budget, "standard_ffn_params": standard,
+                "best": best, "arch": archs[best].to_dict(), **({"final_ranking": final} if final else {})}
+
+    def select(self, archs: dict[str, FFNArch], ratings: dict[str, float],
+               params: dict[str, int]) -> tuple[str, dict[str, float] | None]:
+        """The searched configuration (key) and the final ranking (None when off): the best stand-alone accuracy of
+        :meth:`final_ranking`, else the best stage-3 rating; ties to the better rating, then to fewer parameters."""
+        if not self.cfg.final_candidates:
+            return max(ratings, key=lambda k: (ratings[k], -params[k])), None
+        final = self.final_ranking(archs, ratings)
+        return max(final, key=lambda k: (final[k], ratings[k], -params[k])), final
 
     def rate_block(self, k: int) -> dict[str, float]:
         if k not in self.stages:

@@ -31,3 +31,11 @@ def test_a_seqdigits_cache_from_before_the_record_is_still_read(tmp_path):
     path = tmp_path / "fitness.json"
     path.write_text(json.dumps({"warm": [0.9]}))  # no "made_on": seqdigits has no generator settings
     assert _cached(path, lambda: {"warm": [0.0]}, "seqdigits") == {"warm": [0.9]}
+
+
+def test_a_full_search_made_by_another_search_config_is_refused(tmp_path):
+    path = tmp_path / "full_search.json"
+    first = _cached(path, lambda: {"searched_acc": [0.9]}, "seqdigits", search={"final_candidates": 8})
+    assert _cached(path, lambda: {"searched_acc": [0.1]}, "seqdigits", search={"final_candidates": 8}) == first
+    with pytest.raises(ValueError, match="another search config"):
+        _cached(path, lambda: {"searched_acc": [0.1]}, "seqdigits", search={"final_candidates": 0})

@@ -279,10 +279,14 @@ def test_mlp_search_end_to_end_and_resume(tmp_path):
     args = ["mlp", "--out-dir", str(out), "--no-progress", "--teacher-epochs", "0.5", "--warmup-epochs", "0.5",
             "--candidate-epochs", "0.1", "--stage1-evals", "5", "--stage2-evals", "3", "--init-samples", "2",
             "--retrain-interval", "2", "--height-levels", "[3]", "--stage3-epochs", "0.3", "--retrain-epochs",
-            "0.3", "--retrain-seeds", "[0]", "--widths", "[32, 64, 128]", "--max-stack", "2"]
+            "0.3", "--retrain-seeds", "[0]", "--widths", "[32, 64, 128]", "--max-stack", "2",
+            "--stage3-candidates", "2", "--final-candidates", "2", "--final-epochs", "0.3", "--final-seeds", "[0]"]
     assert main(args) == 0
     arch = json.loads((out / "architecture.json").read_text())
     assert arch["param_ratio"] <= 0.6 and arch["valid"]
+    s2 = json.loads((out / "stage_2" / "ratings.json").read_text())
+    assert len(s2["final_ranking"]) == 2 and s2["best"] in s2["final_ranking"]
+    assert s2["final_ranking"][s2["best"]] == max(s2["final_ranking"].values())
     s0 = json.loads((out / "stage_0" / "ratings.json").read_text())
     assert len(s0["ratings"]) == 5 and s0["in_region"][:2] == [None, None]
     assert list(s0["ratings"])[0] == STANDARD_FFN  # seeded with the standard FFN
@@ -311,3 +315,89 @@ def test_ground_truth_expressions_are_distinct_and_valid():
     assert exprs[0] == STANDARD_FFN and all(is_valid(e) for e in exprs)
     assert len({expression_hash(e) for e in exprs}) == 12
     assert sample_distinct(12, seed=0) == exprs  # fixed by the seed
+
+
+# ---------------------------------------------------------------------------------------------- stage 3 and the pick
+
+
+def _method_with_stage2(tmp_path, **changes):
+    from nas.methods.mlp import MLPSearch, MLPSearchConfig
+
+    m = MLPSearch(MLPSearchConfig(out_dir=str(tmp_path), progress=False, **changes))
+    # stage 2's record: the winner is not the best-rated set here (it never is worse in a real run; the order rule
+    # is what is tested), one set repeats the winner's second layer
+    m.stages[1] = {"best": [EA, EB], "ratings": {f"{EA} | {EB}": 0.90, f"{EC} | {EB}": 0.95, f"{EA} | {ED}": 0.80,
+                                                 f"{EE} | {EF}": 0.85}}
+    return m
+
+
+# six distinct expressions for stage 2's fake record
+EA, EB, EC = STANDARD_FFN, "elu(linear(gelu(linear(x,wb1)),wb2))", "tanh(linear(gelu(linear(x,wb1)),wb2))"
+ED, EE, EF = ("linear(relu(linear(x,wb1)),wb2)", "mul(x,linear(gelu(linear(x,wb1)),wb2))",
+              "gelu(linear(gelu(linear(x,wb1)),wb2))")
+
+
+def test_stage3_chooses_each_layers_expression_among_the_best_stage2_sets(tmp_path):
+    m = _method_with_stage2(tmp_path, stage3_candidates=3)
+    # the winner first, then by stage-2 fitness: EA|EB, EC|EB (0.95), EE|EF (0.85); EA|ED (0.80) is fourth
+    assert m.stage3_expressions() == [(EA, EC, EE), (EB, EF)]
+    assert _method_with_stage2(tmp_path, stage3_candidates=1).stage3_expressions() == [(EA,), (EB,)]
+    assert _method_with_stage2(tmp_path, stage3_candidates=9).stage3_expressions() == [(EA, EC, EE), (EB, EF, ED)]
+
+
+def test_the_stage3_supernet_trains_every_expression_option_and_the_sandwich_path(tmp_path):
+    m = _method_with_stage2(tmp_path, stage3_candidates=3, widths=[32, 64, 128], max_stack=2)
+    options = m.stage3_expressions()
+    sample = m.stage3_sampler(options)
+    archs = [sample(step) for step in range(400)]
+    for layer, opts in enumerate(options):  # every option of every layer is trained, about equally often
+        counts = [sum(a.exprs[layer] == e for a in archs) for e in opts]
+        assert min(counts) > 0.6 * len(archs) / len(opts)
+    assert all(a.widths == (128, 128) and a.stacks == (2, 2) for a in archs[::4])  # the largest path
+    assert {a.widths for a in archs[1::4]} > {(32, 32), (64, 128)}  # the others sample widths
+    single = _method_with_stage2(tmp_path, stage3_candidates=1, widths=[32, 64, 128], max_stack=2)
+    assert {single.stage3_sampler(single.stage3_expressions())(s).exprs for s in range(40)} == {(EA, EB)}
+
+
+def test_the_final_ranking_trains_on_train_and_val_only_and_decides_the_pick(tmp_path, monkeypatch):
+    """The N best stage-3 configurations are trained stand-alone on halves of train + val (the test split never
+    seen, every train + val example tested once per seed), and the best stand-alone accuracy wins over the
+    stage-3 rating."""
+    import nas.methods.mlp as mlp
+
+    m = _method_with_stage2(tmp_path, final_candidates=2, final_seeds=[0, 1])
+    rows = lambda t: {tuple(r.flatten().tolist()) for r in t}  # noqa: E731
+    test_rows, known = rows(m.splits["test"][0]), rows(m.splits["train"][0]) | rows(m.splits["val"][0])
+    fitted, tested = [], []
+
+    def fake_train(model, arch, data, *args, **kwargs):
+        fitted.append(rows(data[0]))
+
+    def fake_accuracy(model, arch, data, *args, **kwargs):
+        tested.append(rows(data[0]))
+        return 0.9 if arch.widths[0] == 32 else 0.5  # stand-alone, the narrow one is better
+
+    monkeypatch.setattr(mlp, "train", fake_train)
+    monkeypatch.setattr(mlp, "accuracy", fake_accuracy)
+    archs = {k: FFNArch((STANDARD_FFN,) * 2, (w, w), (1, 1)) for k, w in (("wide", 64), ("narrow", 32),
+                                                                         ("third", 96))}
+    ratings = {"wide": 0.95, "narrow": 0.90, "third": 0.80}  # weight sharing prefers the wide one
+    best, final = m.select(archs, ratings, {"wide": 2, "narrow": 1, "third": 3})
+    assert best == "narrow" and set(final) == {"wide", "narrow"}  # the two best-rated, re-ranked
+    assert len(fitted) == len(tested) == 2 * 2 * 2  # 2 configurations x 2 seeds x 2 halves
+    assert all(not (part & test_rows) for part in fitted + tested)
+    assert tested[0] | tested[1] == known and not tested[0] & tested[1]  # each example tested once per seed
+    assert not fitted[0] & tested[0]
+    m.cfg.final_candidates = 0  # off: the best stage-3 rating
+    assert m.select(archs, ratings, {"wide": 2, "narrow": 1, "third": 3}) == ("wide", None)
+
+
+def test_stage3_and_final_options_are_validated():
+    from nas.methods.mlp import MLPSearchConfig
+
+    with pytest.raises(ValueError, match="stage3_candidates"):
+        MLPSearchConfig(stage3_candidates=0)
+    with pytest.raises(ValueError, match="final_candidates"):
+        MLPSearchConfig(final_candidates=-1)
+    with pytest.raises(ValueError, match="final_epochs"):
+        MLPSearchConfig(final_epochs=0)
