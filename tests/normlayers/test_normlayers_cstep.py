@@ -347,3 +347,29 @@ def test_the_layer_routes_the_same_cases_to_the_c_step_in_either_mode(c_step, mo
     assert type(bkn(x, prior=(pm[None], pv[None])).grad_fn).__name__ == general  # (1, C) prior
     assert type(bkn(x).grad_fn).__name__ == general  # no prior
     assert type(bkn.double()(x, prior=(pm.double(), pv.double())).grad_fn).__name__ == general  # dtypes differ
+
+
+@pytest.mark.parametrize("bad,match", [
+    ("prior_shape", "prior must be"), ("weight_dtype", "weight and bias"), ("groups", "groups must divide"),
+    ("layout", "contiguous"), ("one_running_buffer", "both running buffers"),
+])
+def test_a_direct_operator_call_with_mismatched_inputs_is_refused(c_step, bad, match):
+    """hot_train only hands the operator what fits; a direct torch.ops call is checked before the C step reads
+    raw memory."""
+    if c_step != "auto":
+        assert cfinalize.load_op() is None
+        return
+    x, w, b, pm, pv = [t.detach() for t in _inputs((4, 6, 5, 5), "cl", 2, "gc", dtype=torch.float32)]
+    rm, rv, groups = torch.zeros(6), torch.ones(6), 2
+    if bad == "prior_shape":
+        pm, pv = pm[:, :5].contiguous(), pv[:, :5].contiguous()
+    elif bad == "weight_dtype":
+        w = w.double()
+    elif bad == "groups":
+        groups = 3
+    elif bad == "layout":
+        x = x.permute(0, 2, 1, 3)
+    else:
+        rv = None
+    with pytest.raises(RuntimeError, match=match):
+        cfinalize.load_op()(x, w, b, pm, pv, 0.9, 1e-5, 100.0, True, groups, rm, rv, 0.1)
