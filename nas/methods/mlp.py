@@ -362,12 +362,14 @@ class MLPSearch(SearchMethod):
 
         return sample
 
-    def final_ranking(self, archs: dict[str, FFNArch], ratings: dict[str, float]) -> dict[str, float]:
+    def final_ranking(self, archs: dict[str, FFNArch], ratings: dict[str, float],
+                      progress: Path | None = None) -> dict[str, float]:
         """Stand-alone accuracy of the ``final_candidates`` best-rated configurations: each trained from scratch
         (cross-entropy, ``final_epochs``) with every ``final_seeds`` seed on each half of a stratified 2-fold split of
         the search's train + val data (never its test split), tested on the other half; the mean. Weight sharing
         ranks expressions close to the warm-up's own (the standard FFN) too high; this re-ranking does without it.
-        Not in the paper (its stage 3 keeps the best fitness)."""
+        Not in the paper (its stage 3 keeps the best fitness). ``progress``: a JSON file of the accuracies so far
+        (an interrupted ranking resumes from it)."""
         from sklearn.model_selection import StratifiedKFold
 
         cfg = self.cfg
@@ -375,8 +377,12 @@ class MLPSearch(SearchMethod):
         x = torch.cat([self.splits["train"][0], self.splits["val"][0]])
         y = torch.cat([self.splits["train"][1], self.splits["val"][1]])
         halves = list(StratifiedKFold(2, shuffle=True, random_state=cfg.data_seed).split(x, y))
+        done = json.loads(progress.read_text()) if progress is not None and progress.is_file() else {}
         out = {}
         for key in top:
+            if key in done:
+                out[key] = done[key]
+                continue
             arch = archs[key]
             correct = tested = 0
             for seed in cfg.final_seeds:
@@ -388,6 +394,8 @@ class MLPSearch(SearchMethod):
                     correct += round(accuracy(model, arch, (x[test_idx], y[test_idx])) * len(test_idx))
                     tested += len(test_idx)
             out[key] = correct / tested
+            if progress is not None:
+                write_json(progress, out)
             if cfg.progress:
                 print(f"[mlp final] {key}: stage-3 fitness {ratings[key]:.4f}, stand-alone {out[key]:.4f}",
                       flush=True)
@@ -429,18 +437,18 @@ class MLPSearch(SearchMethod):
                     params[key], archs[key] = p, arch
         if not ratings:
             raise ValueError(f"no width/stack configuration fits the budget {budget:.0f} FFN params")
-        best, final = self.select(archs, ratings, params)
+        best, final = self.select(archs, ratings, params, sdir / "final_progress.json")
         return {"stage": 2, "exprs": list(archs[best].exprs), "options": [list(layer) for layer in options],
                 "ratings": ratings, "params": params, "budget": budget, "standard_ffn_params": standard,
                 "best": best, "arch": archs[best].to_dict(), **({"final_ranking": final} if final else {})}
 
-    def select(self, archs: dict[str, FFNArch], ratings: dict[str, float],
-               params: dict[str, int]) -> tuple[str, dict[str, float] | None]:
+    def select(self, archs: dict[str, FFNArch], ratings: dict[str, float], params: dict[str, int],
+               progress: Path | None = None) -> tuple[str, dict[str, float] | None]:
         """The searched configuration (key) and the final ranking (None when off): the best stand-alone accuracy of
         :meth:`final_ranking`, else the best stage-3 rating; ties to the better rating, then to fewer parameters."""
         if not self.cfg.final_candidates:
             return max(ratings, key=lambda k: (ratings[k], -params[k])), None
-        final = self.final_ranking(archs, ratings)
+        final = self.final_ranking(archs, ratings, progress)
         return max(final, key=lambda k: (final[k], ratings[k], -params[k])), final
 
     def rate_block(self, k: int) -> dict[str, float]:

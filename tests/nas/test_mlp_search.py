@@ -392,6 +392,23 @@ def test_the_final_ranking_trains_on_train_and_val_only_and_decides_the_pick(tmp
     assert m.select(archs, ratings, {"wide": 2, "narrow": 1, "third": 3}) == ("wide", None)
 
 
+def test_an_interrupted_final_ranking_resumes_without_retraining_what_it_has(tmp_path, monkeypatch):
+    import nas.methods.mlp as mlp
+
+    m = _method_with_stage2(tmp_path, final_candidates=2, final_seeds=[0])
+    trained = []
+    monkeypatch.setattr(mlp, "train", lambda model, arch, *a, **k: trained.append(arch.widths))
+    monkeypatch.setattr(mlp, "accuracy", lambda model, arch, *a, **k: 0.5 + arch.widths[0] / 1000)
+    archs = {k: FFNArch((STANDARD_FFN,) * 2, (w, w), (1, 1)) for k, w in (("wide", 64), ("narrow", 32))}
+    ratings = {"wide": 0.95, "narrow": 0.90}
+    progress = tmp_path / "final_progress.json"
+    progress.write_text(json.dumps({"wide": 0.7}))  # the first candidate was done before the interruption
+    final = m.final_ranking(archs, ratings, progress)
+    assert final == {"wide": 0.7, "narrow": pytest.approx(0.532, abs=1e-3)}  # (accuracy x tested, rounded)
+    assert trained == [(32, 32)] * 2  # only the second candidate, on both halves
+    assert json.loads(progress.read_text()) == final
+
+
 def test_stage3_and_final_options_are_validated():
     from nas.methods.mlp import MLPSearchConfig
 
