@@ -36,6 +36,8 @@ def c_step(request, monkeypatch):
     if cfinalize.load_step() is None:
         pytest.skip("the C step could not be built here")
     if request.param == "auto" and cfinalize.load_op() is None:
+        if shutil.which(os.environ.get("CXX", "c++")) is None:
+            pytest.skip("no C++ compiler: the operator cannot be built here (mode 'step' still runs)")
         pytest.fail("the C++ operator did not build although the C step did (see the normlayers log)")
     monkeypatch.setattr(torch_backend, "_GROUP_NORM_MIN_NUMEL", 1)
     yield request.param
