@@ -71,7 +71,7 @@ class MLPSearchBench:
 def _cached(path: Path, fn, task: str, search: dict[str, Any] | None = None) -> Any:
     """``fn()``, stored in ``path`` with the task's data settings (and ``search``: the config values that determine
     a search's result); a file made on other data or by another search config is refused."""
-    from nas.cache import differences
+    from nas.cache import differences, write_json
     from nas.ffn.distill import TASKS
 
     key = {"task": task, "data": TASKS[task].data, **({"search": search} if search is not None else {})}
@@ -83,8 +83,7 @@ def _cached(path: Path, fn, task: str, search: dict[str, Any] | None = None) -> 
                              f"({differences(stored, key)}); remove it or pass another --out-dir")
         return data
     data = {**fn(), "made_on": key}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1))
+    write_json(path, data)
     return data
 
 
@@ -174,8 +173,10 @@ def full_search(task: str, opts: MLPSearchBench) -> dict[str, Any]:
                 "standard_ffn_params": res["standard_ffn_params"], "search_seconds": seconds,
                 "searched_acc": accs["searched"], "standard_acc": accs["standard"]}
 
-    record = dict(_method(task, Path(f"runs/mlp-{task}")).artefacts()[-1].fields)  # the searched arch's config
-    return _cached(out / "full_search.json", compute, task, search=json.loads(json.dumps(record)))
+    from nas.cache import plain
+
+    record = plain(_method(task, Path(f"runs/mlp-{task}")).artefacts()[-1].fields)  # the searched arch's config
+    return _cached(out / "full_search.json", compute, task, search=record)
 
 
 def plot(results: dict[str, dict[str, Any]], path: Path) -> None:

@@ -109,21 +109,18 @@ def differences(stored: Mapping[str, Any], current: Mapping[str, Any], limit: in
     return ", ".join(parts)
 
 
-def write_json(path: Path, data: Any, indent: int | None = 1) -> None:
+def write_json(path: Path, data: Any, indent: int | None = 1, sort_keys: bool = False) -> None:
     """Write ``data`` as JSON atomically (through ``<path>.tmp``: a reader never sees half a file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=indent))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=indent, sort_keys=sort_keys))
     tmp.replace(path)
 
 
 def record(artefact: Artefact) -> None:
     """Write the artefact's sidecar record (atomically)."""
-    artefact.sidecar.parent.mkdir(parents=True, exist_ok=True)
-    data = {"fingerprint": fingerprint(artefact.fields), "config": plain(artefact.fields)}
-    tmp = artefact.sidecar.with_name(artefact.sidecar.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    tmp.replace(artefact.sidecar)
+    write_json(artefact.sidecar, {"fingerprint": fingerprint(artefact.fields), "config": plain(artefact.fields)},
+               sort_keys=True)
 
 
 def _read_record(artefact: Artefact) -> Mapping[str, Any] | None:

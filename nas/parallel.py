@@ -27,13 +27,13 @@ Methods whose blocks depend on earlier blocks (BossNAS: block k trains on the se
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
+from nas.cache import write_json
 from nas.methods.base import SearchMethod, get_method
 from stflow.pool import run_tasks
 
@@ -98,7 +98,7 @@ def run_blocks_parallel(method: SearchMethod, workers: int, threads: int | None 
               "blocks_seconds": t_blocks, "block_seconds": per_block,
               "unit_seconds": {unit_label(u): s for u, s, _ in done},
               "unit_cpu_seconds": {unit_label(u): c for u, _, c in done}, "total_seconds": time.perf_counter() - t0}
-    (method.out_dir / "parallel.json").write_text(json.dumps(timing, indent=1))
+    write_json(method.out_dir / "parallel.json", timing)
     return result
 
 

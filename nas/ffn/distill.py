@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nas.data.listops import LISTOPS_SIZE
 from nas.ffn.transformer import FFNArch, TinyTransformer
 
 __all__ = [
@@ -61,16 +62,9 @@ def _listops(**kw) -> Splits:
     return load_listops_split(**kw)
 
 
-def _listops_size() -> dict:
-    from nas.data.listops import LISTOPS_SIZE
-
-    return dict(LISTOPS_SIZE)
-
-
-_LISTOPS_SIZE = _listops_size()
 TASKS = {
     "seqdigits": Task("seqdigits", 8, None, 8, 10, _seqdigits),
-    "listops": Task("listops", None, 16, _LISTOPS_SIZE["max_len"], 10, _listops, _LISTOPS_SIZE),
+    "listops": Task("listops", None, 16, LISTOPS_SIZE["max_len"], 10, _listops, dict(LISTOPS_SIZE)),
 }
 
 

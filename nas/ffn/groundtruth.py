@@ -18,14 +18,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
-from nas.cache import check_cached
-from nas.ffn.distill import TASKS, accuracy, build_model, load_task, train
+from nas.cache import check_cached, write_json
+from nas.ffn.distill import TASKS, Task, accuracy, build_model, load_task, train
 from nas.ffn.expressions import STANDARD_FFN, expression_hash, ffn_params, sample_expression
 from nas.ffn.transformer import FFNArch
 from stflow.pool import run_tasks
 
-__all__ = ["sample_distinct", "standalone_accuracy", "build_expr_ground_truth", "expr_seed_ceiling"]
+__all__ = ["sample_distinct", "standalone_accuracy", "fit_and_test", "build_expr_ground_truth", "expr_seed_ceiling"]
 
 
 def sample_distinct(n: int, seed: int = 0, layers: int = 1, include_standard: bool = True,
@@ -48,12 +49,19 @@ def standalone_accuracy(task: str, arch: FFNArch, seed: int, fold: int | None, f
     """(correct, tested) of ``arch`` trained from scratch with ``seed`` on fold ``fold`` (None: the fixed split);
     the validation part (``val_fraction``) is not used."""
     t, splits = load_task(task, fold=fold, num_folds=folds, val_fraction=val_fraction)
+    return fit_and_test(t, arch, splits["train"], splits["test"], seed, epochs, d, heads, lr)
+
+
+def fit_and_test(task: Task, arch: FFNArch, fit: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor], seed: int,
+                 epochs: float, d: int = 32, heads: int = 2, lr: float = 3e-3,
+                 batch_size: int = 64) -> tuple[int, int]:
+    """(correct, tested): ``arch`` built with ``seed``, trained from scratch on ``fit`` (cross-entropy), tested on
+    ``test``."""
     torch.manual_seed(seed)
-    model = build_model(t, d, heads, len(arch.exprs), max(arch.widths), max(arch.stacks))
-    train(model, arch, splits["train"], epochs, lr=lr, seed=seed)
-    acc = accuracy(model, arch, splits["test"])
-    n = len(splits["test"][1])
-    return round(acc * n), n
+    model = build_model(task, d, heads, len(arch.exprs), max(arch.widths), max(arch.stacks))
+    train(model, arch, fit, epochs, lr=lr, batch_size=batch_size, seed=seed)
+    n = len(test[1])
+    return round(accuracy(model, arch, test) * n), n
 
 
 def _job(task: str, expr: str, layers: int, width: int, seed: int, fold: int | None, folds: int, epochs: float,
@@ -112,8 +120,7 @@ def build_expr_ground_truth(
                         "ffn_params": FFNArch.uniform(e, layers, width).ffn_params(d),
                         "expr_params": ffn_params(e, d, width)})
     data = {**header, "architectures": entries}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1))
+    write_json(path, data)
     return data
 
 

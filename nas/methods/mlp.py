@@ -46,6 +46,7 @@ from torch import nn
 from nas.cache import Artefact, write_json
 from nas.ffn.distill import TASKS, accuracy, build_model, load_task, train
 from nas.ffn.expressions import STANDARD_FFN, encode, expression_hash, is_valid, sample_expression
+from nas.ffn.groundtruth import fit_and_test
 from nas.ffn.partition import SEARCHERS, SearchRecord, run_search
 from nas.ffn.transformer import FFNArch, TinyTransformer
 from nas.methods.base import SearchMethod, register
@@ -340,12 +341,16 @@ class MLPSearch(SearchMethod):
         sets = sets[:cfg.stage3_candidates]
         return [tuple(dict.fromkeys(s[i] for s in sets)) for i in range(cfg.layers)]  # distinct, in rank order
 
+    def stage3_choices(self) -> list[tuple[int, int]]:
+        """Each layer's (width, stack count) choices in stage 3."""
+        return [(w, s) for w in self.cfg.widths for s in range(1, self.cfg.max_stack + 1)]
+
     def stage3_sampler(self, options: list[tuple[str, ...]]) -> Any:
         """The stage-3 supernet's path for each training step: per layer an expression from ``options`` and a
         (width, stack count); every 4th step the largest widths and stacks (the sandwich rule keeps the shared
         weights trained). With one expression per layer the draws are those of the single-expression stage 3."""
         cfg = self.cfg
-        choices = [(w, s) for w in cfg.widths for s in range(1, cfg.max_stack + 1)]
+        choices = self.stage3_choices()
         winner = tuple(layer[0] for layer in options)
         largest = FFNArch(winner, (cfg.max_width,) * cfg.layers, (cfg.max_stack,) * cfg.layers)
         several = any(len(layer) > 1 for layer in options)
@@ -376,24 +381,18 @@ class MLPSearch(SearchMethod):
         top = sorted(ratings, key=lambda k: (-ratings[k], k))[:cfg.final_candidates]
         x = torch.cat([self.splits["train"][0], self.splits["val"][0]])
         y = torch.cat([self.splits["train"][1], self.splits["val"][1]])
-        halves = list(StratifiedKFold(2, shuffle=True, random_state=cfg.data_seed).split(x, y))
+        halves = [(torch.as_tensor(fit), torch.as_tensor(test))
+                  for fit, test in StratifiedKFold(2, shuffle=True, random_state=cfg.data_seed).split(x, y)]
         done = json.loads(progress.read_text()) if progress is not None and progress.is_file() else {}
         out = {}
         for key in top:
             if key in done:
                 out[key] = done[key]
                 continue
-            arch = archs[key]
-            correct = tested = 0
-            for seed in cfg.final_seeds:
-                for fit_idx, test_idx in halves:
-                    fit_idx, test_idx = torch.as_tensor(fit_idx), torch.as_tensor(test_idx)
-                    torch.manual_seed(seed)
-                    model = build_model(self.task, cfg.d, cfg.heads, cfg.layers, max(arch.widths), max(arch.stacks))
-                    train(model, arch, (x[fit_idx], y[fit_idx]), cfg.final_epochs, cfg.lr, cfg.batch_size, seed)
-                    correct += round(accuracy(model, arch, (x[test_idx], y[test_idx])) * len(test_idx))
-                    tested += len(test_idx)
-            out[key] = correct / tested
+            runs = [fit_and_test(self.task, archs[key], (x[fit], y[fit]), (x[test], y[test]), seed, cfg.final_epochs,
+                                 cfg.d, cfg.heads, cfg.lr, cfg.batch_size)
+                    for seed in cfg.final_seeds for fit, test in halves]
+            out[key] = sum(c for c, _ in runs) / sum(n for _, n in runs)
             if progress is not None:
                 write_json(progress, out)
             if cfg.progress:
@@ -414,7 +413,7 @@ class MLPSearch(SearchMethod):
                 layer.ffn.wb1[j].load_state_dict(layer.ffn.wb1[0].state_dict())
                 layer.ffn.wb2[j].load_state_dict(layer.ffn.wb2[0].state_dict())
                 layer.ffn.norms[j].load_state_dict(layer.ffn.norms[0].state_dict())
-        choices = [(w, s) for w in cfg.widths for s in range(1, cfg.max_stack + 1)]
+        choices = self.stage3_choices()
         sample = self.stage3_sampler(options)
         if (sdir / "supernet.pt").is_file():
             net.load_state_dict(torch.load(sdir / "supernet.pt", weights_only=True))
@@ -428,11 +427,9 @@ class MLPSearch(SearchMethod):
             for picks in itertools.product(choices, repeat=cfg.layers):
                 arch = FFNArch(layer_exprs, tuple(w for w, _ in picks), tuple(s for _, s in picks))
                 p = arch.ffn_params(cfg.d)
-                if p <= budget:
-                    key = " ".join(f"w{w}s{s}" for w, s in picks)
-                    if several:  # each layer's expression (its index in the options) in the key: "e0w64s1 e2w32s2"
-                        key = " ".join(f"e{layer.index(e)}{t}" for layer, e, t in zip(options, layer_exprs,
-                                                                                         key.split()))
+                if p <= budget:  # key "w64s1 w32s2"; with several expressions each one's index too: "e0w64s1 e2w32s2"
+                    key = " ".join((f"e{layer.index(e)}" if several else "") + f"w{w}s{s}"
+                                   for layer, e, (w, s) in zip(options, layer_exprs, picks))
                     ratings[key] = accuracy(net.student, arch, self.splits["val"])
                     params[key], archs[key] = p, arch
         if not ratings:

@@ -127,10 +127,12 @@ def load_op() -> Any:
     trust rules and OpenMP runtime) with ``$CXX`` (else ``c++``) against the installed torch; the first build takes
     ~20 s."""
     global _op, _op_tried, _op_openmp, _op_path
-    if _mode != "auto" or load_step() is None:  # the operator wraps the C step: no step, no operator
+    if _mode != "auto":
         return None
-    if _op_tried:
+    if _op_tried:  # (every training step asks: answered before anything else is looked at)
         return _op
+    if load_step() is None:  # the operator wraps the C step: no step, no operator
+        return None
     _op_tried = True
     import torch
 

@@ -29,11 +29,13 @@ group, a (C,) prior, NCHW) has its own straight-line Function, :class:`_NchwPrio
 :func:`hot_train`; channels-last input and ghost groups take :class:`_GroupedPriorFn` (per-row moments
 combined per group by one C call each way).
 
-Both Functions run the whole step in C when the library has it (``ops/csrc/bkn_step.c``, mode ``"auto"`` of
-:mod:`normlayers.ops.cfinalize`): :func:`_step_forward` (moments, guard, mixture, running buffers and ``y``
-in one call) and :func:`_step_backward` (reductions, the closed form with or without posterior gradients,
-``dx``, in one call), fp32/fp64, threads shared with torch's OpenMP pool. Their torch-kernel bodies below
-stay the reference and the fallback (modes ``"finalize"`` and ``"torch"``, or no compiler).
+In mode ``"auto"`` of :mod:`normlayers.ops.cfinalize` :func:`hot_train` hands every such case to the C++ operator
+``torch.ops.normlayers.bkn_step`` (``ops/csrc/bkn_op.cpp``) when it builds. Otherwise (mode ``"step"``, or no C++
+build) both Functions run the same whole step in C through ctypes (``ops/csrc/bkn_step.c``): :func:`_step_forward`
+(moments, guard, mixture, running buffers and ``y`` in one call) and :func:`_step_backward` (reductions, the closed
+form with or without posterior gradients, ``dx``, in one call), fp32/fp64, threads shared with torch's OpenMP pool.
+Their torch-kernel bodies below stay the reference and the fallback (modes ``"finalize"`` and ``"torch"``, or no
+compiler).
 """
 
 from __future__ import annotations

@@ -363,7 +363,7 @@ def test_the_final_ranking_trains_on_train_and_val_only_and_decides_the_pick(tmp
     """The N best stage-3 configurations are trained stand-alone on halves of train + val (the test split never
     seen, every train + val example tested once per seed), and the best stand-alone accuracy wins over the
     stage-3 rating."""
-    import nas.methods.mlp as mlp
+    import nas.ffn.groundtruth as groundtruth
 
     m = _method_with_stage2(tmp_path, final_candidates=2, final_seeds=[0, 1])
     rows = lambda t: {tuple(r.flatten().tolist()) for r in t}  # noqa: E731
@@ -377,8 +377,8 @@ def test_the_final_ranking_trains_on_train_and_val_only_and_decides_the_pick(tmp
         tested.append(rows(data[0]))
         return 0.9 if arch.widths[0] == 32 else 0.5  # stand-alone, the narrow one is better
 
-    monkeypatch.setattr(mlp, "train", fake_train)
-    monkeypatch.setattr(mlp, "accuracy", fake_accuracy)
+    monkeypatch.setattr(groundtruth, "train", fake_train)  # the re-ranking trains through fit_and_test
+    monkeypatch.setattr(groundtruth, "accuracy", fake_accuracy)
     archs = {k: FFNArch((STANDARD_FFN,) * 2, (w, w), (1, 1)) for k, w in (("wide", 64), ("narrow", 32),
                                                                          ("third", 96))}
     ratings = {"wide": 0.95, "narrow": 0.90, "third": 0.80}  # weight sharing prefers the wide one
@@ -393,12 +393,12 @@ def test_the_final_ranking_trains_on_train_and_val_only_and_decides_the_pick(tmp
 
 
 def test_an_interrupted_final_ranking_resumes_without_retraining_what_it_has(tmp_path, monkeypatch):
-    import nas.methods.mlp as mlp
+    import nas.ffn.groundtruth as groundtruth
 
     m = _method_with_stage2(tmp_path, final_candidates=2, final_seeds=[0])
     trained = []
-    monkeypatch.setattr(mlp, "train", lambda model, arch, *a, **k: trained.append(arch.widths))
-    monkeypatch.setattr(mlp, "accuracy", lambda model, arch, *a, **k: 0.5 + arch.widths[0] / 1000)
+    monkeypatch.setattr(groundtruth, "train", lambda model, arch, *a, **k: trained.append(arch.widths))
+    monkeypatch.setattr(groundtruth, "accuracy", lambda model, arch, *a, **k: 0.5 + arch.widths[0] / 1000)
     archs = {k: FFNArch((STANDARD_FFN,) * 2, (w, w), (1, 1)) for k, w in (("wide", 64), ("narrow", 32))}
     ratings = {"wide": 0.95, "narrow": 0.90}
     progress = tmp_path / "final_progress.json"
