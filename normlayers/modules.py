@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from normlayers.functional import BACKENDS, batch_kalman_norm
+from normlayers.ops.torch_backend import hot_train
 from normlayers.reference import GUARD_SCOPES, check_guard_scope
 
 __all__ = ["BatchKalmanNorm", "BatchKalmanNorm1d", "BatchKalmanNorm2d", "BatchKalmanNorm3d", "TRANSITIONS"]
@@ -122,17 +123,27 @@ class BatchKalmanNorm(nn.Module):
         weight, bias = params["weight"], params["bias"]
         running_mean, running_var = buffers["running_mean"], buffers["running_var"]
         training, momentum = self.training, self.momentum
-        if training and self.track_running_stats:
-            counter = buffers["num_batches_tracked"]
-            if counter is not None:
-                counter.add_(1)
-                if momentum is None:  # cumulative moving average, like torch
-                    momentum = 1.0 / float(counter)
+        counting = training and self.track_running_stats
+        counter = buffers["num_batches_tracked"] if counting else None
         track = not training or self.track_running_stats
+        if not track:
+            running_mean = running_var = None
+        backend = self.backend
+        if training and prior is not None and (backend == "torch" or backend == "auto" and not x.is_cuda):
+            # the common case in one call (the C++ operator counts the step too); None: the general path below
+            out = hot_train(x, running_mean, running_var, weight, bias, prior, self.prior_weight, momentum, self.eps,
+                            self.guard_ratio, self.group_size, self.guard_scope, counter)
+            if out is not None:
+                self.__dict__["posterior"] = (out[1], out[2])  # a plain attribute: skip nn.Module.__setattr__
+                return out[0]
+        if counter is not None:
+            counter.add_(1)
+            if momentum is None:  # cumulative moving average, like torch
+                momentum = 1.0 / float(counter)
         y, post_mean, post_var = batch_kalman_norm(  # posteriors (C,) ungrouped, (G, C) with groups
             x,
-            running_mean if track else None,
-            running_var if track else None,
+            running_mean,
+            running_var,
             weight,
             bias,
             prior=prior,
@@ -142,12 +153,12 @@ class BatchKalmanNorm(nn.Module):
             eps=self.eps,
             guard_ratio=self.guard_ratio,
             group_size=self.group_size,
-            backend=self.backend,
+            backend=backend,
             flat=True,
             guard_scope=self.guard_scope,
         )
         posterior = None if post_mean is None or post_var is None else (post_mean, post_var)
-        self.__dict__["posterior"] = posterior  # a plain attribute: skip nn.Module.__setattr__'s registry checks
+        self.__dict__["posterior"] = posterior
         return y
 
     def extra_repr(self) -> str:

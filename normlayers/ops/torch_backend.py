@@ -762,19 +762,27 @@ def hot_train(
     bias: Tensor | None,
     prior: Any,
     prior_weight: float,
-    momentum: float,
+    momentum: float | None,
     eps: float,
     guard_ratio: float,
     group_size: int | None = None,
     guard_scope: str = "layer",
+    num_batches_tracked: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor] | None:
     """Training BKN through a hot-path Function when one applies, else ``None`` (the caller takes the
     general, fully validated path). Posteriors ``(C,)`` with one group, else ``(G, C)``; running buffers
     updated in place.
 
+    ``num_batches_tracked``: the layer's step counter, incremented here when the step runs (and left alone when
+    ``None`` is returned); ``momentum=None`` then means the cumulative average ``1 / count``, like BatchNorm's.
+
     Every case below runs the C++ operator ``torch.ops.normlayers.bkn_step`` (``csrc/bkn_op.cpp``: the C step with
     its own autograd node) when :func:`normlayers.ops.cfinalize.load_op` has it (mode ``"auto"``, outside
-    functorch transforms); otherwise one of two Python Functions:
+    functorch transforms). Python checks only what the operator's schema could not parse; shapes, dtypes and layouts
+    are checked by the operator, which raises ``NotImplementedError`` for what it does not take (then ``None``
+    here). Every training step of every layer comes through here, and at (2, 256, 16, 16) each Python line right
+    after an x-sized kernel costs about as much as one of BatchNorm2d's per-channel kernels. Otherwise one of two
+    Python Functions:
 
     :class:`_NchwPriorFn`: one group (``group_size`` None or the batch size), a ``(C,)`` prior, NCHW.
     :class:`_GroupedPriorFn`: ghost groups (``G > 1``, NCHW or channels-last 4-D), or channels-last with one
@@ -786,18 +794,42 @@ def hot_train(
     ``guard_scope``) returns ``None``. ``guard_scope``: ``"layer"`` or ``"group"`` (see
     :func:`normlayers.reference.batch_kalman_norm_reference`); it only matters with ghost groups.
     """
-    dtype = x.dtype
-    if not (0.0 < prior_weight <= 1.0 and (dtype is torch.float32 or dtype is torch.float64)):
-        return None
-    if not (isinstance(prior, tuple) and len(prior) == 2) or not (guard_scope == "layer" or guard_scope == "group"):
+    if not (0.0 < prior_weight <= 1.0 and (guard_scope == "layer" or guard_scope == "group")
+            and isinstance(prior, tuple) and len(prior) == 2):
         return None
     prior_mean, prior_var = prior
-    n, c = x.shape[0], x.shape[1]
+    n = x.shape[0]
     groups = 1
     if group_size is not None:
         if not (isinstance(group_size, int) and 0 < group_size <= n and n % group_size == 0):
             return None
         groups = n // group_size
+    if x.numel() < _GROUP_NORM_MIN_NUMEL or _is_compiling():
+        return None
+    op = cfinalize.load_op()
+    if op is not None and not torch._C._are_functorch_transforms_active():  # the step and its backward in C++
+        if not (isinstance(prior_mean, Tensor) and isinstance(prior_var, Tensor) and isinstance(weight, Tensor)
+                and isinstance(bias, Tensor) and (running_mean is None or isinstance(running_mean, Tensor))
+                and (running_var is None or isinstance(running_var, Tensor))):
+            return None  # what the operator's schema would not parse
+        try:
+            return op(x, weight, bias, prior_mean, prior_var, float(prior_weight), float(eps), float(guard_ratio),
+                      guard_scope == "layer", groups, running_mean, running_var, momentum, num_batches_tracked)
+        except NotImplementedError:  # a shape, dtype or layout the C step does not take (csrc/bkn_op.cpp)
+            return None
+    return _hot_train_python(x, running_mean, running_var, weight, bias, prior_mean, prior_var, prior_weight,
+                             momentum, eps, guard_ratio, groups, guard_scope, num_batches_tracked)
+
+
+def _hot_train_python(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None,
+                      bias: Tensor | None, prior_mean: Any, prior_var: Any, prior_weight: float, momentum: float | None,
+                      eps: float, guard_ratio: float, groups: int, guard_scope: str,
+                      num_batches_tracked: Tensor | None) -> tuple[Tensor, Tensor, Tensor] | None:
+    """:func:`hot_train` without the operator: every check in Python, then one of the two Python Functions."""
+    dtype = x.dtype
+    if not (dtype is torch.float32 or dtype is torch.float64):
+        return None
+    n, c = x.shape[0], x.shape[1]
     shape = (c,)
     for t in (weight, bias):  # the C finalize reads them as plain (C,) arrays
         if not (isinstance(t, Tensor) and t.dtype is dtype and t.shape == shape and t.is_contiguous()):
@@ -812,25 +844,30 @@ def hot_train(
         for t in (running_mean, running_var):
             if not (isinstance(t, Tensor) and t.dtype is dtype and t.shape == shape and t.is_contiguous()):
                 return None
+        if momentum is None and num_batches_tracked is None:
+            return None
     numel = x.numel()
-    if not (numel >= _GROUP_NORM_MIN_NUMEL and numel > n * c and x.device.type == "cpu") or _is_compiling():
+    if not (numel > n * c and x.device.type == "cpu"):
         return None
     nchw = x.is_contiguous()
     if not (nchw or x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)):
         return None
-    op = cfinalize.load_op()
-    if op is not None and not torch._C._are_functorch_transforms_active():  # the step and its backward in C++
-        return op(x, weight, bias, prior_mean, prior_var, float(prior_weight), float(eps), float(guard_ratio),
-                  guard_scope == "layer", groups, running_mean, running_var, float(momentum))
+    if momentum is None:  # cumulative moving average, like torch (the count after this step)
+        momentum = 0.0 if num_batches_tracked is None else 1.0 / (float(num_batches_tracked) + 1.0)
+    functorch = torch._C._are_functorch_transforms_active()
     if nchw and groups == 1:
         running = None if running_mean is None else (running_mean, running_var, momentum, numel // c)
-        apply = _NchwPriorFn.apply if torch._C._are_functorch_transforms_active() else _nchw_apply_c
-        return apply(x, weight, bias, prior_mean, prior_var, float(prior_weight), float(eps), float(guard_ratio),
-                     running)
-    running = None if running_mean is None else (running_mean, running_var, momentum, numel // (groups * c))
-    apply = _GroupedPriorFn.apply if torch._C._are_functorch_transforms_active() else _grouped_apply_c
-    return apply(x, weight, bias, prior_mean, prior_var, float(prior_weight), float(eps), float(guard_ratio),
-                 guard_scope == "layer", groups, running)
+        apply = _NchwPriorFn.apply if functorch else _nchw_apply_c
+        out = apply(x, weight, bias, prior_mean, prior_var, float(prior_weight), float(eps), float(guard_ratio),
+                    running)
+    else:
+        running = None if running_mean is None else (running_mean, running_var, momentum, numel // (groups * c))
+        apply = _GroupedPriorFn.apply if functorch else _grouped_apply_c
+        out = apply(x, weight, bias, prior_mean, prior_var, float(prior_weight), float(eps), float(guard_ratio),
+                    guard_scope == "layer", groups, running)
+    if num_batches_tracked is not None:  # once the step has run, as the operator does
+        num_batches_tracked.add_(1)
+    return out
 
 
 _is_compiling = torch.compiler.is_compiling

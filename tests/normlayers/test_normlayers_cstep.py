@@ -257,10 +257,32 @@ def test_c_step_rejects_bad_priors_and_writes_nothing(layout, bad, match):
         pv[0, 2] = float("inf")
     else:
         pv[1, 5] = -0.1
-    rm, rv = torch.zeros(6), torch.ones(6)
+    rm, rv, count = torch.zeros(6), torch.ones(6), torch.tensor(4)
     with pytest.raises(ValueError, match=match):
-        hot_train(x, rm, rv, w, b, (pm, pv), 0.9, 0.1, 1e-5, 100.0, 2)
-    assert torch.equal(rm, torch.zeros(6)) and torch.equal(rv, torch.ones(6))
+        hot_train(x, rm, rv, w, b, (pm, pv), 0.9, None, 1e-5, 100.0, 2, num_batches_tracked=count)
+    assert torch.equal(rm, torch.zeros(6)) and torch.equal(rv, torch.ones(6)) and int(count) == 4
+
+
+@pytest.mark.parametrize("layout,group_size,prior", [("nchw", None, "c"), ("cl", None, "c"), ("cl", 2, "gc")])
+def test_the_layer_counts_its_steps_and_averages_cumulatively_in_the_step(layout, group_size, prior, c_step):
+    """momentum=None: the hot path (the operator counts the step itself) increments num_batches_tracked and updates
+    the running buffers with momentum 1/k at step k, as BatchNorm does, from the reference posteriors."""
+    layer = BatchKalmanNorm2d(6, momentum=None, prior_weight=P, group_size=group_size).double()
+    rm_ref, rv_ref = torch.zeros(6, dtype=torch.float64), torch.ones(6, dtype=torch.float64)
+    versions = []
+    for step in range(1, 4):
+        x, w, b, pm, pv = [t.detach() for t in _inputs((4, 6, 5, 5), layout, 2, prior, seed=step, offset=step)]
+        layer.weight.data.copy_(w)
+        layer.bias.data.copy_(b)
+        y = layer(x.requires_grad_(), prior=(pm, pv))
+        assert _ran_c_step(y, c_step) and int(layer.num_batches_tracked) == step
+        versions.append(layer.num_batches_tracked._version)
+        _, m_ref, v_ref = batch_kalman_norm_reference(x.detach(), w, b, pm, pv, P, group_size=group_size)
+        update_running_stats_reference(rm_ref, rv_ref, m_ref.view(-1, 6), v_ref.view(-1, 6), 1.0 / step,
+                                       x.numel() // (m_ref.numel()))
+    assert versions == sorted(set(versions))  # written in place each step, and autograd told
+    torch.testing.assert_close(layer.running_mean, rm_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(layer.running_var, rv_ref, rtol=1e-10, atol=1e-12)
 
 
 def test_running_buffers_are_version_bumped_and_backward_twice_is_stable():
@@ -356,8 +378,8 @@ def test_the_layer_routes_the_same_cases_to_the_c_step_in_either_mode(c_step, mo
     ("layout", "contiguous"), ("one_running_buffer", "both running buffers"),
 ])
 def test_a_direct_operator_call_with_mismatched_inputs_is_refused(c_step, bad, match):
-    """hot_train only hands the operator what fits; a direct torch.ops call is checked before the C step reads
-    raw memory."""
+    """A direct torch.ops call is checked before the C step reads raw memory; what does not fit is a
+    NotImplementedError, which hot_train turns into the general path."""
     if c_step != "auto":
         assert cfinalize.load_op() is None
         return
@@ -373,5 +395,6 @@ def test_a_direct_operator_call_with_mismatched_inputs_is_refused(c_step, bad, m
         x = x.permute(0, 2, 1, 3)
     else:
         rv = None
-    with pytest.raises(RuntimeError, match=match):
+    with pytest.raises(NotImplementedError, match=match):
         cfinalize.load_op()(x, w, b, pm, pv, 0.9, 1e-5, 100.0, True, groups, rm, rv, 0.1)
+    assert hot_train(x, rm, rv, w, b, (pm, pv), 0.9, 0.1, 1e-5, 100.0, 4 // groups) is None
