@@ -141,26 +141,37 @@ def _interleaved(cases: dict[str, Callable[[], None]], *, warmup: int, repeats: 
 
     Each round runs ``burst`` consecutive calls of one method, then of the next, and records their
     mean: steady state per method (a single call right after the autograd reference, hundreds of
-    small ops, measures cache refill more than the method), load drift still shared by all.
+    small ops, measures cache refill more than the method), load drift still shared by all. Each call is
+    also timed alone: ``first_ms`` is the median first call of a burst (caches as the previous method left
+    them), ``warm_ms`` the median of the burst's second half (as warm as this loop gets).
     """
     samples: dict[str, list[float]] = {name: [] for name in cases}
+    first: dict[str, list[float]] = {name: [] for name in cases}
+    warm: dict[str, list[float]] = {name: [] for name in cases}
     cpu: dict[str, list[float]] = {name: [] for name in cases}  # process CPU time (all threads)
     faults: dict[str, int] = {name: 0 for name in cases}
+    clock = time.perf_counter
     for fn in cases.values():
         time_fn(fn, warmup=warmup, repeats=1)
     for _ in range(repeats):
         for name, fn in cases.items():
             before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-            c0, t0 = time.process_time(), time.perf_counter()
+            c0, t0 = time.process_time(), clock()
+            ends = []
             for _ in range(burst):
                 fn()
-            samples[name].append((time.perf_counter() - t0) * 1e3 / burst)
+                ends.append(clock())
+            samples[name].append((ends[-1] - t0) * 1e3 / burst)
             cpu[name].append((time.process_time() - c0) * 1e3 / burst)
             faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+            calls = [(end - start) * 1e3 for start, end in zip([t0, *ends[:-1]], ends)]
+            first[name].append(calls[0])
+            warm[name].extend(calls[burst // 2:] if burst > 1 else calls)
     out = {}
     for name, values in samples.items():
         q = statistics.quantiles(values, n=10)
         out[name] = {"p20_ms": q[1], "p50_ms": statistics.median(values), "p80_ms": q[7],
+                     "first_ms": statistics.median(first[name]), "warm_ms": statistics.median(warm[name]),
                      "cpu_p50_ms": statistics.median(cpu[name]), "faults": faults[name] / (repeats * burst)}
     return out
 
@@ -184,6 +195,8 @@ def _measure(threads: list[int], repeats: int, warmup: int, burst: int, referenc
                                 "threads": n_threads, "malloc": malloc, "method": name, "p20_ms": t["p20_ms"],
                                 "p50_ms": t["p50_ms"], "p80_ms": t["p80_ms"], "ratio_bn": t["p50_ms"] / base["p50_ms"],
                                 "ratio_p20": t["p20_ms"] / base["p20_ms"],
+                                "ratio_first": t["first_ms"] / base["first_ms"],
+                                "ratio_warm": t["warm_ms"] / base["warm_ms"],
                                 "cpu_ratio": t["cpu_p50_ms"] / base["cpu_p50_ms"], "faults": t["faults"],
                             })
     finally:
@@ -244,12 +257,14 @@ def main(argv: list[str] | None = None) -> int:
         "bkn_cpu",
         rows,
         columns=["shape", "layout", "ghost", "threads", "malloc", "method", "p20_ms", "p50_ms", "p80_ms", "ratio_bn",
-                 "ratio_p20", "cpu_ratio", "faults"],
+                 "ratio_p20", "ratio_first", "ratio_warm", "cpu_ratio", "faults"],
         notes=["fp32 training forward + backward (grads of input, affine params and, for BKN, the prior); "
                f"per round each method runs {args.burst} consecutive calls (their mean is one sample), "
                f"{args.repeats} rounds",
                "ratio_bn: median over BatchNorm2d's median (ratio_p20: p20 over p20), same shape/layout/threads/"
                "malloc and ghost group size (ghost 0: none); targets BKN fast <= 1.5 (NCHW), <= 1.0 (scale-out)",
+               "ratio_first / ratio_warm: the median first call of a burst (caches as the previous method left "
+               "them) / the median call of a burst's second half, each over BatchNorm2d's",
                "cpu_ratio: median process CPU time per call over BatchNorm2d's (all threads; robust to shared cores)",
                f"BKN fast's per-channel finalize: {cpu_finalize()} (normlayers.cpu_finalize()); "
                f"CPU hot path: {cpu_step()} (normlayers.ops.cfinalize.cpu_step())",
