@@ -129,7 +129,16 @@ CLONES static void FN(cl_sums)(const SCALAR *restrict x, const SCALAR *restrict 
         int64_t lo = k * span > r0 ? k * span : r0, hi = (k + 1) * span < r1 ? (k + 1) * span : r1;
         for (int64_t pos = lo; pos < hi; pos += CL_CHUNK) {
             int64_t stop = pos + CL_CHUNK < hi ? pos + CL_CHUNK : hi;
-            for (int64_t j = j0; j < full; j += VLEN) {
+            /* the next chunk's bytes, fetched a slice per column block (the first chunk: all of it, now) */
+            int64_t next = (stop + CL_CHUNK < hi ? stop + CL_CHUNK : hi) - stop, ahead = next * c * (int64_t)sizeof(SCALAR);
+            int64_t blocks = (full - j0) / VLEN > 0 ? (full - j0) / VLEN : 1, block = 0;
+            if (pos == lo) {
+                PREFETCH_RANGE(x + pos * c, 0, (stop - pos) * c * (int64_t)sizeof(SCALAR), 0);
+                if (gy != 0) PREFETCH_RANGE(gy + pos * c, 0, (stop - pos) * c * (int64_t)sizeof(SCALAR), 0);
+            }
+            for (int64_t j = j0; j < full; j += VLEN, ++block) {
+                PREFETCH_RANGE(x + stop * c, ahead * block / blocks, ahead * (block + 1) / blocks, 0);
+                if (gy != 0) PREFETCH_RANGE(gy + stop * c, ahead * block / blocks, ahead * (block + 1) / blocks, 0);
                 VEC shv = VLOAD(sh + j), a1 = {0}, a2 = {0}, b1 = {0}, b2 = {0};
                 int64_t q = pos;
                 if (gy == 0) {
@@ -236,7 +245,19 @@ CLONES static void FN(cl_affine)(const SCALAR *restrict x, const SCALAR *restric
         int64_t lo = k * span > r0 ? k * span : r0, hi = (k + 1) * span < r1 ? (k + 1) * span : r1;
         for (int64_t pos = lo; pos < hi; pos += CL_CHUNK) {
             int64_t stop = pos + CL_CHUNK < hi ? pos + CL_CHUNK : hi;
-            for (int64_t j = j0; j < full; j += VLEN) {
+            int64_t next = (stop + CL_CHUNK < hi ? stop + CL_CHUNK : hi) - stop, ahead = next * c * (int64_t)sizeof(SCALAR);
+            int64_t blocks = (full - j0) / VLEN > 0 ? (full - j0) / VLEN : 1, block = 0;
+            if (pos == lo) { /* as in cl_sums; the output for writing */
+                int64_t now = (stop - pos) * c * (int64_t)sizeof(SCALAR);
+                PREFETCH_RANGE(x + pos * c, 0, now, 0);
+                if (gy != 0) PREFETCH_RANGE(gy + pos * c, 0, now, 0);
+                PREFETCH_RANGE(out + pos * c, 0, now, 1);
+            }
+            for (int64_t j = j0; j < full; j += VLEN, ++block) {
+                int64_t from = ahead * block / blocks, to = ahead * (block + 1) / blocks;
+                PREFETCH_RANGE(x + stop * c, from, to, 0);
+                if (gy != 0) PREFETCH_RANGE(gy + stop * c, from, to, 0);
+                PREFETCH_RANGE(out + stop * c, from, to, 1);
                 VEC a = VLOAD(p0 + o + j), b = VLOAD(p1 + o + j);
                 if (p2 == 0) {
                     for (int64_t q = pos; q < stop; ++q) {
