@@ -21,6 +21,8 @@ mean one sample) so a shared machine's load hits all of them alike while each is
 state. Issue targets: BKN fast <= 1.5x BatchNorm2d (NCHW, 2 threads); "scale-out": <= 1.0x at both shapes, NCHW and
 channels-last, with and without ghost groups of 2. ``cpu_ratio`` = the median of the process CPU time per call
 (all threads) over BatchNorm2d's: less sensitive than wall time to other processes sharing the cores.
+``ratio_first`` / ``ratio_warm``: the same ratio for the first call of each burst (caches as the previous method
+left them, as for a layer between other layers) and for the burst's second half (warm).
 
 ``faults`` = minor page faults per call. With glibc's default heap trimming, freeing the x-sized
 buffers of a step can hand the top of the heap back to the OS, and the next step faults it in
