@@ -88,8 +88,8 @@ void check_inputs(const Tensor &x, const Tensor &weight, const Tensor &bias, con
 
 struct BknStep : public torch::autograd::Function<BknStep> {
     // (x, weight, bias, prior_mean, prior_var) -> (y, post_mean, post_var); statistics (C,) for one group, else
-    // (G, C). x: NCHW-contiguous or channels-last 4-D, fp32/fp64 (hot_train decides what comes here; the checks
-    // below only keep a direct call from handing the C step memory of the wrong size).
+    // (G, C). x: NCHW-contiguous or channels-last 4-D, fp32/fp64; check_inputs refuses anything else before the C step
+    // reads memory (NotImplementedError: hot_train then takes the general path). num_batches_tracked: counted here.
     static variable_list forward(AutogradContext *ctx, const Tensor &x, const Tensor &weight, const Tensor &bias,
                                  const Tensor &prior_mean, const Tensor &prior_var, double p, double eps,
                                  double guard_ratio, bool layer_guard, int64_t groups,
