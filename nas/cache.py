@@ -30,7 +30,7 @@ import math
 import os
 import shutil
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,11 +109,13 @@ def differences(stored: Mapping[str, Any], current: Mapping[str, Any], limit: in
     return ", ".join(parts)
 
 
-def write_json(path: Path, data: Any, indent: int | None = 1, sort_keys: bool = False) -> None:
-    """Write ``data`` as JSON atomically (through ``<path>.tmp``: a reader never sees half a file)."""
+def write_json(path: Path, data: Any, indent: int | None = 1, sort_keys: bool = False,
+               default: Callable[[Any], Any] | None = None) -> None:
+    """Write ``data`` as JSON atomically (through ``<path>.tmp``: a reader never sees half a file, and an
+    interrupted write leaves the previous file as it was). ``default``: as in :func:`json.dumps`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=indent, sort_keys=sort_keys))
+    tmp.write_text(json.dumps(data, indent=indent, sort_keys=sort_keys, default=default))
     tmp.replace(path)
 
 

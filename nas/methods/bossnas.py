@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from nas.cache import Artefact, config_fields
+from nas.cache import Artefact, config_fields, write_json
 from nas.data import DigitsDataModule
 from nas.data.views import ViewConfig, make_view
 from nas.methods.base import SearchMethod, register
@@ -599,7 +599,7 @@ class BossNAS(SearchMethod):
         self.model = SiameseSupernet(self.adapter, self.norm_layer, self.cfg.proj_hidden, self.cfg.proj_dim)
         self.datamodule = DigitsDataModule(batch_size=self.cfg.batch_size, seed=self.cfg.data_seed)
         self.recal_images, self.eval_pairs = rating_data(self.datamodule, self.cfg)
-        (self.out_dir / "config.json").write_text(json.dumps(self.cfg.to_json(), indent=1))
+        write_json(self.out_dir / "config.json", self.cfg.to_json())
 
     def train_block(self, k: int) -> None:
         assert self.model is not None, "prepare() first"
@@ -656,7 +656,7 @@ class BossNAS(SearchMethod):
             "costs": block_costs,
             "seconds": time.time() - self._block_t0,
         }
-        (bdir / "done.json").write_text(json.dumps(info, indent=1))
+        write_json(bdir / "done.json", info)
         self.log(f"block {k}: rated {len(scores)} candidates in {info['seconds']:.0f} s; best {best_key}")
         return scores
 
@@ -706,7 +706,7 @@ class BossNAS(SearchMethod):
             "budget": cfg.budget,
             "cost": cfg.cost,
         }
-        (out / "architecture.json").write_text(json.dumps(arch, indent=1))
+        write_json(out / "architecture.json", arch)
         summary = {
             "architecture": arch,
             "block_seconds": [float(info["seconds"]) for info in self.infos],

@@ -344,7 +344,7 @@ def train_teacher(
         system.load_state_dict(state)
     info = {"test_acc": result.test_metrics.get("test_acc"), "params": count_params(teacher)}
     torch.save(teacher.state_dict(), weights)
-    info_path.write_text(json.dumps(info, indent=1))
+    write_json(info_path, info)
     return teacher.eval(), info
 
 
@@ -772,7 +772,7 @@ class DNA(SearchMethod):
                 "test_acc": arch["retrain"].get("test_acc"),
                 "out_dir": str(gdir),
             })
-            (self.out_dir / "generations.json").write_text(json.dumps(gens, indent=1))
+            write_json(self.out_dir / "generations.json", gens)
             prev = gdir
         lines = [f"# DNA+ (progressive) on {cfg.space.name}", "", "| generation | teacher | searched | params | "
                  "test acc |", "|---|---|---|---|---|"]
@@ -812,7 +812,7 @@ class DNA(SearchMethod):
             if earlier is not None:
                 arch["retrain"] = earlier
         arch["seconds"] = time.perf_counter() - self._t0
-        (out / "architecture.json").write_text(json.dumps(arch, indent=1))
+        write_json(out / "architecture.json", arch)
         (out / "report.md").write_text(_report(cfg, self.teacher_info, table, arch))
         return arch
 
@@ -827,7 +827,7 @@ def _seed_teacher(gdir: Path, prev: Path, prev_generation: int, fields: dict[str
     shutil.copyfile(prev / "retrain" / "model.pt", tdir / "teacher.pt")
     info = {"encoding": arch["encoding"], "test_acc": arch["retrain"].get("test_acc"), "params": arch["params"],
             "generation": prev_generation, "source": str(prev / "retrain" / "model.pt")}
-    (tdir / "teacher.json").write_text(json.dumps(info, indent=1))
+    write_json(tdir / "teacher.json", info)
     record(Artefact(tdir, fields, "teacher"))
 
 

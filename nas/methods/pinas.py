@@ -594,7 +594,7 @@ class PiNAS(SearchMethod):
             self.model = PiNASModel(cfg.space, self.norm_layer, cfg.neck_hidden, cfg.feat_dim, cfg.queue_size)
         self.datamodule = DigitsDataModule(batch_size=cfg.batch_size, seed=cfg.data_seed, drop_last=True)
         self.datamodule.setup()
-        (self.out_dir / "config.json").write_text(json.dumps(self.cfg.to_json(), indent=1, default=str))
+        write_json(self.out_dir / "config.json", self.cfg.to_json(), default=str)
 
     def _splits(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         assert self.datamodule.splits is not None
@@ -638,7 +638,7 @@ class PiNAS(SearchMethod):
             "feature_shift": shifts,
             "feature_shift_mean": float(np.mean([s["shift"] for s in shifts])) if shifts else None,
         }
-        done.write_text(json.dumps(self.info, indent=1))
+        write_json(done, self.info)
 
     def _load_probe(self) -> nn.Linear:
         probe = nn.Linear(self.cfg.space.blocks[-1].out_channels, DigitsDataModule.num_classes)
@@ -696,7 +696,7 @@ class PiNAS(SearchMethod):
         arch = {**found.to_json(), "space": cfg.space.name, "params": next(
             r["params"] for r in rows if r["encoding"] == found.encoding), "flops": next(
             r["flops"] for r in rows if r["encoding"] == found.encoding), "budget": cfg.budget}
-        (out / "architecture.json").write_text(json.dumps(arch, indent=1))
+        write_json(out / "architecture.json", arch)
         summary = {
             "architecture": arch,
             "num_rated": len(rows),

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from nas.cache import check_cached
+from nas.cache import check_cached, write_json
 from nas.costs import count_params
 from nas.data import DigitsDataModule
 from nas.export import build_network
@@ -139,8 +139,7 @@ def build_ground_truth(
             for a in range(len(archs)):
                 runs = [results[(a, s, f)] for f in fold_ids]
                 done[s].append(sum(acc * n for acc, n in runs) / sum(n for _, n in runs))  # pooled over folds
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(_ground_truth_data(space, archs, header, done, list(done)), indent=1))
+        write_json(path, _ground_truth_data(space, archs, header, done, list(done)))
     return _ground_truth_data(space, archs, header, done, list(seeds))
 
 

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nas.cache import write_json
+
 __all__ = [
     "RatingTable",
     "ArchitectureRatings",
@@ -270,8 +272,5 @@ def load_any_ratings(path: str | os.PathLike) -> RatingTable | ArchitectureRatin
 def save_ratings(table: RatingTable | ArchitectureRatings, path: str | os.PathLike) -> Path:
     table.validate()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(table.to_json(), indent=1))
-    tmp.replace(path)
+    write_json(path, table.to_json())
     return path

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from nas.cache import Artefact, check_artefacts, check_out_dir, config_fields
+from nas.cache import Artefact, check_artefacts, check_out_dir, config_fields, write_json
 from nas.costs import count_params
 from nas.data.digits import DigitsDataModule
 from nas.data.scenes import BACKGROUND, NUM_CLASSES, DigitScenesDataModule
@@ -283,7 +283,7 @@ def _transfer(cfg: SegConfig, out: Path, study: bool) -> dict[str, Any]:
         if run.best_checkpoint:  # the pictures show the tested (best) weights
             system.load_state_dict(safe_load(run.best_checkpoint)["state_dict"])
         save_prediction_grid(out / "predictions.png", system.model, dm, cfg.num_pictures)
-        (out / "result.json").write_text(json.dumps(result, indent=1))
+        write_json(out / "result.json", result)
     return result
 
 
