@@ -20,7 +20,7 @@ from normlayers.ops.torch_backend import bkn_train, hot_train
 from normlayers.ops.torch_backend import check_prior_values as check_prior_values_exact
 from normlayers.reference import check_guard_scope, elements_per_group
 
-__all__ = ["batch_kalman_norm", "validate_inputs", "try_hot_path", "BACKENDS"]
+__all__ = ["batch_kalman_norm", "general_path", "validate_inputs", "try_hot_path", "BACKENDS"]
 
 BACKENDS = ("auto", "torch", "triton")
 Prior = tuple[Tensor, Tensor]
@@ -109,21 +109,24 @@ def try_hot_path(
     prior: Prior | None,
     prior_weight: float,
     training: bool,
-    momentum: float,
+    momentum: float | None,
     eps: float,
     guard_ratio: float,
     group_size: int | None,
     backend: str,
     guard_scope: str = "layer",
+    num_batches_tracked: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor] | None:
     """The layer's common case (training with a prior, torch backend; NCHW or channels-last, with or without
     ghost groups) in few Python lines: ``(y, post_mean, post_var)`` from
     :func:`normlayers.ops.torch_backend.hot_train`, posteriors ``(C,)`` with one group and ``(G, C)`` with
-    several, or ``None`` when it does not apply (then :func:`batch_kalman_norm`'s general path validates and runs)."""
+    several, or ``None`` when it does not apply (then :func:`general_path` validates and runs).
+    ``num_batches_tracked`` (a layer's counter) is incremented when the hot path runs; ``momentum=None`` then means
+    the cumulative average."""
     if (training and prior is not None and isinstance(x, Tensor) and x.dim() > 2
             and (backend == "torch" or backend == "auto" and not x.is_cuda)):
         return hot_train(x, running_mean, running_var, weight, bias, prior, prior_weight, momentum, eps, guard_ratio,
-                         group_size, guard_scope)
+                         group_size, guard_scope, num_batches_tracked)
     return None
 
 
@@ -156,15 +159,41 @@ def batch_kalman_norm(
     (``mean(var_P / (var_B + eps)) >= guard_ratio``) is decided once for the layer over all ghost groups and
     channels (``"layer"``, the authors') or once per ghost group (``"group"``); the same without groups.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    check_guard_scope(guard_scope)
     out = try_hot_path(x, running_mean, running_var, weight, bias, prior, prior_weight, training, momentum, eps,
                        guard_ratio, group_size, backend, guard_scope)
     if out is not None:
         if flat or out[1].dim() == 2:  # (G, C) with several ghost groups
             return out
         return out[0], out[1].view(1, -1), out[2].view(1, -1)  # (C,) -> (1, C)
+    return general_path(x, running_mean, running_var, weight, bias, prior=prior, prior_weight=prior_weight,
+                        training=training, momentum=momentum, eps=eps, guard_ratio=guard_ratio, group_size=group_size,
+                        backend=backend, flat=flat, guard_scope=guard_scope)
+
+
+def general_path(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    *,
+    prior: Prior | None,
+    prior_weight: float,
+    training: bool,
+    momentum: float,
+    eps: float,
+    guard_ratio: float,
+    group_size: int | None,
+    backend: str,
+    flat: bool,
+    guard_scope: str,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """:func:`batch_kalman_norm` once :func:`try_hot_path` has declined (callers that tried it call this, not
+    :func:`batch_kalman_norm`, so the hot path is not tried twice): every input validated, then the Triton or the
+    torch backend."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_guard_scope(guard_scope)
     impl = None
     if backend == "triton" or (backend == "auto" and x.is_cuda):
         impl = _triton_impl(must_run=backend == "auto")

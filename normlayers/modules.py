@@ -11,8 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from normlayers.functional import BACKENDS, batch_kalman_norm
-from normlayers.ops.torch_backend import hot_train
+from normlayers.functional import BACKENDS, general_path, try_hot_path
 from normlayers.reference import GUARD_SCOPES, check_guard_scope
 
 __all__ = ["BatchKalmanNorm", "BatchKalmanNorm1d", "BatchKalmanNorm2d", "BatchKalmanNorm3d", "TRANSITIONS"]
@@ -129,18 +128,18 @@ class BatchKalmanNorm(nn.Module):
         if not track:
             running_mean = running_var = None
         backend = self.backend
-        if training and prior is not None and (backend == "torch" or backend == "auto" and not x.is_cuda):
-            # the common case in one call (the C++ operator counts the step too); None: the general path below
-            out = hot_train(x, running_mean, running_var, weight, bias, prior, self.prior_weight, momentum, self.eps,
-                            self.guard_ratio, self.group_size, self.guard_scope, counter)
-            if out is not None:
-                self.__dict__["posterior"] = (out[1], out[2])  # a plain attribute: skip nn.Module.__setattr__
-                return out[0]
+        batch_stats = training or (running_mean is None and running_var is None)  # eval without buffers: batch stats
+        # the common case in one call (the C++ operator counts the step too); None: the general path below
+        out = try_hot_path(x, running_mean, running_var, weight, bias, prior, self.prior_weight, batch_stats,
+                           momentum, self.eps, self.guard_ratio, self.group_size, backend, self.guard_scope, counter)
+        if out is not None:
+            self.__dict__["posterior"] = (out[1], out[2])  # a plain attribute: skip nn.Module.__setattr__
+            return out[0]
         if counter is not None:
             counter.add_(1)
             if momentum is None:  # cumulative moving average, like torch
                 momentum = 1.0 / float(counter)
-        y, post_mean, post_var = batch_kalman_norm(  # posteriors (C,) ungrouped, (G, C) with groups
+        y, post_mean, post_var = general_path(  # posteriors (C,) ungrouped, (G, C) with groups
             x,
             running_mean,
             running_var,
@@ -148,7 +147,7 @@ class BatchKalmanNorm(nn.Module):
             bias,
             prior=prior,
             prior_weight=self.prior_weight,
-            training=training or (running_mean is None and running_var is None),
+            training=batch_stats,
             momentum=0.0 if momentum is None else momentum,
             eps=self.eps,
             guard_ratio=self.guard_ratio,

@@ -184,3 +184,21 @@ def test_hot_path_in_3d_layers_and_layer_state():
     torch.testing.assert_close(bkn.running_mean, rm, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(bkn.running_var, rv, rtol=1e-5, atol=1e-6)
     assert int(bkn.num_batches_tracked) == 1
+
+
+def test_the_layer_tries_the_hot_path_once_per_step(monkeypatch):
+    """A step the hot path declines (an input below its size threshold) goes straight to the general path: the
+    layer asks hot_train once, not again through batch_kalman_norm; the step is still counted once."""
+    import normlayers.functional as functional
+
+    calls = []
+
+    def counting_hot_train(*args, **kwargs):
+        calls.append(args[0].shape)
+        return hot_train(*args, **kwargs)
+
+    monkeypatch.setattr(functional, "hot_train", counting_hot_train)
+    layer = BatchKalmanNorm2d(4, prior_weight=0.5, backend="torch")
+    y = layer(torch.randn(2, 4, 3, 3), prior=(torch.zeros(4), torch.ones(4)))
+    assert _node_name(y) == "_BatchKalmanNormFnBackward"  # the general path ran
+    assert len(calls) == 1 and int(layer.num_batches_tracked) == 1
