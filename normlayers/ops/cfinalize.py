@@ -49,7 +49,7 @@ import subprocess
 import sys
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -139,32 +139,27 @@ def load_op() -> Any:
     if hasattr(torch.ops.normlayers, "bkn_step"):  # loaded earlier in this process (a reset loader)
         _op = torch.ops.normlayers.bkn_step.default
         return _op
-    compiler = os.environ.get("CXX", "c++")
-    names = [_OP_SOURCE, *_STEP_SOURCES]
-    source = b"\0".join(_SOURCE.with_name(name).read_bytes() for name in names if _SOURCE.with_name(name).exists())
     if not _SOURCE.with_name(_OP_SOURCE).exists():
         return None
-    errors = []
+    compiler = os.environ.get("CXX", "c++")
+    source = b"\0".join(_SOURCE.with_name(name).read_bytes() for name in (_OP_SOURCE, *_STEP_SOURCES)
+                        if _SOURCE.with_name(name).exists())
+
+    def open_op(library: Path) -> tuple[Any, Path]:
+        try:
+            torch.ops.load_library(str(library))
+        except RuntimeError as err:  # (torch's loader): this build failed, as an OSError would say
+            raise OSError(str(err)) from err
+        return torch.ops.normlayers.bkn_step.default, library  # (AttributeError if it registered nothing)
+
+    errors: list[str] = []
     _LOG.info("normlayers: building the C++ operator of the CPU hot path (once per torch version, ~20 s)")
-    for directory in _cache_dirs():
-        for variant in _variants():
-            key = hashlib.sha256(b"\0".join([source, compiler.encode(), os.environ.get("CC", "cc").encode(),
-                                              torch.__version__.encode(), platform.machine().encode(),
-                                              platform.system().encode(), *(v.encode() for v in variant)]
-                                             )).hexdigest()[:16]
-            try:
-                library = _trusted_build(directory, compiler, key, variant, stem="bkn_op")
-                torch.ops.load_library(str(library))
-                _op = torch.ops.normlayers.bkn_step.default
-                _op_openmp, _op_path = bool(variant), library
-                return _op
-            except UntrustedCache as err:  # the directory itself: the next one
-                errors.append(f"{directory}: {err}")
-                break
-            except (OSError, AttributeError, RuntimeError, subprocess.SubprocessError) as err:  # the next variant
-                errors.append(f"{directory} ({' '.join(variant) or 'no OpenMP'}): {err}")
-        if directory in _private_dirs:
-            shutil.rmtree(directory, ignore_errors=True)  # our own private temporary directory
+    built = _first_build([source, compiler.encode(), os.environ.get("CC", "cc").encode(), torch.__version__.encode()],
+                         compiler, "bkn_op", open_op, errors)
+    if built is not None:
+        (_op, _op_path), variant = built
+        _op_openmp = bool(variant)
+        return _op
     _LOG.info("normlayers: C++ operator unavailable, the CPU hot path calls the C step from Python (%s)",
               "; ".join(errors))
     return None
@@ -350,11 +345,6 @@ def _trusted_build(directory: Path, compiler: str, key: str, variant: tuple[str,
     return library
 
 
-def _load_from(directory: Path, compiler: str, key: str, variant: tuple[str, ...] = ()) -> ctypes.CDLL:
-    """Build (if needed), verify and load the ctypes library in ``directory``."""
-    return _bind(ctypes.CDLL(str(_trusted_build(directory, compiler, key, variant))))
-
-
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     """Declare the three entry points' signatures (AttributeError if the library lacks one)."""
     lib.bkn_forward_finalize.argtypes = _FORWARD_ARGTYPES
@@ -385,15 +375,27 @@ def load() -> ctypes.CDLL | None:
     _tried = True
     compiler = os.environ.get("CC", "cc")
     source = b"\0".join(p.read_bytes() for p in _sources() + [_SOURCE.with_name(_STEP_SOURCES[1])] if p.exists())
-    errors = []
+    errors: list[str] = []
+    built = _first_build([source, compiler.encode()], compiler, "bkn_finalize",
+                         lambda library: _bind(ctypes.CDLL(str(library))), errors)
+    if built is not None:
+        _lib = built[0]
+        return _lib
+    _LOG.info("normlayers: C finalize unavailable, the CPU hot path uses torch ops (%s)", "; ".join(errors))
+    return None
+
+
+def _first_build(key_parts: list[bytes], compiler: str, stem: str, open_library: Callable[[Path], Any],
+                 errors: list[str]) -> tuple[Any, tuple[str, ...]] | None:
+    """Build, verify and open the first library that works, trying each cache directory (:func:`_cache_dirs`) with
+    each OpenMP variant (:func:`_variants`): ``(open_library(path), variant)``, or ``None`` with the reasons appended
+    to ``errors``. The library's name hashes ``key_parts``, the platform and the variant."""
     for directory in _cache_dirs():
         for variant in _variants():
-            key = hashlib.sha256(b"\0".join([source, compiler.encode(), platform.machine().encode(),
-                                              platform.system().encode(), *(v.encode() for v in variant)]
-                                             )).hexdigest()[:16]
+            key = hashlib.sha256(b"\0".join([*key_parts, platform.machine().encode(), platform.system().encode(),
+                                              *(v.encode() for v in variant)])).hexdigest()[:16]
             try:
-                _lib = _load_from(directory, compiler, key, variant)
-                return _lib
+                return open_library(_trusted_build(directory, compiler, key, variant, stem=stem)), variant
             except UntrustedCache as err:  # the directory itself: the next one
                 errors.append(f"{directory}: {err}")
                 break
@@ -401,7 +403,6 @@ def load() -> ctypes.CDLL | None:
                 errors.append(f"{directory} ({' '.join(variant) or 'no OpenMP'}): {err}")
         if directory in _private_dirs:
             shutil.rmtree(directory, ignore_errors=True)  # our own private temporary directory
-    _LOG.info("normlayers: C finalize unavailable, the CPU hot path uses torch ops (%s)", "; ".join(errors))
     return None
 
 
