@@ -230,8 +230,8 @@ class MLPSearch(SearchMethod):
                   cfg.seed)
             torch.save(teacher.state_dict(), tdir / "teacher.pt")
             write_json(tdir / "teacher.json", {"val_acc": accuracy(teacher, self.teacher_arch, self.splits["val"]),
-                                          "test_acc": accuracy(teacher, self.teacher_arch, self.splits["test"]),
-                                          "seconds": time.perf_counter() - t0})
+                                               "test_acc": accuracy(teacher, self.teacher_arch, self.splits["test"]),
+                                               "seconds": time.perf_counter() - t0})
         self.teacher = teacher.eval()
         warm = self._new_student()
         if (wdir / "supernet.pt").is_file():
@@ -242,7 +242,7 @@ class MLPSearch(SearchMethod):
             self._distill(warm, arch, cfg.warmup_epochs, cfg.seed)
             torch.save(warm.state_dict(), wdir / "supernet.pt")
             write_json(wdir / "warmup.json", {"val_acc": accuracy(warm.student, arch, self.splits["val"]),
-                                         "seconds": time.perf_counter() - t0})
+                                              "seconds": time.perf_counter() - t0})
         self.warm = warm
 
     def _distill(self, net: Supernet, arch: Any, epochs: float, seed: int) -> float:
@@ -310,7 +310,7 @@ class MLPSearch(SearchMethod):
 
         def save(r: SearchRecord) -> None:
             write_json(progress_path, {"candidates": [list(c) for c in r.candidates], "fitness": r.fitness,
-                                  "features": r.features, "in_region": r.in_region})
+                                       "features": r.features, "in_region": r.in_region})
             if cfg.progress:
                 print(f"[mlp stage {k}] {len(r.fitness)}/{n_evals} fitness {r.fitness[-1]:.4f} "
                       f"best {max(r.fitness):.4f}", flush=True)
